@@ -1,0 +1,5 @@
+import sys
+
+from adpa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""Publishing finished models: a declared output appears complete, with its manifest, or not at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "adpa_manifest.json"
+
+
+def staging_dir(output: str | os.PathLike) -> Path:
+    """A sibling of the output (same filesystem, so the final rename is atomic)."""
+    output = Path(output)
+    return output.with_name(f".{output.name}.partial")
+
+
+def fresh_staging_dir(output: str | os.PathLike) -> Path:
+    staging = staging_dir(output)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def params_hash(params_json: str) -> str:
+    return hashlib.sha256(params_json.encode()).hexdigest()[:16]
+
+
+def write_manifest(
+    directory: str | os.PathLike,
+    stage: str,
+    params: Mapping[str, Any],
+    params_json: str,
+    code_hash: str,
+    metrics: Mapping[str, Any],
+) -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+
+    manifest = {
+        "stage": stage,
+        "config_hash": params_hash(params_json),
+        "code_hash": code_hash,
+        "params": params,
+        "metrics": dict(metrics),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+        },
+    }
+    Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(directory, MANIFEST).read_text())
+
+
+def publish(staging: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Move a complete staging folder into place; refuses to replace an existing output."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"refusing to overwrite finished output '{output}'")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, output)

@@ -1,0 +1,181 @@
+"""Workflow configuration: schema validation with defaults, derived values, per-stage parameters.
+
+Used by `rules/common.smk` and by `python -m adpa ... --configfile`, so both read a config the
+same way. Light imports only: Snakemake imports this at parse time.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+# Training stages and the config sections each one depends on (beyond its own section).
+TRAINING_STAGES = ("ref_teacher", "dpo_teacher")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class InputError(ValueError):
+    """Bad input found before training; the message is one line naming the key, file or row."""
+
+
+class ConfigError(InputError):
+    """A config that cannot run."""
+
+
+def _with_defaults(validator_class: type) -> type:
+    """A validator that fills each missing property with a copy of its schema default."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema) -> Iterator:
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema:
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        name = unknown[0] if unknown else "?"
+        full = f"{key}.{name}" if error.absolute_path else name
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(allowed)}"
+        return f"config key '{full}': unknown key{hint}"
+    if error.validator == "oneOf" and key.startswith("models"):
+        return f"config key '{key}': give exactly one of 'path' (hub id or local folder) or 'gguf'"
+    return f"config key '{key}': {error.message}"
+
+
+def validate_config(config: dict, schema: Mapping | None = None) -> dict:
+    """Validate in place, filling defaults; raise ConfigError with one line naming the key."""
+    schema = dict(schema) if schema is not None else load_schema()
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    for stage in TRAINING_STAGES:
+        gradient_accumulation_steps(config, stage)
+    return config
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
+    """Read a YAML config file, merge overrides (nested, like snakemake --config), validate."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    except OSError as err:
+        raise ConfigError(f"config file '{path}': {err.strerror}") from err
+    if overrides:
+        _merge(config, overrides)
+    return validate_config(config)
+
+
+def _merge(base: dict, update: Mapping) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def world_size(config: Mapping) -> int:
+    launch = config["launch"]
+    return launch["num_processes"] * launch["num_machines"]
+
+
+def accumulation_steps(training: Mapping, processes: int, key: str) -> int:
+    """effective_batch_size / (per_device_batch_size x processes); refuses a remainder."""
+    per_step = training["per_device_batch_size"] * processes
+    steps, remainder = divmod(training["effective_batch_size"], per_step)
+    if remainder or steps == 0:
+        raise ConfigError(
+            f"config key '{key}.effective_batch_size': {training['effective_batch_size']} is not a "
+            f"multiple of per_device_batch_size x processes = "
+            f"{training['per_device_batch_size']} x {processes} = {per_step}"
+        )
+    return steps
+
+
+def gradient_accumulation_steps(config: Mapping, stage: str) -> int:
+    return accumulation_steps(config[stage], world_size(config), stage)
+
+
+def expand_path(path: str) -> str:
+    return os.path.expanduser(path)
+
+
+def is_local(reference: str) -> bool:
+    """A hub id looks like `org/name` and does not exist on disk; everything else is a path."""
+    expanded = expand_path(reference)
+    return os.path.exists(expanded) or not _HUB_ID.match(reference)
+
+
+def produced_paths(config: Mapping) -> set[str]:
+    """Paths that rules of the workflow write (so they need not exist before the run)."""
+    return {"results/data/sft", "results/data/preference"} if config["datasets"]["generate"] else set()
+
+
+def check_local_sources(config: Mapping) -> None:
+    """Every local model or dataset path the user named exists (hub ids are checked when loaded)."""
+    produced = produced_paths(config)
+    sources = [("models.base_teacher.path", config["models"]["base_teacher"].get("path"))]
+    sources += [(f"datasets.{name}.path", config["datasets"][name]["path"]) for name in ("sft", "preference")]
+    for key, reference in sources:
+        if reference is None or reference in produced or not is_local(reference):
+            continue
+        if not os.path.exists(expand_path(reference)):
+            raise ConfigError(f"config key '{key}': no such file or directory: {expand_path(reference)}")
+
+
+def stage_params(config: Mapping, stage: str) -> dict[str, Any]:
+    """Exactly the settings a stage's result depends on: its rerun trigger and its input."""
+    common = {"seed": config["seed"], "precision": config["precision"]}
+    teacher = config["models"]["base_teacher"]
+    if stage == "ref_teacher":
+        return {
+            **common,
+            "training": config["ref_teacher"],
+            "base_model": teacher,
+            "dataset": config["datasets"]["sft"],
+            "chat_template": config["chat_template"],
+            "trust_remote_code": teacher["trust_remote_code"],
+        }
+    if stage == "dpo_teacher":
+        return {
+            **common,
+            "training": config["dpo_teacher"],
+            "dataset": config["datasets"]["preference"],
+            "trust_remote_code": teacher["trust_remote_code"],
+        }
+    if stage == "base_teacher":
+        return {"model": teacher, "chat_template": config["chat_template"]}
+    if stage == "generate_data":
+        return {"generate": config["datasets"]["generate"]}
+    raise ConfigError(f"unknown stage '{stage}'")
+
+
+def params_json(params: Mapping) -> str:
+    """Canonical JSON: equal settings give byte-equal strings, so Snakemake's params trigger is exact."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,187 @@
+"""Datasets: loading from any source, normalizing both dataset forms once, generating the embedded task.
+
+SFT rows become `{"messages": [...]}`; preference rows become TRL's conversational form
+`{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}`. Bad rows raise a DataError
+naming the source and row before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from adpa.config import InputError, expand_path, is_local
+from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+class DataError(InputError):
+    """A dataset that cannot be used; the message names the source and row."""
+
+
+def _message(raw: Any, where: str) -> Message:
+    if not isinstance(raw, Mapping) or "role" not in raw or "content" not in raw:
+        raise DataError(f"{where}: each message needs 'role' and 'content', got {raw!r:.80}")
+    role, content = raw["role"], raw["content"]
+    if role not in ROLES:
+        raise DataError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: message content must be text, got {type(content).__name__}")
+    return {"role": role, "content": content}
+
+
+def _conversation(raw: Any, where: str) -> list[Message]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
+        raise DataError(f"{where}: expected a non-empty list of messages")
+    return [_message(message, where) for message in raw]
+
+
+def _assistant_turn(raw: Any, where: str) -> list[Message]:
+    """A response given as text, one message, or a one-message list; must be a non-empty assistant turn."""
+    if isinstance(raw, str):
+        messages = [{"role": "assistant", "content": raw}]
+    elif isinstance(raw, Mapping):
+        messages = [_message(raw, where)]
+    else:
+        messages = _conversation(raw, where)
+    last = messages[-1]
+    if last["role"] != "assistant" or not last["content"].strip():
+        raise DataError(f"{where}: the response must end with a non-empty assistant message")
+    return messages
+
+
+def normalize_sft_row(row: Mapping[str, Any], where: str) -> dict[str, list[Message]]:
+    if "messages" not in row:
+        raise DataError(f"{where}: missing column 'messages' (have: {', '.join(sorted(row))})")
+    messages = _conversation(row["messages"], where)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: no non-empty assistant turn")
+    return {"messages": messages}
+
+
+def normalize_preference_row(row: Mapping[str, Any], where: str) -> dict[str, list[Message]]:
+    """dpo-mix form (chosen/rejected full conversations) or TRL form (prompt + responses)."""
+    for column in ("chosen", "rejected"):
+        if column not in row:
+            raise DataError(f"{where}: missing column '{column}' (have: {', '.join(sorted(row))})")
+    if "prompt" in row and row["prompt"] is not None:
+        raw_prompt = row["prompt"]
+        if isinstance(raw_prompt, str):
+            prompt = [{"role": "user", "content": raw_prompt}]
+        else:
+            prompt = _conversation(raw_prompt, f"{where} (prompt)")
+        chosen = _assistant_turn(row["chosen"], f"{where} (chosen)")
+        rejected = _assistant_turn(row["rejected"], f"{where} (rejected)")
+    else:
+        full_chosen = _assistant_turn(row["chosen"], f"{where} (chosen)")
+        full_rejected = _assistant_turn(row["rejected"], f"{where} (rejected)")
+        prompt = full_chosen[:-1]
+        if full_rejected[:-1] != prompt:
+            raise DataError(f"{where}: chosen and rejected conversations have different prompts")
+        chosen, rejected = full_chosen[-1:], full_rejected[-1:]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user message")
+    return {"prompt": prompt, "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def load_split(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+    """Load one split from a hub id, a save_to_disk folder, a data-file folder or a single file."""
+    reference = spec["path"]
+    path = Path(expand_path(reference))
+    if is_local(reference):
+        if not path.exists():
+            raise DataError(f"dataset '{reference}': no such file or directory: {path}")
+        if path.is_file():
+            kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
+            if kind is None:
+                raise DataError(f"dataset '{reference}': unsupported file type '{path.suffix}'")
+            loaded = datasets.load_dataset(kind, data_files=str(path))
+        elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(str(path))
+    else:
+        loaded = datasets.load_dataset(reference)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if split not in loaded:
+        raise DataError(f"dataset '{reference}': no split '{split}' (have: {', '.join(loaded)})")
+    return loaded[split]
+
+
+def _normalized(dataset: datasets.Dataset, normalize, where: str) -> datasets.Dataset:
+    # Validate every row up front (cheap) so a bad row stops the run before training.
+    rows = [normalize(row, f"{where} row {index}") for index, row in enumerate(dataset)]
+    return datasets.Dataset.from_list(rows)
+
+
+def _take(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def load_sft(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+    where = f"dataset '{spec['path']}' split '{split}'"
+    return _normalized(_take(load_split(spec, split), spec.get("max_train_rows")), normalize_sft_row, where)
+
+
+def load_preference(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+    where = f"dataset '{spec['path']}' split '{split}'"
+    raw = _take(load_split(spec, split), spec.get("max_train_rows"))
+    return _normalized(raw, normalize_preference_row, where)
+
+
+def _exchange(example: TaskExample, answer: str) -> list[Message]:
+    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": answer}]
+
+
+def _rows(
+    examples: list[TaskExample], families: Sequence[str], multi_turn_fraction: float, rng: random.Random
+) -> dict[str, list]:
+    """Both dataset forms; a fraction of rows carries an earlier, answered exchange as context."""
+    sft, chosen, rejected, family, answer = [], [], [], [], []
+    for example in examples:
+        history: list[Message] = []
+        if rng.random() < multi_turn_fraction:
+            earlier = generate_examples(1, rng.randrange(2**31), families)[0]
+            history = _exchange(earlier, earlier.answer)
+        sft.append(history + _exchange(example, example.answer))
+        chosen.append(history + _exchange(example, example.answer))
+        rejected.append(history + _exchange(example, example.wrong_answer))
+        family.append(example.family)
+        answer.append(example.answer)
+    return {"sft": sft, "chosen": chosen, "rejected": rejected, "family": family, "answer": answer}
+
+
+def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, preference_dir: str | os.PathLike) -> None:
+    """Write the verifiable task family as two DatasetDicts (train/test) in the deita and dpo-mix forms."""
+    families = spec.get("families") or FAMILY_NAMES
+    seed, train_rows, test_rows = spec["seed"], spec["train_rows"], spec["test_rows"]
+    sft_train = generate_examples(train_rows, seed, families)
+    preference_train = generate_examples(train_rows, seed + 1, families)
+    seen = {example.prompt for example in sft_train + preference_train}
+    # Held-out prompts never occur in training; oversample, then drop repeats.
+    candidates = generate_examples(test_rows * 4, seed + 2, families)
+    test = [example for example in candidates if example.prompt not in seen][:test_rows]
+    test = list({example.prompt: example for example in test}.values())
+    rng = random.Random(seed)
+    fraction = spec["multi_turn_fraction"]
+    splits = {"train": (sft_train, preference_train), "test": (test, test)}
+    sft_dict, preference_dict = {}, {}
+    for split, (sft_examples, preference_examples) in splits.items():
+        sft_rows = _rows(sft_examples, families, fraction, rng)
+        preference_rows = _rows(preference_examples, families, fraction, rng)
+        sft_dict[split] = datasets.Dataset.from_dict(
+            {"messages": sft_rows["sft"], "family": sft_rows["family"], "answer": sft_rows["answer"]}
+        )
+        preference_dict[split] = datasets.Dataset.from_dict(
+            {key: preference_rows[key] for key in ("chosen", "rejected", "family", "answer")}
+        )
+    datasets.DatasetDict(sft_dict).save_to_disk(str(sft_dir))
+    datasets.DatasetDict(preference_dict).save_to_disk(str(preference_dir))

@@ -1,0 +1,31 @@
+"""Stage dpo_teacher: DPO of the REF teacher, with the REF teacher itself as the frozen reference."""
+
+from __future__ import annotations
+
+from adpa.data import load_preference
+from adpa.models import load_model, load_tokenizer
+from adpa.train import StageRun, train_and_export, trainer_arguments
+
+
+def run_dpo(run: StageRun, model_reference: str) -> None:
+    from trl import DPOConfig, DPOTrainer
+
+    params, dataset = run.params, run.params["dataset"]
+    train_dataset = load_preference(dataset, dataset["train_split"])
+    eval_dataset = load_preference(dataset, dataset["test_split"]) if dataset["test_split"] else None
+    training = params["training"]
+    args = DPOConfig(**trainer_arguments(run), beta=training["beta"], loss_type=[training["loss_type"]])
+    trust = params["trust_remote_code"]
+    tokenizer = load_tokenizer(model_reference, trust)
+    # Policy and reference both start from the REF teacher (never from a student).
+    model = load_model(model_reference, params["precision"], trust)
+    ref_model = load_model(model_reference, params["precision"], trust)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    train_and_export(run, trainer, eval_dataset)

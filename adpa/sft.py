@@ -1,0 +1,33 @@
+"""Stage ref_teacher: supervised fine-tuning of the base teacher (TRL SFTTrainer)."""
+
+from __future__ import annotations
+
+from adpa.data import load_sft
+from adpa.models import load_model, load_tokenizer
+from adpa.train import StageRun, train_and_export, trainer_arguments
+
+
+def run_sft(run: StageRun, model_reference: str) -> None:
+    from trl import SFTConfig, SFTTrainer
+
+    params, dataset = run.params, run.params["dataset"]
+    train_dataset = load_sft(dataset, dataset["train_split"])
+    eval_dataset = load_sft(dataset, dataset["test_split"]) if dataset["test_split"] else None
+    packing = params["training"]["packing"]
+    args = SFTConfig(**trainer_arguments(run), packing=packing)
+    trust, revision = params["trust_remote_code"], params["base_model"].get("revision")
+    tokenizer = load_tokenizer(model_reference, trust, revision)
+    if params.get("chat_template"):
+        tokenizer.chat_template = params["chat_template"]
+    # Loaded after the config so that ZeRO-3 partitions the weights while loading.
+    model = load_model(model_reference, params["precision"], trust, revision)
+    if packing:
+        model.config.use_cache = False
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    train_and_export(run, trainer, eval_dataset)

@@ -1,0 +1,257 @@
+"""Seeded, verifiable tiny instruction tasks for training and evaluating small language models.
+
+Each `TaskExample` carries a short prompt, its canonical answer and a plausible wrong answer
+(the "rejected" side of a preference pair). `verify` judges a free-text response by its
+*final* answer candidate: the last number, the last list of numbers or the last word.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One task instance: the user prompt, the canonical answer and a plausible wrong answer."""
+
+    family: str
+    prompt: str
+    answer: str
+    wrong_answer: str
+
+
+FAMILY_NAMES: tuple[str, ...] = (
+    "addition",
+    "subtraction",
+    "multiplication",
+    "reverse_word",
+    "uppercase_word",
+    "count_letter",
+    "sort_numbers",
+    "next_letter",
+    "next_day",
+)
+
+_NUMERIC_FAMILIES = frozenset({"addition", "subtraction", "multiplication", "count_letter"})
+_LIST_FAMILIES = frozenset({"sort_numbers"})
+_CASELESS_WORD_FAMILIES = frozenset({"reverse_word", "next_letter", "next_day"})
+_CASED_WORD_FAMILIES = frozenset({"uppercase_word"})
+
+_WORDS: tuple[str, ...] = (
+    "cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "lamp",
+    "rain", "snow", "milk", "door", "frog", "cake", "ship", "road", "wind", "gold",
+    "apple", "house", "water", "plant", "green", "table", "chair", "bread", "river", "cloud",
+    "stone", "horse", "paper", "smile", "light", "music", "dream", "tiger", "lemon", "ocean",
+    "garden", "planet", "yellow", "pencil", "window", "rocket",
+)
+# A palindrome would make "reverse the word" a copy task.
+_REVERSIBLE_WORDS: tuple[str, ...] = tuple(w for w in _WORDS if w != w[::-1])
+
+# Words with repeated letters, so counts other than 1 come up.
+_COUNT_WORDS: tuple[str, ...] = (
+    "banana", "apple", "letter", "coffee", "bubble", "pepper", "balloon", "cheese", "grass",
+    "puppy", "hello", "little", "rabbit", "summer", "yellow", "tomato", "cookie", "butter",
+    "kitten", "mirror", "giraffe", "strawberry", "committee", "parrot", "tennis", "happy", "sleep",
+)
+
+_DAYS: tuple[str, ...] = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_LETTERS = string.ascii_lowercase
+
+# A number not glued to a word or to another number's decimal point ("x2", "42nd", "1.5" -> "1.5").
+_NUMBER_RE = re.compile(r"(?<![\w.])(-?)(\d+)(?:\.(\d+))?(?!\w)")
+_INT = r"-?\d+(?!\w)"
+_LIST_RE = re.compile(rf"(?<![\w.]){_INT}(?:(?:\s*[,;]\s*|\s+)(?:and\s+)?{_INT})*")
+_INT_RE = re.compile(r"-?\d+")
+_WORD_RE = re.compile(r"[A-Za-z]+")
+
+_NUMBER_ONLY = "Answer with the number only."
+
+# Returns (prompt, canonical answer, wrong-answer candidates).
+_Generator = Callable[[random.Random], tuple[str, str, list[str]]]
+
+
+def _swap_last_digits(value: int) -> int | None:
+    """`value` with its last two digits swapped, or None if that is a no-op or gives a leading zero."""
+    text = str(value)
+    if len(text) < 2 or text[-1] == text[-2] or (len(text) == 2 and text[-1] == "0"):
+        return None
+    return int(text[:-2] + text[-1] + text[-2])
+
+
+def _numeric_misses(value: int, offsets: Sequence[int], swap: bool = True) -> list[str]:
+    candidates = [value + offset for offset in offsets]
+    swapped = _swap_last_digits(value) if swap else None
+    if swapped is not None:
+        candidates.append(swapped)
+    return [str(c) for c in candidates if c >= 0 and c != value]
+
+
+def _gen_addition(rng: random.Random) -> tuple[str, str, list[str]]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    total = a + b
+    # +-10 is the dropped/extra carry mistake.
+    return f"What is {a} + {b}? {_NUMBER_ONLY}", str(total), _numeric_misses(total, (-1, 1, -10, 10))
+
+
+def _gen_subtraction(rng: random.Random) -> tuple[str, str, list[str]]:
+    a = rng.randint(11, 99)
+    b = rng.randint(10, a - 1)
+    diff = a - b
+    # +10 is the "forgot to borrow" mistake.
+    return f"What is {a} - {b}? {_NUMBER_ONLY}", str(diff), _numeric_misses(diff, (-1, 1, 10, -10))
+
+
+def _gen_multiplication(rng: random.Random) -> tuple[str, str, list[str]]:
+    a, b = rng.randint(2, 9), rng.randint(2, 19)
+    product = a * b
+    # +-a is "one row of the times table off".
+    return f"What is {a} * {b}? {_NUMBER_ONLY}", str(product), _numeric_misses(product, (-1, 1, -a, a))
+
+
+def _gen_reverse_word(rng: random.Random) -> tuple[str, str, list[str]]:
+    word = rng.choice(_REVERSIBLE_WORDS)
+    answer = word[::-1]
+    misses = [
+        answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+        for i in range(len(answer) - 1)
+        if answer[i] != answer[i + 1]
+    ]
+    i = rng.randrange(len(answer))
+    replacement = rng.choice([c for c in _LETTERS if c != answer[i]])
+    misses.append(answer[:i] + replacement + answer[i + 1 :])
+    return f"Reverse the word '{word}'. Answer with the reversed word only.", answer, misses
+
+
+def _gen_uppercase_word(rng: random.Random) -> tuple[str, str, list[str]]:
+    word = rng.choice(_WORDS)
+    answer = word.upper()
+    i = rng.randrange(len(word))
+    replacement = rng.choice([c for c in _LETTERS if c != word[i]]).upper()
+    misses = [
+        word.capitalize(),
+        answer[:i] + word[i] + answer[i + 1 :],  # one letter left lower case
+        answer[:i] + replacement + answer[i + 1 :],
+    ]
+    return f"Write the word '{word}' in uppercase letters. Answer with the word only.", answer, misses
+
+
+def _gen_count_letter(rng: random.Random) -> tuple[str, str, list[str]]:
+    word = rng.choice(_COUNT_WORDS)
+    letter = rng.choice(word)  # by position, so repeated letters are asked about more often
+    count = word.count(letter)
+    prompt = f"How many times does the letter '{letter}' appear in '{word}'? {_NUMBER_ONLY}"
+    return prompt, str(count), _numeric_misses(count, (-1, 1), swap=False)
+
+
+def _format_list(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _gen_sort_numbers(rng: random.Random) -> tuple[str, str, list[str]]:
+    ordered = sorted(rng.sample(range(1, 50), rng.randint(3, 5)))
+    shown = list(ordered)
+    while shown == ordered:
+        rng.shuffle(shown)
+    misses = []
+    for i, j in [(i, i + 1) for i in range(len(ordered) - 1)] + [(0, len(ordered) - 1)]:
+        near = list(ordered)
+        near[i], near[j] = near[j], near[i]
+        misses.append(_format_list(near))
+    prompt = f"Sort these numbers in ascending order: {_format_list(shown)}. Answer with the numbers only."
+    return prompt, _format_list(ordered), misses
+
+
+def _gen_next_letter(rng: random.Random) -> tuple[str, str, list[str]]:
+    index = rng.randrange(len(_LETTERS) - 1)  # never 'z'
+    letter = _LETTERS[index]
+    misses = [_LETTERS[i] for i in (index - 1, index + 2, index) if 0 <= i < len(_LETTERS)]
+    prompt = f"Which letter comes right after '{letter}' in the alphabet? Answer with the letter only."
+    return prompt, _LETTERS[index + 1], misses
+
+
+def _gen_next_day(rng: random.Random) -> tuple[str, str, list[str]]:
+    index = rng.randrange(len(_DAYS))
+    misses = [_DAYS[(index + offset) % len(_DAYS)] for offset in (-1, 2, 0)]
+    prompt = f"What day of the week comes after {_DAYS[index]}? Answer with the day only."
+    return prompt, _DAYS[(index + 1) % len(_DAYS)], misses
+
+
+_GENERATORS: dict[str, _Generator] = {
+    "addition": _gen_addition,
+    "subtraction": _gen_subtraction,
+    "multiplication": _gen_multiplication,
+    "reverse_word": _gen_reverse_word,
+    "uppercase_word": _gen_uppercase_word,
+    "count_letter": _gen_count_letter,
+    "sort_numbers": _gen_sort_numbers,
+    "next_letter": _gen_next_letter,
+    "next_day": _gen_next_day,
+}
+assert tuple(_GENERATORS) == FAMILY_NAMES
+
+
+def _final_candidate(family: str, text: str) -> Hashable | None:
+    """The normalized final answer stated in `text` for `family`, or None if it states none."""
+    if family in _NUMERIC_FAMILIES:
+        numbers = list(_NUMBER_RE.finditer(text))
+        if not numbers:
+            return None
+        sign, whole, fraction = numbers[-1].groups()
+        if fraction and fraction.strip("0"):
+            return None  # a non-integer can never be a correct answer here
+        return int(sign + whole)
+    if family in _LIST_FAMILIES:
+        lists = list(_LIST_RE.finditer(text))
+        if not lists:
+            return None
+        return tuple(int(v) for v in _INT_RE.findall(lists[-1].group()))
+    if family in _CASELESS_WORD_FAMILIES or family in _CASED_WORD_FAMILIES:
+        words = _WORD_RE.findall(text)
+        if not words:
+            return None
+        return words[-1].lower() if family in _CASELESS_WORD_FAMILIES else words[-1]
+    raise ValueError(f"unknown task family {family!r} (expected one of {', '.join(FAMILY_NAMES)})")
+
+
+def verify(example: TaskExample, response: str) -> bool:
+    """True iff the final answer stated in `response` is the example's correct answer."""
+    expected = _final_candidate(example.family, example.answer)
+    got = _final_candidate(example.family, response)
+    return expected is not None and got == expected
+
+
+def _make_example(family: str, rng: random.Random) -> TaskExample:
+    prompt, answer, candidates = _GENERATORS[family](rng)
+    expected = _final_candidate(family, answer)
+    wrong = [c for c in dict.fromkeys(candidates) if _final_candidate(family, c) not in (None, expected)]
+    if not wrong:  # every generator always yields at least one valid miss
+        raise RuntimeError(f"no wrong answer for {family!r} prompt {prompt!r}")
+    return TaskExample(family, prompt, answer, rng.choice(wrong))
+
+
+def generate_examples(n: int, seed: int, families: Sequence[str] = FAMILY_NAMES) -> list[TaskExample]:
+    """`n` examples, deterministic for `(n, seed, families)`; each block of len(families) covers all of them."""
+    if isinstance(families, str):
+        raise TypeError(f"families must be a sequence of family names, not the string {families!r}")
+    names = tuple(families)
+    for name in names:
+        if name not in _GENERATORS:
+            raise ValueError(f"unknown task family {name!r} (expected one of {', '.join(FAMILY_NAMES)})")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n > 0 and not names:
+        raise ValueError("families must name at least one task family")
+    rng = random.Random(seed)
+    examples: list[TaskExample] = []
+    block: list[str] = []
+    while len(examples) < n:
+        if not block:
+            # Shuffled round-robin: balanced coverage without a fixed, learnable order.
+            block = list(names)
+            rng.shuffle(block)
+        examples.append(_make_example(block.pop(), rng))
+    return examples

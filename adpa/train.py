@@ -1,0 +1,138 @@
+"""What every training stage shares: trainer arguments, resumable work folders, export of the final model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adpa import artifacts, provenance
+from adpa.config import accumulation_steps
+
+log = logging.getLogger("adpa")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Runtime choices that do not change the result (so they are not rerun triggers)."""
+
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 1
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One training stage invocation: what it trains, from where, into where."""
+
+    stage: str
+    params: dict[str, Any]
+    params_json: str
+    output: Path
+    work_root: Path
+    launch: LaunchOptions
+
+    @property
+    def work_dir(self) -> Path:
+        """Checkpoints are keyed by settings and code, so a changed stage never resumes stale state."""
+        key = f"{artifacts.params_hash(self.params_json)}-{provenance.code_hash(self.stage)}"
+        return self.work_root / self.stage / key
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def set_cpu_threads(job_threads: int) -> None:
+    """Split the job's cores between the local processes: oversubscribed CPU training runs 2x slower."""
+    import torch
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, job_threads // local_processes))
+
+
+def trainer_arguments(run: StageRun) -> dict[str, Any]:
+    """Keyword arguments shared by SFTConfig and DPOConfig."""
+    import torch
+
+    training = run.params["training"]
+    precision = run.params["precision"]
+    return {
+        "output_dir": str(run.work_dir),
+        "num_train_epochs": training["epochs"],
+        "learning_rate": training["learning_rate"],
+        "per_device_train_batch_size": training["per_device_batch_size"],
+        "per_device_eval_batch_size": training["per_device_batch_size"],
+        "gradient_accumulation_steps": accumulation_steps(training, world_size(), run.stage),
+        "lr_scheduler_type": training["lr_scheduler"],
+        "warmup_steps": training["warmup_ratio"],  # a float in [0, 1) is a ratio in transformers 5
+        "weight_decay": training["weight_decay"],
+        "max_grad_norm": training["max_grad_norm"],
+        "max_length": training["max_length"],
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "use_cpu": not torch.cuda.is_available(),
+        "activation_checkpointing": run.launch.gradient_checkpointing,
+        "logging_steps": run.launch.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": run.launch.save_steps,
+        "save_total_limit": run.launch.save_total_limit,
+        "eval_strategy": "no",
+        "seed": run.params["seed"],
+        "data_seed": run.params["seed"],
+        "report_to": [],
+        "disable_tqdm": False,
+    }
+
+
+def last_checkpoint(work_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+
+
+def final_metrics(trainer, eval_metrics: Mapping[str, float]) -> dict[str, Any]:
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    metrics: dict[str, Any] = {
+        "global_step": trainer.state.global_step,
+        "train_loss_first": history[0]["loss"] if history else None,
+        "train_loss_last": history[-1]["loss"] if history else None,
+    }
+    metrics.update({key: value for key, value in eval_metrics.items() if isinstance(value, (int, float))})
+    return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in metrics.items()}
+
+
+def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
+    """Train (resuming from the newest checkpoint), evaluate, and publish the model atomically."""
+    accelerator = trainer.accelerator
+    resume = last_checkpoint(run.work_dir)
+    if resume and accelerator.is_main_process:
+        log.warning("%s: resuming from checkpoint %s", run.stage, resume)
+    trainer.train(resume_from_checkpoint=resume)
+    eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
+    staging = artifacts.staging_dir(run.output)
+    if accelerator.is_main_process:
+        artifacts.fresh_staging_dir(run.output)
+    accelerator.wait_for_everyone()
+    # Under ZeRO-3 every rank takes part in gathering the weights.
+    trainer.save_model(str(staging))
+    if accelerator.is_main_process:
+        # The trainer also pickles its arguments there; a published model holds no pickle.
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        trainer.processing_class.save_pretrained(str(staging))
+        metrics = final_metrics(trainer, eval_metrics)
+        artifacts.write_manifest(
+            staging, run.stage, run.params, run.params_json, provenance.code_hash(run.stage), metrics
+        )
+        artifacts.publish(staging, run.output)
+        shutil.rmtree(run.work_dir, ignore_errors=True)
+        log.warning("%s: wrote %s  %s", run.stage, run.output, json.dumps(metrics))
+    accelerator.wait_for_everyone()

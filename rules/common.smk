@@ -1,0 +1,84 @@
+# Config validation, path helpers and the launch commands; every other .smk only wires files.
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)
+
+from adpa import config as adpa_config
+from adpa.provenance import code_hash
+
+try:
+    adpa_config.validate_config(config, adpa_config.load_schema(Path(workflow.basedir, "config/schema.yaml")))
+    adpa_config.check_local_sources(config)
+except adpa_config.InputError as error:
+    sys.exit(f"error: {error}")
+
+RESULTS = "results"
+LAUNCH = config["launch"]
+PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+# The code Snakemake hashes is the code that runs: the workflow's own adpa/ comes first.
+PYTHONPATH = f'PYTHONPATH={shlex.quote(workflow.basedir)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+ADPA = f"{PYTHONPATH} python -m adpa"
+ACCELERATE_CONFIG = str(Path(workflow.basedir, LAUNCH["accelerate_config"]))
+TRAIN = (
+    f"{PYTHONPATH} accelerate launch --config_file {shlex.quote(ACCELERATE_CONFIG)}"
+    f" --num_machines {LAUNCH['num_machines']}"
+    f" --num_processes {LAUNCH['num_processes'] * LAUNCH['num_machines']}"
+    f" --mixed_precision {PRECISION_TO_ACCELERATE[config['precision']]}"
+    f' --main_process_port "$({ADPA} free-port)" -m adpa'
+)
+
+
+# Launch settings change no result. Params computed by a function of `threads` count as
+# derived in Snakemake and are no rerun trigger, so changing them never reruns a stage.
+def adpa_command(wildcards, threads):
+    return ADPA
+
+
+def train_command(wildcards, threads):
+    return TRAIN
+
+
+def train_options(wildcards, threads):
+    options = [
+        f"--work-dir {shlex.quote(config['work_dir'])}",
+        f"--save-steps {LAUNCH['save_steps']}",
+        f"--save-total-limit {LAUNCH['save_total_limit']}",
+        f"--logging-steps {LAUNCH['logging_steps']}",
+        "--gradient-checkpointing" if LAUNCH["gradient_checkpointing"] else "--no-gradient-checkpointing",
+        f"--threads {threads}",
+    ]
+    return " ".join(options)
+
+
+def stage_params(stage):
+    return adpa_config.params_json(adpa_config.stage_params(config, stage))
+
+
+def local_or_none(reference):
+    """A source path Snakemake should track, or None for a hub id."""
+    if adpa_config.is_local(reference):
+        return adpa_config.expand_path(reference)
+    return None
+
+
+def base_teacher_reference(wildcards, input):
+    """The base teacher as the training stage sees it: its input folder, else the hub id."""
+    return input.model[0] if input.model else config["models"]["base_teacher"]["path"]
+
+
+def base_teacher_input():
+    if "gguf" in config["models"]["base_teacher"]:
+        return [f"{RESULTS}/base_teacher"]
+    local = local_or_none(config["models"]["base_teacher"]["path"])
+    return [local] if local else []
+
+
+def dataset_input(name):
+    path = config["datasets"][name]["path"]
+    if path in adpa_config.produced_paths(config):
+        return [path]
+    local = local_or_none(path)
+    return [local] if local else []

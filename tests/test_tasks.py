@@ -1,0 +1,244 @@
+"""Tests for adpa.tasks: generation is seeded and balanced, answers are right, verify is strict."""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+
+from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples, verify
+
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def solve(prompt: str) -> str:
+    """Recompute the canonical answer from the prompt text, independently of the generator."""
+    if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\? Answer with the number only\.", prompt):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return str({"+": a + b, "-": a - b, "*": a * b}[op])
+    if m := re.fullmatch(r"Reverse the word '([a-z]+)'\. .*", prompt):
+        return m[1][::-1]
+    if m := re.fullmatch(r"Write the word '([a-z]+)' in uppercase letters\. .*", prompt):
+        return m[1].upper()
+    if m := re.fullmatch(r"How many times does the letter '([a-z])' appear in '([a-z]+)'\? .*", prompt):
+        return str(m[2].count(m[1]))
+    if m := re.fullmatch(r"Sort these numbers in ascending order: ([\d, ]+)\. .*", prompt):
+        return ", ".join(str(v) for v in sorted(int(x) for x in m[1].split(", ")))
+    if m := re.fullmatch(r"Which letter comes right after '([a-y])' in the alphabet\? .*", prompt):
+        return chr(ord(m[1]) + 1)
+    if m := re.fullmatch(r"What day of the week comes after (\w+)\? .*", prompt):
+        return DAYS[(DAYS.index(m[1]) + 1) % 7]
+    raise AssertionError(f"unrecognised prompt: {prompt!r}")
+
+
+@pytest.fixture(scope="module")
+def many() -> list[TaskExample]:
+    return generate_examples(900, seed=1234)
+
+
+def test_family_names_are_unique_and_about_eight() -> None:
+    assert len(set(FAMILY_NAMES)) == len(FAMILY_NAMES)
+    assert 8 <= len(FAMILY_NAMES) <= 10
+
+
+def test_same_seed_same_list_and_different_seed_different_list() -> None:
+    assert generate_examples(50, seed=7) == generate_examples(50, seed=7)
+    assert generate_examples(50, seed=7) != generate_examples(50, seed=8)
+
+
+def test_generation_does_not_touch_global_random_state() -> None:
+    import random
+
+    random.seed(0)
+    expected = random.random()
+    random.seed(0)
+    generate_examples(30, seed=3)
+    assert random.random() == expected
+
+
+def test_prefix_stable_and_n_respected() -> None:
+    assert generate_examples(0, seed=1) == []
+    assert len(generate_examples(17, seed=1)) == 17
+    assert generate_examples(10, seed=5) == generate_examples(25, seed=5)[:10]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_family_appears(seed: int) -> None:
+    examples = generate_examples(len(FAMILY_NAMES) * 2, seed=seed)
+    assert {ex.family for ex in examples} == set(FAMILY_NAMES)
+
+
+def test_family_subset_only_yields_those_families() -> None:
+    examples = generate_examples(40, seed=2, families=["addition", "next_day"])
+    assert {ex.family for ex in examples} == {"addition", "next_day"}
+
+
+def test_unknown_family_raises_with_its_name() -> None:
+    with pytest.raises(ValueError, match="division"):
+        generate_examples(5, seed=0, families=["addition", "division"])
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError):
+        generate_examples(-1, seed=0)
+    with pytest.raises(ValueError):
+        generate_examples(3, seed=0, families=[])
+    with pytest.raises(TypeError):
+        generate_examples(3, seed=0, families="addition")
+
+
+def test_answers_are_correct_for_their_prompts(many: list[TaskExample]) -> None:
+    for ex in many:
+        assert solve(ex.prompt) == ex.answer, ex
+
+
+def test_answer_verifies_and_wrong_answer_does_not(many: list[TaskExample]) -> None:
+    for ex in many:
+        assert verify(ex, ex.answer), ex
+        assert not verify(ex, ex.wrong_answer), ex
+        assert not verify(ex, f"The answer is {ex.wrong_answer}."), ex
+
+
+def test_prompts_and_answers_are_short(many: list[TaskExample]) -> None:
+    for ex in many:
+        assert len(ex.prompt.split()) <= 20, ex.prompt
+        assert 0 < len(ex.answer) <= 20 and 0 < len(ex.wrong_answer) <= 20, ex
+
+
+def test_wrong_answers_are_plausible_near_misses(many: list[TaskExample]) -> None:
+    for ex in many:
+        right, wrong = ex.answer, ex.wrong_answer
+        if ex.family in {"addition", "subtraction", "multiplication", "count_letter"}:
+            assert wrong.isdigit() and not wrong.startswith("0") or wrong == "0", ex
+            swapped = int(right[:-2] + right[-1] + right[-2]) if len(right) >= 2 else None
+            assert abs(int(wrong) - int(right)) <= 10 or int(wrong) == swapped, ex
+        elif ex.family == "sort_numbers":
+            r, w = right.split(", "), wrong.split(", ")
+            assert sorted(r) == sorted(w) and sum(a != b for a, b in zip(r, w)) == 2, ex
+        elif ex.family == "reverse_word":
+            assert len(wrong) == len(right) and wrong.islower(), ex
+            assert 1 <= sum(a != b for a, b in zip(right, wrong)) <= 2, ex
+        elif ex.family == "uppercase_word":
+            assert len(wrong) == len(right), ex
+            differing = sum(a != b for a, b in zip(right, wrong))
+            assert wrong.upper() == right or differing == 1, ex
+        elif ex.family == "next_letter":
+            assert len(wrong) == 1 and abs(ord(wrong) - ord(right)) <= 2, ex
+        elif ex.family == "next_day":
+            assert wrong in DAYS, ex
+        else:
+            raise AssertionError(ex.family)
+
+
+def test_each_family_has_varied_wrong_answer_kinds(many: list[TaskExample]) -> None:
+    offsets = {int(ex.wrong_answer) - int(ex.answer) for ex in many if ex.family == "addition"}
+    assert {-1, 1}.issubset(offsets) and len(offsets) >= 4
+
+
+def test_sort_prompt_is_never_already_sorted(many: list[TaskExample]) -> None:
+    for ex in many:
+        if ex.family == "sort_numbers":
+            shown = re.search(r": ([\d, ]+)\.", ex.prompt)[1]  # type: ignore[index]
+            assert shown != ex.answer
+
+
+def ex(family: str, answer: str) -> TaskExample:
+    return TaskExample(family=family, prompt="(hand-built)", answer=answer, wrong_answer="")
+
+
+ACCEPTED: list[tuple[str, str, str]] = [
+    ("addition", "42", "42"),
+    ("addition", "42", " 42. "),
+    ("addition", "42", "The answer is 42."),
+    ("addition", "42", "Answer: 42"),
+    ("addition", "42", "17 + 25 = 42"),
+    ("addition", "42", "42.0"),
+    ("subtraction", "35", "52 - 17 = 35."),
+    ("subtraction", "35", "52-17=35"),
+    ("multiplication", "84", "7 * 12 is 84"),
+    ("count_letter", "3", "The letter 'r' appears 3 times."),
+    ("count_letter", "3", "3"),
+    ("sort_numbers", "3, 5, 9", "3, 5, 9"),
+    ("sort_numbers", "3, 5, 9", "3 5 9"),
+    ("sort_numbers", "3, 5, 9", "[3, 5, 9]"),
+    ("sort_numbers", "3, 5, 9", "3,5,9"),
+    ("sort_numbers", "3, 5, 9", "The sorted numbers are 3, 5, 9."),
+    ("sort_numbers", "3, 5, 9", "Sorting 9, 3, 5 gives 3, 5 and 9."),
+    ("sort_numbers", "3, 5, 9", "Answer: [3,5,9]"),
+    ("reverse_word", "tenalp", "tenalp"),
+    ("reverse_word", "tenalp", "TENALP"),
+    ("reverse_word", "tenalp", "The reversed word is 'tenalp'."),
+    ("uppercase_word", "CAT", "CAT"),
+    ("uppercase_word", "CAT", "The answer is CAT."),
+    ("uppercase_word", "CAT", "Answer: \"CAT\""),
+    ("next_letter", "h", "h"),
+    ("next_letter", "h", "H."),
+    ("next_letter", "h", "The next letter is h."),
+    ("next_day", "Tuesday", "Tuesday"),
+    ("next_day", "Tuesday", "tuesday"),
+    ("next_day", "Tuesday", "The day after Monday is TUESDAY."),
+]
+
+REJECTED: list[tuple[str, str, str]] = [
+    ("addition", "42", ""),
+    ("addition", "42", "   "),
+    ("addition", "42", "43"),
+    ("addition", "42", "42? no, 43"),
+    ("addition", "42", "-42"),
+    ("addition", "42", "42.5"),
+    ("addition", "42", "42nd"),
+    ("addition", "42", "forty-two"),
+    ("subtraction", "35", "45"),
+    ("multiplication", "84", "78"),
+    ("count_letter", "3", "three"),
+    ("sort_numbers", "3, 5, 9", ""),
+    ("sort_numbers", "3, 5, 9", "3, 9, 5"),
+    ("sort_numbers", "3, 5, 9", "9, 5, 3"),
+    ("sort_numbers", "3, 5, 9", "3, 5"),
+    ("sort_numbers", "3, 5, 9", "3, 5, 9, 10"),
+    ("sort_numbers", "3, 5, 9", "3, 5, 9 from 9, 3, 5"),
+    ("sort_numbers", "3, 5, 9", "359"),
+    ("reverse_word", "tenalp", ""),
+    ("reverse_word", "tenalp", "tenlap"),
+    ("reverse_word", "tenalp", "planet"),
+    ("reverse_word", "tenalp", "tenalp, no wait, tenapl"),
+    ("uppercase_word", "CAT", "cat"),
+    ("uppercase_word", "CAT", "Cat"),
+    ("uppercase_word", "CAT", "CaT"),
+    ("uppercase_word", "CAT", "CAT or COT? COT"),
+    ("next_letter", "h", "f"),
+    ("next_letter", "h", "hh"),
+    ("next_letter", "h", "h? no, i"),
+    ("next_day", "Tuesday", "Tue"),
+    ("next_day", "Tuesday", "Wednesday"),
+    ("next_day", "Tuesday", "Tuesday, no, Monday"),
+    ("next_day", "Tuesday", ""),
+]
+
+
+@pytest.mark.parametrize(("family", "answer", "response"), ACCEPTED)
+def test_equivalent_forms_accepted(family: str, answer: str, response: str) -> None:
+    assert verify(ex(family, answer), response)
+
+
+@pytest.mark.parametrize(("family", "answer", "response"), REJECTED)
+def test_wrong_forms_rejected(family: str, answer: str, response: str) -> None:
+    assert not verify(ex(family, answer), response)
+
+
+def test_every_family_has_hand_built_accept_and_reject_cases() -> None:
+    assert {case[0] for case in ACCEPTED} == set(FAMILY_NAMES)
+    assert {case[0] for case in REJECTED} == set(FAMILY_NAMES)
+
+
+def test_verify_unknown_family_raises() -> None:
+    with pytest.raises(ValueError, match="division"):
+        verify(TaskExample("division", "p", "2", "3"), "2")
+
+
+def test_all_letters_and_days_generate() -> None:
+    examples = generate_examples(2000, seed=9, families=["next_letter", "next_day"])
+    asked = {m[1] for e in examples if (m := re.search(r"after '([a-z])'", e.prompt))}
+    assert asked == set(string.ascii_lowercase[:-1])
+    assert {e.answer for e in examples if e.family == "next_day"} == set(DAYS)
