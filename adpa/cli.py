@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 from adpa import artifacts, config as configuration
@@ -122,6 +123,9 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library deprecation notices, repeated per step and rank, would bury the progress bars.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "free-port":

@@ -33,6 +33,23 @@ class ConfigError(InputError):
     """A config that cannot run."""
 
 
+def _coerce_scalar(value: str, expected: str | list | None) -> Any:
+    """Snakemake's nested --config overrides arrive as text ("0.2"); read them as the schema's type."""
+    types = expected if isinstance(expected, list) else [expected]
+    if "string" in types:
+        return value
+    try:
+        if "integer" in types and re.fullmatch(r"[+-]?\d+", value):
+            return int(value)
+        if "number" in types:
+            return float(value)
+    except ValueError:
+        return value
+    if "boolean" in types and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
 def _with_defaults(validator_class: type) -> type:
     """A validator that fills each missing property with a copy of its schema default."""
     validate_properties = validator_class.VALIDATORS["properties"]
@@ -40,8 +57,12 @@ def _with_defaults(validator_class: type) -> type:
     def set_defaults(validator, properties, instance, schema) -> Iterator:
         if isinstance(instance, dict):
             for name, subschema in properties.items():
-                if isinstance(subschema, dict) and "default" in subschema:
+                if not isinstance(subschema, dict):
+                    continue
+                if "default" in subschema:
                     instance.setdefault(name, copy.deepcopy(subschema["default"]))
+                if isinstance(instance.get(name), str):
+                    instance[name] = _coerce_scalar(instance[name], subschema.get("type"))
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adpa.data import load_sft
-from adpa.models import load_model, load_tokenizer
+from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
 
@@ -11,6 +11,7 @@ def run_sft(run: StageRun, model_reference: str) -> None:
     from trl import SFTConfig, SFTTrainer
 
     params, dataset = run.params, run.params["dataset"]
+    check_model_reference(model_reference)  # cheap checks first: fail before reading data
     train_dataset = load_sft(dataset, dataset["train_split"])
     eval_dataset = load_sft(dataset, dataset["test_split"]) if dataset["test_split"] else None
     packing = params["training"]["packing"]

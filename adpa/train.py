@@ -99,9 +99,23 @@ def last_checkpoint(work_dir: Path) -> str | None:
     return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
 
 
+def launch_facts(trainer) -> dict[str, Any]:
+    """How the run was really distributed, as recorded in the manifest."""
+    accelerator = trainer.accelerator
+    plugin = accelerator.state.deepspeed_plugin
+    return {
+        "processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),
+        "zero_stage": plugin.zero_stage if plugin is not None else None,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        "device": str(accelerator.device.type),
+    }
+
+
 def final_metrics(trainer, eval_metrics: Mapping[str, float]) -> dict[str, Any]:
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     metrics: dict[str, Any] = {
+        **launch_facts(trainer),
         "global_step": trainer.state.global_step,
         "train_loss_first": history[0]["loss"] if history else None,
         "train_loss_last": history[-1]["loss"] if history else None,
@@ -114,8 +128,10 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
     """Train (resuming from the newest checkpoint), evaluate, and publish the model atomically."""
     accelerator = trainer.accelerator
     resume = last_checkpoint(run.work_dir)
-    if resume and accelerator.is_main_process:
-        log.warning("%s: resuming from checkpoint %s", run.stage, resume)
+    if accelerator.is_main_process:
+        log.warning("%s: launch %s", run.stage, json.dumps(launch_facts(trainer)))
+        if resume:
+            log.warning("%s: resuming from checkpoint %s", run.stage, resume)
     trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
     staging = artifacts.staging_dir(run.output)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO
+
+
+def adpa(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adpa", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_check_prints_derived_accumulation():
+    result = adpa("check", "--configfile", "config/mistral-7b-deita.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "ref_teacher: gradient_accumulation_steps = 64" in result.stdout
+
+
+def test_bad_config_key_is_one_line_before_anything_runs(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["ref_teacher"]["learning_rte"] = 1.0e-3
+    path = tmp_path / "bad config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = adpa("ref_teacher", "--configfile", str(path), "--model", "x", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: config key 'ref_teacher.learning_rte': unknown key; did you mean 'learning_rate'?"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_path_is_named_before_training(tmp_path):
+    missing = tmp_path / "my models" / "teacher"
+    result = adpa(
+        "ref_teacher", "--configfile", "config/tiny.yaml", "--model", str(missing),
+        "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model '{missing}': no model folder with config.json at {missing}"
+    )
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from adpa import config as adpa_config
+from adpa.config import ConfigError
+
+from conftest import REPO
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "mistral-7b-deita.yaml"])
+def test_shipped_configs_validate(name):
+    config = adpa_config.validate_config(load(name))
+    assert config["launch"]["num_processes"] == 2
+    assert set(config["dpo_teacher"]) >= {"beta", "learning_rate", "effective_batch_size"}
+
+
+def test_defaults_are_filled_from_the_schema():
+    config = adpa_config.validate_config(load("tiny.yaml"))
+    assert config["dpo_teacher"]["loss_type"] == "sigmoid"
+    assert config["models"]["base_teacher"]["trust_remote_code"] is False
+    assert config["work_dir"] == "work"
+    assert config["datasets"]["sft"]["train_split"] == "train"
+
+
+def test_seed_guide_accumulation_is_derived_as_64():
+    config = adpa_config.validate_config(load("mistral-7b-deita.yaml"))
+    assert adpa_config.gradient_accumulation_steps(config, "ref_teacher") == 64
+    assert adpa_config.gradient_accumulation_steps(config, "dpo_teacher") == 64
+    config["launch"]["num_processes"] = 8
+    assert adpa_config.gradient_accumulation_steps(config, "ref_teacher") == 16
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    config = load("tiny.yaml")
+    config["dpo_teacher"]["betta"] = 0.1
+    with pytest.raises(ConfigError) as error:
+        adpa_config.validate_config(config)
+    message = str(error.value)
+    assert "dpo_teacher.betta" in message and "did you mean 'beta'" in message
+    assert "\n" not in message
+
+
+def test_unknown_top_level_key():
+    config = load("tiny.yaml")
+    config["ref_teacherr"] = {}
+    with pytest.raises(ConfigError, match="'ref_teacherr': unknown key; did you mean 'ref_teacher'"):
+        adpa_config.validate_config(config)
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [("ref_teacher", "learning_rate", -1.0), ("dpo_teacher", "beta", 0.0), ("ref_teacher", "epochs", "three")],
+)
+def test_wrong_type_or_range_names_the_key(section, key, value):
+    config = load("tiny.yaml")
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=f"config key '{section}.{key}'"):
+        adpa_config.validate_config(config)
+
+
+def test_effective_batch_that_does_not_divide_is_refused():
+    config = load("tiny.yaml")
+    config["dpo_teacher"]["effective_batch_size"] = 10  # 2 per device x 2 processes
+    with pytest.raises(ConfigError, match=r"'dpo_teacher.effective_batch_size': 10 is not a multiple .* = 4"):
+        adpa_config.validate_config(config)
+
+
+def test_model_needs_exactly_one_source():
+    config = load("tiny.yaml")
+    config["models"]["base_teacher"]["path"] = "org/model"
+    with pytest.raises(ConfigError, match="models.base_teacher.*exactly one of 'path'.*'gguf'"):
+        adpa_config.validate_config(config)
+
+
+def test_override_text_is_read_as_the_schema_type():
+    # snakemake --config 'dpo_teacher={beta: 0.2}' delivers "0.2".
+    config = load("tiny.yaml")
+    config["dpo_teacher"]["beta"] = "0.2"
+    config["ref_teacher"]["epochs"] = "2"
+    adpa_config.validate_config(config)
+    assert config["dpo_teacher"]["beta"] == 0.2 and config["ref_teacher"]["epochs"] == 2
+
+
+def test_missing_local_dataset_with_tilde_and_space_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = adpa_config.validate_config(load("mistral-7b-deita.yaml"))
+    with pytest.raises(ConfigError) as error:
+        adpa_config.check_local_sources(config)
+    assert str(error.value) == (
+        "config key 'datasets.preference.path': no such file or directory: "
+        f"{tmp_path}/Datasets/preference alignment/dpo-mix-7k"
+    )
+    (tmp_path / "Datasets" / "preference alignment" / "dpo-mix-7k").mkdir(parents=True)
+    adpa_config.check_local_sources(config)  # hub ids are not checked here
+
+
+def test_stage_params_hold_hyperparameters_not_launch_settings():
+    config = adpa_config.validate_config(load("tiny.yaml"))
+    before = adpa_config.params_json(adpa_config.stage_params(config, "dpo_teacher"))
+    changed = copy.deepcopy(config)
+    changed["launch"]["save_steps"] = 999
+    changed["ref_teacher"]["learning_rate"] = 0.5
+    assert adpa_config.params_json(adpa_config.stage_params(changed, "dpo_teacher")) == before
+    changed["dpo_teacher"]["beta"] = 0.3
+    after = json.loads(adpa_config.params_json(adpa_config.stage_params(changed, "dpo_teacher")))
+    assert after["training"]["beta"] == 0.3
+
+
+def test_params_json_is_canonical():
+    assert adpa_config.params_json({"b": 1, "a": {"d": 2, "c": 3}}) == '{"a":{"c":3,"d":2},"b":1}'
+
+
+def test_hub_ids_and_paths_are_told_apart(tmp_path):
+    assert not adpa_config.is_local("mistralai/Mistral-7B-v0.1")
+    assert adpa_config.is_local("~/Models/Mistral-7B-v0.1")
+    assert adpa_config.is_local("results/data/sft")
+    assert adpa_config.is_local("/abs/path")
+    assert adpa_config.is_local("preference alignment/dpo-mix-7k")
+
+
+def test_every_schema_key_is_documented():
+    schema = adpa_config.load_schema()
+    documented = (REPO / "config" / "README.md").read_text()
+
+    def keys(properties: dict, prefix: str = ""):
+        for name, sub in properties.items():
+            yield f"{prefix}{name}"
+            yield from keys(sub.get("properties", {}), f"{prefix}{name}.")
+
+    all_keys = list(keys(schema["properties"]))
+    for definition in ("model", "dataset"):
+        all_keys += list(keys(schema["definitions"][definition]["properties"]))
+    missing = [key for key in all_keys if f"`{key}`" not in documented]
+    assert not missing, f"config/README.md lacks {missing}"

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from adpa.data import (
+    DataError,
+    generate_datasets,
+    load_preference,
+    load_sft,
+    normalize_preference_row,
+    normalize_sft_row,
+)
+from adpa.tasks import TaskExample, verify
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+USER_1 = {"role": "user", "content": "What is 2 + 2?"}
+ANSWER_1 = {"role": "assistant", "content": "4"}
+USER_2 = {"role": "user", "content": "And times 3?"}
+
+
+def test_sft_row_keeps_system_and_multi_turn():
+    messages = [SYSTEM, USER_1, ANSWER_1, USER_2, {"role": "assistant", "content": "12"}]
+    row = {"messages": messages, "prompt_id": "x"}
+    assert normalize_sft_row(row, "sft row 0") == {"messages": messages}
+
+
+@pytest.mark.parametrize(
+    "row,fragment",
+    [
+        ({"text": "hi"}, "missing column 'messages'"),
+        ({"messages": [{"role": "human", "content": "hi"}]}, "unknown role 'human'"),
+        ({"messages": [USER_1, {"role": "assistant", "content": "  "}]}, "no non-empty assistant turn"),
+        ({"messages": [USER_1, {"role": "assistant"}]}, "needs 'role' and 'content'"),
+        ({"messages": []}, "non-empty list of messages"),
+    ],
+)
+def test_bad_sft_rows_name_the_row(row, fragment):
+    with pytest.raises(DataError, match=fragment) as error:
+        normalize_sft_row(row, "data.jsonl row 7")
+    assert str(error.value).startswith("data.jsonl row 7")
+
+
+def test_dpo_mix_form_splits_the_shared_prompt():
+    row = {
+        "dataset": "x",
+        "chosen_rating": 5,
+        "chosen": [SYSTEM, USER_1, ANSWER_1, USER_2, {"role": "assistant", "content": "12"}],
+        "rejected": [SYSTEM, USER_1, ANSWER_1, USER_2, {"role": "assistant", "content": "13"}],
+    }
+    normalized = normalize_preference_row(row, "row 0")
+    assert normalized["prompt"] == [SYSTEM, USER_1, ANSWER_1, USER_2]
+    assert normalized["chosen"] == [{"role": "assistant", "content": "12"}]
+    assert normalized["rejected"] == [{"role": "assistant", "content": "13"}]
+
+
+def test_trl_forms_are_accepted():
+    conversational = {"prompt": [USER_1], "chosen": [ANSWER_1], "rejected": [{"role": "assistant", "content": "5"}]}
+    text = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+    assert normalize_preference_row(conversational, "r") == normalize_preference_row(text, "r")
+
+
+@pytest.mark.parametrize(
+    "row,fragment",
+    [
+        ({"chosen": [USER_1, ANSWER_1], "rejected": [USER_2, ANSWER_1]}, "different prompts"),
+        ({"chosen": [USER_1, ANSWER_1]}, "missing column 'rejected'"),
+        ({"chosen": [USER_1, ANSWER_1], "rejected": [USER_1]}, "non-empty assistant message"),
+        ({"chosen": [ANSWER_1], "rejected": [ANSWER_1]}, "prompt must end with a user message"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, r"\(chosen\).*non-empty assistant"),
+    ],
+)
+def test_bad_preference_rows_name_the_row(row, fragment):
+    with pytest.raises(DataError, match=fragment) as error:
+        normalize_preference_row(row, "prefs row 3")
+    assert str(error.value).startswith("prefs row 3")
+
+
+def test_sources_with_tilde_and_spaces(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = tmp_path / "preference alignment"
+    folder.mkdir()
+    rows = [{"chosen": [USER_1, ANSWER_1], "rejected": [USER_1, {"role": "assistant", "content": "5"}]}] * 3
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    loaded = load_preference({"path": "~/preference alignment/pairs.jsonl", "max_train_rows": 2}, "train")
+    assert len(loaded) == 2 and loaded[0]["prompt"] == [USER_1]
+
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list([{"messages": [USER_1, ANSWER_1]}])}).save_to_disk(
+        str(folder / "deita copy")
+    )
+    assert load_sft({"path": "~/preference alignment/deita copy"}, "train_sft")[0]["messages"] == [USER_1, ANSWER_1]
+
+
+def test_missing_source_and_split_are_named(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_sft({"path": str(tmp_path / "nope here")}, "train")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"messages": [USER_1, ANSWER_1]}])}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    with pytest.raises(DataError, match="no split 'train_sft' \\(have: train\\)"):
+        load_sft({"path": str(tmp_path / "d")}, "train_sft")
+
+
+def test_a_bad_row_deep_in_a_file_is_reported_with_its_index(tmp_path):
+    rows = [{"messages": [USER_1, ANSWER_1]}] * 5 + [{"messages": [{"role": "bot", "content": "x"}]}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"sft.jsonl' split 'train' row 5: unknown role 'bot'"):
+        load_sft({"path": str(path)}, "train")
+
+
+def test_generated_data_has_both_forms_and_a_disjoint_held_out_split(tmp_path):
+    spec = {"seed": 3, "train_rows": 40, "test_rows": 10, "multi_turn_fraction": 0.3, "families": None}
+    generate_datasets(spec, tmp_path / "sft", tmp_path / "preference")
+    sft = load_sft({"path": str(tmp_path / "sft")}, "train")
+    preference = load_preference({"path": str(tmp_path / "preference")}, "train")
+    test = datasets.load_from_disk(str(tmp_path / "preference"))["test"]
+    assert len(sft) == 40 and len(preference) == 40 and len(test) == 10
+    assert any(len(row["messages"]) == 4 for row in sft), "some rows are multi-turn"
+    train_prompts = {row["prompt"][-1]["content"] for row in preference}
+    train_prompts |= {row["messages"][-2]["content"] for row in sft}
+    assert not train_prompts & {row["chosen"][-2]["content"] for row in test}
+    for row in test:
+        example = TaskExample(row["family"], row["chosen"][-2]["content"], row["answer"], "")
+        assert verify(example, row["chosen"][-1]["content"])
+        assert not verify(example, row["rejected"][-1]["content"])
+    # Same spec, same bytes: the generator is seeded.
+    generate_datasets(spec, tmp_path / "sft2", tmp_path / "preference2")
+    assert datasets.load_from_disk(str(tmp_path / "sft2"))["train"].to_list() == datasets.load_from_disk(
+        str(tmp_path / "sft")
+    )["train"].to_list()
