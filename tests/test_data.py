@@ -118,7 +118,8 @@ def test_generated_data_has_both_forms_and_a_disjoint_held_out_split(tmp_path):
     preference = load_preference({"path": str(tmp_path / "preference")}, "train")
     test = datasets.load_from_disk(str(tmp_path / "preference"))["test"]
     assert len(sft) == 40 and len(preference) == 40 and len(test) == 10
-    assert any(len(row["messages"]) == 4 for row in sft), "some rows are multi-turn"
+    assert all(row["messages"][0]["role"] == "system" for row in sft)
+    assert any(len(row["messages"]) == 5 for row in sft), "some rows are multi-turn"
     train_prompts = {row["prompt"][-1]["content"] for row in preference}
     train_prompts |= {row["messages"][-2]["content"] for row in sft}
     assert not train_prompts & {row["chosen"][-2]["content"] for row in test}

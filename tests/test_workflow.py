@@ -158,3 +158,23 @@ def test_real_rerun_after_beta_change_keeps_ref_teacher(tiny):
     assert new_dpo["config_hash"] != old_dpo["config_hash"]
     assert ref.stat().st_mtime_ns == ref_mtime
     shutil.rmtree(tiny / "work", ignore_errors=True)
+
+
+def test_batched_evaluation_matches_one_row_at_a_time(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adpa.evaluate import evaluate_model, response_logprobs
+
+    folder = tiny / "results" / "dpo_teacher"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = datasets.load_from_disk(str(tiny / "results" / "data" / "preference"))["test"].to_list()
+    prompts = [row["chosen"][:-1] for row in rows]
+    responses = [row["chosen"][-1:] for row in rows]
+    batched = response_logprobs(model, tokenizer, prompts, responses, batch_size=len(rows))
+    single = torch.cat([response_logprobs(model, tokenizer, [p], [r]) for p, r in zip(prompts, responses)])
+    assert torch.allclose(batched, single, atol=1e-4)
+    assert (batched < 0).all()
+    metrics = evaluate_model(model, tokenizer, rows)
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
