@@ -1,0 +1,32 @@
+"""The conda env and pyproject.toml pin the same versions of the training stack."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import REPO
+
+
+def pins(requirements: list[str]) -> dict[str, str]:
+    found = {}
+    for requirement in requirements:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==([\w.]+)", requirement.strip())
+        if match:
+            found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def test_conda_env_pins_match_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "envs" / "train.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    project_pins, env_pins = pins(project), pins(pip_section)
+    assert project_pins, "pyproject.toml pins the training stack"
+    for name, version in project_pins.items():
+        if name == "snakemake":  # runs the workflow, not inside a rule's env
+            continue
+        assert env_pins.get(name) == version, f"envs/train.yaml pins {name}=={env_pins.get(name)}, pyproject {version}"
+    assert env_pins["torch"] == "2.13.0"
