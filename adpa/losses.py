@@ -1,0 +1,173 @@
+"""Losses for SFT, DPO, DCKD and ADPA.
+
+Convention: logits and labels are already aligned, i.e. ``logits[b, t]`` is the model's distribution for
+``labels[b, t]`` (the caller does the causal shift). ``mask[b, t]`` is 1 on response tokens only.
+Means are per token over the response, then over the batch (see ``response_mean``).
+Teachers are stored sparsely: per position the ids of the teacher's top-k set K_t plus a value per id
+(log-probabilities for DCKD, advantages for ADPA); no dense vocab-size teacher tensor is ever built.
+Student log-probabilities are computed in float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def response_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """values [B,T], mask [B,T] -> scalar: mean over each row's response tokens, then over the batch.
+
+    A row without response tokens contributes 0 (and still counts in the batch mean).
+    """
+    mask = mask.bool()
+    # where, not multiply: masked positions may hold inf/NaN (e.g. padding) and 0 * inf = NaN
+    total = torch.where(mask, values, 0).sum(-1)
+    return (total / mask.sum(-1).clamp(min=1)).mean()
+
+
+def _logz(logits: Tensor) -> Tensor:
+    """[B,T,V] -> [B,T,1] float32 log-partition."""
+    return torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+
+
+def _gather_logprobs(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """logits [B,T,V], ids [B,T,k], mask [B,T] -> student log pi(ids) [B,T,k] in float32."""
+    # ids at masked positions may be -100 or garbage: point them at id 0 so gather stays in range
+    ids = torch.where(mask.bool().unsqueeze(-1), ids, 0)
+    return logits.gather(-1, ids).float() - _logz(logits)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """[B,T,V],[B,T],[B,T] -> [B,T] float32 log pi(label); 0 at masked positions."""
+    logp = _gather_logprobs(logits, labels.unsqueeze(-1), mask).squeeze(-1)
+    return torch.where(mask.bool(), logp, 0)
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """[B,T,V],[B,T],[B,T] -> [B]: sum of log pi(label) over response tokens."""
+    return token_logprobs(logits, labels, mask).sum(-1)
+
+
+def nll_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """[B,T,V],[B,T],[B,T] -> scalar: -response_mean(log pi(label))."""
+    return -response_mean(token_logprobs(logits, labels, mask), mask)
+
+
+def _plogp_ratio(logp: Tensor, logq: Tensor) -> Tensor:
+    """Elementwise p (log p - log q), defined as 0 where p == 0 (log p = -inf): no NaN in value or gradient."""
+    p = logp.exp()
+    safe_logp = torch.where(p > 0, logp, 0)
+    return torch.where(p > 0, p * (safe_logp - logq), 0)
+
+
+def topk_forward_kl(
+    logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor, mask: Tensor
+) -> Tensor:
+    """Forward KL(teacher || student) on k+1 bins: the teacher's top-k ids plus one "rest" bin.
+
+    logits [B,T,V] student; topk_ids [B,T,k] teacher's top-k ids K_t; topk_logprobs [B,T,k] teacher
+    log pi_T(a|s_t) for a in K_t; rest_logmass [B,T] log(1 - sum_K pi_T) (-inf when K_t holds all mass);
+    mask [B,T]. Returns scalar response_mean(KL_t).
+    """
+    mask = mask.bool()
+    ids = torch.where(mask.unsqueeze(-1), topk_ids, 0)
+    logits_f = logits.float()
+    logz = torch.logsumexp(logits_f, dim=-1, keepdim=True)
+    student_topk = logits_f.gather(-1, ids) - logz  # [B,T,k]
+    # log(1 - sum_K pi_S) as a logsumexp over the complement's own logits: exact even when K_t holds ~all the
+    # student's mass, where log1p(-sum p) cancels catastrophically. finfo.min (not -inf) keeps the value and
+    # gradient finite in the degenerate k == V case.
+    complement = logits_f.scatter(-1, ids, torch.finfo(torch.float32).min)
+    student_rest = torch.logsumexp(complement, dim=-1) - logz.squeeze(-1)  # [B,T]
+    kl = _plogp_ratio(topk_logprobs.float(), student_topk).sum(-1) + _plogp_ratio(rest_logmass.float(), student_rest)
+    return response_mean(kl, mask)
+
+
+def adpa_advantage_term(logits: Tensor, topk_ids: Tensor, advantage: Tensor, mask: Tensor) -> Tensor:
+    """Expected advantage of the student's policy over the DPO teacher's top-k set.
+
+    logits [B,T,V] student; topk_ids [B,T,k]; advantage [B,T,k] = log pi_dpo(a|s_t) - log pi_ref(a|s_t)
+    (signed, never clamped; treated as a constant); mask [B,T].
+    Returns scalar response_mean(sum_{a in K_t} pi_S(a|s_t) A(s_t, a)).
+    """
+    mask = mask.bool()
+    probs = _gather_logprobs(logits, topk_ids, mask).exp()
+    # zero padding advantages so a NaN/inf there cannot leak into the gradient via 0 * NaN
+    advantage = torch.where(mask.unsqueeze(-1), advantage.detach().float(), 0)
+    return response_mean((probs * advantage).sum(-1), mask)
+
+
+def adpa_loss(
+    chosen_logits: Tensor,
+    chosen_labels: Tensor,
+    chosen_mask: Tensor,
+    own_logits: Tensor,
+    topk_ids: Tensor,
+    advantage: Tensor,
+    own_mask: Tensor,
+    weight: float,
+) -> Tensor:
+    """ADPA: NLL on the chosen response y_w minus weight * expected advantage on the student's own response.
+
+    chosen_* [B,T,V]/[B,T]/[B,T] for y_w; own_logits [B,T',V] the student on its own sampled response;
+    topk_ids, advantage [B,T',k] from the DPO teacher on that response; own_mask [B,T']. -> scalar.
+    """
+    return nll_loss(chosen_logits, chosen_labels, chosen_mask) - weight * adpa_advantage_term(
+        own_logits, topk_ids, advantage, own_mask
+    )
+
+
+def dckd_loss(
+    chosen_logits: Tensor,
+    chosen_labels: Tensor,
+    chosen_mask: Tensor,
+    chosen_topk_ids: Tensor,
+    chosen_topk_logprobs: Tensor,
+    chosen_rest_logmass: Tensor,
+    rejected_logits: Tensor,
+    rejected_topk_ids: Tensor,
+    rejected_topk_logprobs: Tensor,
+    rejected_rest_logmass: Tensor,
+    rejected_mask: Tensor,
+    nll_weight: float = 1.0,
+    chosen_kl_weight: float = 0.1,
+    rejected_kl_weight: float = 0.1,
+) -> Tensor:
+    """DCKD: nll_weight * NLL(y_w) + chosen_kl_weight * KL(y_w) + rejected_kl_weight * KL(y_l) -> scalar.
+
+    Each KL is ``topk_forward_kl`` against the teacher's stored top-k on that response (shapes as there).
+    """
+    nll = nll_loss(chosen_logits, chosen_labels, chosen_mask)
+    kl_chosen = topk_forward_kl(
+        chosen_logits, chosen_topk_ids, chosen_topk_logprobs, chosen_rest_logmass, chosen_mask
+    )
+    kl_rejected = topk_forward_kl(
+        rejected_logits, rejected_topk_ids, rejected_topk_logprobs, rejected_rest_logmass, rejected_mask
+    )
+    return nll_weight * nll + chosen_kl_weight * kl_chosen + rejected_kl_weight * kl_rejected
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sigmoid DPO on summed sequence log-probs [B] each -> (mean loss, chosen_rewards [B], rejected_rewards [B])."""
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def clamp_advantage_like_reference(advantage: Tensor) -> Tensor:
+    """Clamp advantages into [1e-8, 1 - 1e-8] exactly as the reference ADPA code does.
+
+    Known defect, kept only to match the reference implementation's numbers (off by default): the reference's
+    ``prob_stabilize`` clamps its target "probabilities", which for ADPA hold advantages, so every negative
+    advantage becomes ~0 (1e-8) and every advantage above 1 becomes ~1: the student is never pushed away from
+    tokens the DPO teacher disfavours.
+    """
+    return advantage.clamp(min=1e-8, max=1 - 1e-8)

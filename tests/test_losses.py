@@ -1,0 +1,307 @@
+"""adpa.losses against slow dense float64 references (Python loops over b, t, dense teacher built here)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adpa import losses
+
+B, T, V, K = 3, 7, 50, 5
+FULL_MASS = (0, 3)  # (b, t) where the teacher's top-k holds all its mass: rest_logmass = -inf
+
+
+def make_mask(gen: torch.Generator, rows: int, length: int) -> torch.Tensor:
+    """Random prompt / response / padding layout; row 1 is fully masked (no response tokens)."""
+    mask = torch.zeros(rows, length, dtype=torch.bool)
+    for b in range(rows):
+        if b == 1:
+            continue
+        prompt = int(torch.randint(0, 3, (), generator=gen))
+        response = int(torch.randint(2, length - prompt, (), generator=gen))
+        mask[b, prompt : prompt + response] = True
+    mask[FULL_MASS] = True
+    return mask
+
+
+def make_batch(seed: int = 0, length: int = T) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(B, length, V, generator=gen)
+    mask = make_mask(gen, B, length)
+    labels = torch.randint(0, V, (B, length), generator=gen)
+    # masked labels are -100 or far out of the vocab: neither may be indexed
+    labels = torch.where(mask, labels, torch.where(torch.rand(B, length, generator=gen) < 0.5, -100, 10**6))
+    topk_ids = torch.rand(B, length, V, generator=gen).argsort(-1)[..., :K]  # distinct ids per position
+    teacher_logits = 3 * torch.randn(B, length, V, generator=gen, dtype=torch.float64)
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[topk_ids[FULL_MASS]] = False
+    teacher_logits[FULL_MASS][outside] = -torch.inf
+    teacher_logp = teacher_logits.log_softmax(-1)  # dense [B,T,V]: the test's ground truth
+    in_topk = torch.zeros(B, length, V, dtype=torch.bool).scatter(-1, topk_ids, True)
+    topk_logprobs = teacher_logp.gather(-1, topk_ids).float()
+    rest_logmass = teacher_logp.masked_fill(in_topk, -torch.inf).logsumexp(-1).float()
+    advantage = torch.randn(B, length, K, generator=gen)
+    return SimpleNamespace(
+        logits=logits, mask=mask, labels=labels, topk_ids=topk_ids, teacher_logp=teacher_logp,
+        topk_logprobs=topk_logprobs, rest_logmass=rest_logmass, advantage=advantage,
+    )
+
+
+def dense_mean(per_token, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token mean over each row's response, then batch mean, by explicit loops."""
+    rows = []
+    for b in range(mask.shape[0]):
+        total = torch.zeros((), dtype=torch.float64)
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                total = total + per_token(b, t)
+        rows.append(total / max(1, int(mask[b].sum())))
+    return torch.stack(rows).mean()
+
+
+def dense_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return dense_mean(lambda b, t: -logits[b, t].log_softmax(-1)[labels[b, t]], mask)
+
+
+def dense_kl(logits: torch.Tensor, batch: SimpleNamespace) -> torch.Tensor:
+    def kl(b: int, t: int) -> torch.Tensor:
+        student, teacher = logits[b, t].softmax(-1), batch.teacher_logp[b, t].exp()
+        ids = batch.topk_ids[b, t]
+        outside = torch.ones(V, dtype=torch.bool)
+        outside[ids] = False
+        p = torch.cat([teacher[ids], teacher[outside].sum()[None]])
+        q = torch.cat([student[ids], student[outside].sum()[None]])
+        return sum(p[i] * (p[i].log() - q[i].log()) for i in range(K + 1) if p[i] > 0)
+
+    return dense_mean(kl, batch.mask)
+
+
+def dense_advantage_term(logits: torch.Tensor, ids: torch.Tensor, advantage: torch.Tensor, mask) -> torch.Tensor:
+    def term(b: int, t: int) -> torch.Tensor:
+        probs = logits[b, t].softmax(-1)
+        return sum(probs[ids[b, t, i]] * float(advantage[b, t, i]) for i in range(ids.shape[-1]))
+
+    return dense_mean(term, mask)
+
+
+def value_and_grad(fn, logits: torch.Tensor, dtype: torch.dtype = torch.float32):
+    leaf = logits.detach().to(dtype).requires_grad_()
+    value = fn(leaf)
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value.detach().double(), grad.double()
+
+
+def assert_matches_dense(fn, dense_fn, logits: torch.Tensor, atol: float = 1e-5) -> None:
+    value, grad = value_and_grad(fn, logits)
+    ref_value, ref_grad = value_and_grad(dense_fn, logits, torch.float64)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, ref_value, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=1e-4)
+
+
+def test_response_mean():
+    gen = torch.Generator().manual_seed(1)
+    values, mask = torch.randn(B, T, generator=gen), make_mask(gen, B, T)
+    values[~mask] = torch.nan  # padding garbage must not leak
+    expected = dense_mean(lambda b, t: values[b, t].double(), mask)
+    torch.testing.assert_close(losses.response_mean(values, mask).double(), expected)
+    torch.testing.assert_close(losses.response_mean(values, mask.float()).double(), expected)
+
+
+def test_sequence_logprobs_and_nll():
+    batch = make_batch()
+
+    def dense_seq(logits: torch.Tensor) -> torch.Tensor:
+        rows = [
+            sum((logits[b, t].log_softmax(-1)[batch.labels[b, t]] for t in range(T) if batch.mask[b, t]),
+                torch.zeros((), dtype=torch.float64))
+            for b in range(B)
+        ]
+        return torch.stack(rows)
+
+    seq = losses.sequence_logprobs(batch.logits, batch.labels, batch.mask)
+    assert seq.shape == (B,) and seq[1] == 0
+    torch.testing.assert_close(seq.double(), dense_seq(batch.logits.double()), atol=1e-5, rtol=1e-5)
+    weights = torch.tensor([0.3, -1.2, 2.0])  # a non-uniform weighting also checks per-row gradients
+    assert_matches_dense(
+        lambda x: (losses.sequence_logprobs(x, batch.labels, batch.mask) * weights).sum(),
+        lambda x: (dense_seq(x) * weights.double()).sum(),
+        batch.logits,
+    )
+    assert_matches_dense(
+        lambda x: losses.nll_loss(x, batch.labels, batch.mask),
+        lambda x: dense_nll(x, batch.labels, batch.mask),
+        batch.logits,
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_topk_forward_kl_matches_dense(seed: int):
+    batch = make_batch(seed)
+    assert batch.rest_logmass[FULL_MASS] == -torch.inf and batch.mask[FULL_MASS]
+    assert_matches_dense(
+        lambda x: losses.topk_forward_kl(x, batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, batch.mask),
+        lambda x: dense_kl(x, batch),
+        batch.logits,
+    )
+
+
+def test_topk_forward_kl_nonnegative_per_position_and_zero_at_teacher():
+    batch = make_batch(2)
+    for b, t in batch.mask.nonzero().tolist():
+        only = torch.zeros_like(batch.mask)
+        only[b, t] = True
+        kl = losses.topk_forward_kl(batch.logits, batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, only)
+        assert kl >= 0
+    # A student equal to the teacher on the k+1 bins but with a different shape inside the rest bin: KL = 0.
+    in_topk = torch.zeros(B, T, V, dtype=torch.bool).scatter(-1, batch.topk_ids, True)
+    noise = torch.randn(B, T, V, dtype=torch.float64).masked_fill(in_topk, -torch.inf).log_softmax(-1)
+    student = torch.where(in_topk, batch.teacher_logp, batch.rest_logmass.double().unsqueeze(-1) + noise)
+    kl = losses.topk_forward_kl(student.float(), batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, batch.mask)
+    assert abs(float(kl)) < 1e-5
+    assert float(kl) != float(losses.topk_forward_kl(batch.logits, batch.topk_ids, batch.topk_logprobs,
+                                                     batch.rest_logmass, batch.mask))
+
+
+def test_adpa_advantage_term_matches_dense_and_is_signed():
+    batch = make_batch()
+    assert_matches_dense(
+        lambda x: losses.adpa_advantage_term(x, batch.topk_ids, batch.advantage, batch.mask),
+        lambda x: dense_advantage_term(x, batch.topk_ids, batch.advantage, batch.mask),
+        batch.logits,
+    )
+    advantage = batch.advantage.clone().requires_grad_()
+    logits = batch.logits.clone().requires_grad_()  # leaves: .grad tells whether gradient reached them
+    losses.adpa_advantage_term(logits, batch.topk_ids, advantage, batch.mask).backward()
+    assert advantage.grad is None and logits.grad is not None
+    negative = -batch.advantage.abs() - 0.1
+    term = losses.adpa_advantage_term(batch.logits, batch.topk_ids, negative, batch.mask)
+    assert term < 0  # not clamped: the student is pushed away from disfavoured tokens
+    torch.testing.assert_close(term.double(), dense_advantage_term(batch.logits.double(), batch.topk_ids, negative,
+                                                                   batch.mask))
+
+
+def test_clamp_advantage_like_reference():
+    advantage = torch.tensor([-3.0, -1e-3, 0.0, 0.25, 0.5, 2.0])
+    clamped = losses.clamp_advantage_like_reference(advantage)
+    assert torch.equal(clamped[:3], torch.full((3,), 1e-8))
+    assert torch.equal(clamped[3:5], advantage[3:5])
+    assert clamped[5] == torch.tensor(1 - 1e-8)
+    batch = make_batch()
+    clamped_term = losses.adpa_advantage_term(
+        batch.logits, batch.topk_ids, losses.clamp_advantage_like_reference(-batch.advantage.abs()), batch.mask
+    )
+    assert 0 < clamped_term < 1e-7
+
+
+def test_adpa_loss():
+    chosen, own = make_batch(3), make_batch(4, length=T + 2)  # y_w and the student's own response differ
+    weight = 0.7
+
+    def fn(chosen_logits, own_logits):
+        return losses.adpa_loss(chosen_logits, chosen.labels, chosen.mask, own_logits, own.topk_ids, own.advantage,
+                                own.mask, weight)
+
+    def dense(chosen_logits, own_logits):
+        return dense_nll(chosen_logits, chosen.labels, chosen.mask) - weight * dense_advantage_term(
+            own_logits, own.topk_ids, own.advantage, own.mask)
+
+    assert_matches_dense(lambda x: fn(x, own.logits), lambda x: dense(x, own.logits.double()), chosen.logits)
+    assert_matches_dense(lambda x: fn(chosen.logits, x), lambda x: dense(chosen.logits.double(), x), own.logits)
+
+
+def test_dckd_loss():
+    chosen, rejected = make_batch(5), make_batch(6)
+    weights = dict(nll_weight=0.5, chosen_kl_weight=0.2, rejected_kl_weight=0.3)
+
+    def fn(chosen_logits, rejected_logits):
+        return losses.dckd_loss(
+            chosen_logits, chosen.labels, chosen.mask, chosen.topk_ids, chosen.topk_logprobs, chosen.rest_logmass,
+            rejected_logits, rejected.topk_ids, rejected.topk_logprobs, rejected.rest_logmass, rejected.mask,
+            **weights,
+        )
+
+    def dense(chosen_logits, rejected_logits):
+        return (0.5 * dense_nll(chosen_logits, chosen.labels, chosen.mask) + 0.2 * dense_kl(chosen_logits, chosen)
+                + 0.3 * dense_kl(rejected_logits, rejected))
+
+    assert_matches_dense(lambda x: fn(x, rejected.logits), lambda x: dense(x, rejected.logits.double()),
+                         chosen.logits)
+    assert_matches_dense(lambda x: fn(chosen.logits, x), lambda x: dense(chosen.logits.double(), x),
+                         rejected.logits)
+
+
+def test_bf16_logits_close_to_fp32():
+    batch = make_batch()
+    fns = [
+        lambda x: losses.nll_loss(x, batch.labels, batch.mask),
+        lambda x: losses.topk_forward_kl(x, batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, batch.mask),
+        lambda x: losses.adpa_advantage_term(x, batch.topk_ids, batch.advantage, batch.mask),
+    ]
+    rounded = batch.logits.bfloat16().float()
+    for fn in fns:
+        value, grad = value_and_grad(fn, batch.logits, torch.bfloat16)
+        assert fn(batch.logits.bfloat16()).dtype == torch.float32
+        # float32 arithmetic on bf16 inputs: identical to upcasting first, close to the unrounded logits
+        upcast_value, _ = value_and_grad(fn, rounded)
+        torch.testing.assert_close(value, upcast_value, atol=1e-6, rtol=1e-6)
+        fp32_value, fp32_grad = value_and_grad(fn, batch.logits)
+        torch.testing.assert_close(value, fp32_value, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(grad, fp32_grad, atol=5e-3, rtol=5e-2)
+
+
+def trl_sigmoid_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """TRL 1.16's own sigmoid DPO: DPOTrainer._compute_loss (trl/trainer/dpo_trainer.py) on a stub trainer.
+
+    TRL has no standalone dpo_loss; the loss is inline in _compute_loss, which takes per-token log-probs from the
+    model's fused LM head and sums them. The stub model returns per-token log-probs whose row sums are the given
+    sequence log-probs; precompute_ref_logps=True makes TRL read the reference log-probs from the inputs.
+    Returns (loss, d loss / d policy logps [2B], logged mean chosen reward, logged mean rejected reward).
+    """
+    from trl import DPOTrainer
+
+    n, length = policy_chosen.shape[0], 4
+    policy = torch.cat([policy_chosen, policy_rejected]).detach().requires_grad_()
+    per_token = torch.cat([policy[:, None] / 3, policy[:, None] / 3, policy[:, None] / 3], 1)
+    model = SimpleNamespace(training=True)
+    outputs = SimpleNamespace(
+        log_probs=per_token, entropy=torch.zeros(2 * n, length - 1), mean_logits=torch.zeros(2 * n, length - 1),
+        is_top1=torch.zeros(2 * n, length - 1, dtype=torch.bool),
+    )
+    stub = SimpleNamespace(
+        model=model, accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+    )
+    inputs = dict(
+        input_ids=torch.zeros(2 * n, length, dtype=torch.long), attention_mask=torch.ones(2 * n, length),
+        completion_mask=torch.ones(2 * n, length, dtype=torch.long), ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+    )
+    loss = DPOTrainer._compute_loss(stub, lambda **_: outputs, inputs, return_outputs=False)
+    (grad,) = torch.autograd.grad(loss, policy)
+    metrics = stub._metrics["train"]
+    return loss, grad, metrics["rewards/chosen"][0], metrics["rewards/rejected"][0]
+
+
+def test_dpo_loss_matches_trl():
+    gen = torch.Generator().manual_seed(7)
+    pc, pr, rc, rr = (-40 * torch.rand(5, generator=gen, dtype=torch.float64) for _ in range(4))
+    beta = 0.1
+    trl_loss, trl_grad, trl_chosen_reward, trl_rejected_reward = trl_sigmoid_dpo(pc, pr, rc, rr, beta)
+    policy = torch.cat([pc, pr]).requires_grad_()
+    loss, chosen_rewards, rejected_rewards = losses.dpo_loss(policy[:5], policy[5:], rc, rr, beta)
+    (grad,) = torch.autograd.grad(loss, policy)
+    torch.testing.assert_close(loss, trl_loss)
+    torch.testing.assert_close(grad, trl_grad)
+    torch.testing.assert_close(chosen_rewards, beta * (pc - rc))
+    torch.testing.assert_close(rejected_rewards, beta * (pr - rr))
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+    assert chosen_rewards.mean().item() == pytest.approx(trl_chosen_reward)
+    assert rejected_rewards.mean().item() == pytest.approx(trl_rejected_reward)
+    expected = -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+    torch.testing.assert_close(loss, expected)
