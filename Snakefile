@@ -14,9 +14,13 @@ if not workflow.overwrite_configfiles:
 include: "rules/common.smk"
 include: "rules/prepare.smk"
 include: "rules/teachers.smk"
+include: "rules/students.smk"
 
 
 rule all:
     input:
-        "results/dpo_teacher",
+        expand(
+            "results/{model}",
+            model=["dpo_teacher", "student_dpo", "dckd", "adpa", "adpa_plus"],
+        ),
     default_target: True

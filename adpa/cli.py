@@ -17,39 +17,66 @@ from pathlib import Path
 from adpa import artifacts, config as configuration
 from adpa.config import InputError
 
-STAGES = ("base_teacher", "generate_data", "ref_teacher", "dpo_teacher")
+TRAINING = ("ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")
+INFERENCE = ("teacher_topk", "student_generations", "advantage")
+# Extra inputs of each stage beyond --model and --output.
+INPUTS: dict[str, tuple[str, ...]] = {
+    "student_sft": ("--tokenizer",),
+    "dckd": ("--topk",),
+    "adpa": ("--generations", "--advantage"),
+    "adpa_plus": ("--generations", "--advantage"),
+    "advantage": ("--ref-model", "--generations"),
+}
+HELP = {
+    "base_teacher": "materialize a GGUF-shipped base model as safetensors",
+    "base_student": "cut a student from the base teacher's first layers",
+    "generate_data": "write the generated task family in both dataset forms",
+    "ref_teacher": "SFT of the base teacher (TRL SFTTrainer)",
+    "dpo_teacher": "DPO of the REF teacher, reference = REF teacher (TRL DPOTrainer)",
+    "student_sft": "SFT of the base student with the teacher's tokenizer",
+    "student_dpo": "baseline DPO of the student, reference = student_sft",
+    "teacher_topk": "the DPO teacher's top-k log-probs on chosen and rejected",
+    "student_generations": "the student's greedy responses to the preference prompts",
+    "advantage": "DPO-vs-REF teacher advantage on the student's own responses",
+    "dckd": "distillation from the teacher's top-k on chosen and rejected",
+    "adpa": "ADPA from student_sft",
+    "adpa_plus": "ADPA from the DCKD student",
+}
 
 
-def _stage_parser(sub, stage: str, help_text: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(stage, help=help_text)
+def _stage_parser(sub, stage: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(stage, help=HELP[stage])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--params", help="stage parameters as canonical JSON (what the workflow passes)")
     source.add_argument("--configfile", type=Path, help="a workflow config file instead of --params")
     return parser
 
 
-def _training_parser(sub, stage: str, help_text: str) -> None:
-    parser = _stage_parser(sub, stage, help_text)
-    parser.add_argument("--model", required=True, help="initial model: hub id or local folder")
-    parser.add_argument("--output", required=True, type=Path, help="final model folder (created at the end)")
-    parser.add_argument("--work-dir", type=Path, default=Path("work"), help="resumable checkpoints go here")
-    parser.add_argument("--save-steps", type=int, default=50)
-    parser.add_argument("--save-total-limit", type=int, default=2)
-    parser.add_argument("--logging-steps", type=int, default=1)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads of the whole job, split between processes")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adpa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    base = _stage_parser(sub, "base_teacher", "materialize a GGUF-shipped base model as safetensors")
-    base.add_argument("--output", required=True, type=Path)
-    data = _stage_parser(sub, "generate_data", "write the generated task family in both dataset forms")
+    _stage_parser(sub, "base_teacher").add_argument("--output", required=True, type=Path)
+    student = _stage_parser(sub, "base_student")
+    student.add_argument("--teacher", required=True, help="base teacher: hub id or local folder")
+    student.add_argument("--output", required=True, type=Path)
+    data = _stage_parser(sub, "generate_data")
     data.add_argument("--sft-output", required=True, type=Path)
     data.add_argument("--preference-output", required=True, type=Path)
-    _training_parser(sub, "ref_teacher", "SFT of the base teacher (TRL SFTTrainer)")
-    _training_parser(sub, "dpo_teacher", "DPO of the REF teacher (TRL DPOTrainer)")
+    for stage in TRAINING + INFERENCE:
+        parser_ = _stage_parser(sub, stage)
+        parser_.add_argument("--model", required=True, help="initial / inference model: hub id or local folder")
+        parser_.add_argument("--output", required=True, type=Path, help="output folder (created at the end)")
+        for option in INPUTS.get(stage, ()):
+            parser_.add_argument(option, required=True)
+        if stage in INFERENCE:
+            parser_.add_argument("--batch-size", type=int, default=8)
+        else:
+            parser_.add_argument("--work-dir", type=Path, default=Path("work"), help="resumable checkpoints go here")
+            parser_.add_argument("--save-steps", type=int, default=50)
+            parser_.add_argument("--save-total-limit", type=int, default=2)
+            parser_.add_argument("--logging-steps", type=int, default=1)
+            parser_.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+        parser_.add_argument("--threads", type=int, default=None, help="CPU threads of the whole job, split between processes")
     check = sub.add_parser("check", help="validate a config file and print the derived settings")
     check.add_argument("--configfile", type=Path, required=True)
     sub.add_parser("free-port", help="print a free TCP port (for accelerate's rendezvous)")
@@ -65,7 +92,17 @@ def _params(args: argparse.Namespace) -> tuple[dict, str]:
     return params, configuration.params_json(params)
 
 
-def _publish_dataset_dirs(params: dict, params_json: str, sft_output: Path, preference_output: Path) -> None:
+def _publish(stage: str, params: dict, params_json: str, output: Path, produce) -> None:
+    """Run `produce(staging) -> metrics` and move the finished folder into place with its manifest."""
+    from adpa.provenance import code_hash
+
+    staging = artifacts.fresh_staging_dir(output)
+    metrics = produce(staging)
+    artifacts.write_manifest(staging, stage, params, params_json, code_hash(stage), metrics)
+    artifacts.publish(staging, output)
+
+
+def _generate_data(params: dict, params_json: str, sft_output: Path, preference_output: Path) -> None:
     from adpa.data import generate_datasets
     from adpa.provenance import code_hash
 
@@ -76,21 +113,8 @@ def _publish_dataset_dirs(params: dict, params_json: str, sft_output: Path, pref
         artifacts.publish(staging, output)
 
 
-def _materialize(params: dict, params_json: str, output: Path) -> None:
-    from adpa.models import materialize_base_model
-    from adpa.provenance import code_hash
-
-    staging = artifacts.fresh_staging_dir(output)
-    metrics = materialize_base_model(params["model"], params["chat_template"], staging)
-    artifacts.write_manifest(staging, "base_teacher", params, params_json, code_hash("base_teacher"), metrics)
-    artifacts.publish(staging, output)
-
-
 def _train(args: argparse.Namespace, params: dict, params_json: str) -> None:
-    from adpa.train import LaunchOptions, StageRun, set_cpu_threads
-
-    if args.threads:
-        set_cpu_threads(args.threads)
+    from adpa.train import LaunchOptions, StageRun
 
     run = StageRun(
         stage=args.command,
@@ -105,14 +129,37 @@ def _train(args: argparse.Namespace, params: dict, params_json: str) -> None:
             logging_steps=args.logging_steps,
         ),
     )
-    if args.command == "ref_teacher":
+    if args.command in ("ref_teacher", "student_sft"):
         from adpa.sft import run_sft
 
-        run_sft(run, args.model)
-    else:
+        run_sft(run, args.model, getattr(args, "tokenizer", None))
+    elif args.command in ("dpo_teacher", "student_dpo"):
         from adpa.dpo import run_dpo
 
         run_dpo(run, args.model)
+    else:
+        from adpa.distill import run_distillation
+
+        run_distillation(
+            run,
+            args.model,
+            topk_dir=Path(args.topk) if getattr(args, "topk", None) else None,
+            generations_dir=Path(args.generations) if getattr(args, "generations", None) else None,
+            advantage_dir=Path(args.advantage) if getattr(args, "advantage", None) else None,
+        )
+
+
+def _infer(args: argparse.Namespace, params: dict, params_json: str) -> None:
+    from adpa import inference
+
+    def produce(staging: Path) -> dict:
+        if args.command == "teacher_topk":
+            return inference.run_teacher_topk(params, args.model, staging, args.batch_size)
+        if args.command == "student_generations":
+            return inference.run_student_generations(params, args.model, staging, args.batch_size)
+        return inference.run_advantage(params, args.model, args.ref_model, Path(args.generations), staging, args.batch_size)
+
+    _publish(args.command, params, params_json, args.output, produce)
 
 
 def free_port() -> int:
@@ -136,12 +183,29 @@ def main(argv: list[str] | None = None) -> int:
                 steps = configuration.gradient_accumulation_steps(loaded, stage)
                 print(f"{stage}: gradient_accumulation_steps = {steps}")
             print(f"{args.configfile}: ok")
-        elif args.command == "base_teacher":
-            _materialize(*_params(args), args.output)
         elif args.command == "generate_data":
-            _publish_dataset_dirs(*_params(args), args.sft_output, args.preference_output)
+            _generate_data(*_params(args), args.sft_output, args.preference_output)
+        elif args.command == "base_teacher":
+            from adpa.models import materialize_base_model
+
+            params, params_json = _params(args)
+            _publish("base_teacher", params, params_json, args.output,
+                     lambda staging: materialize_base_model(params["model"], params["chat_template"], staging))
+        elif args.command == "base_student":
+            from adpa.models import cut_student_from_teacher
+
+            params, params_json = _params(args)
+            _publish("base_student", params, params_json, args.output, lambda staging: cut_student_from_teacher(
+                args.teacher, params["model"]["teacher_layers"], staging, params["teacher"]["trust_remote_code"]))
         else:
-            _train(args, *_params(args))
+            if args.threads:
+                from adpa.train import set_cpu_threads
+
+                set_cpu_threads(args.threads)
+            if args.command in INFERENCE:
+                _infer(args, *_params(args))
+            else:
+                _train(args, *_params(args))
     except (InputError, FileExistsError) as err:
         # One line naming the key, file or row; no traceback for input errors.
         print(f"error: {err}", file=sys.stderr)

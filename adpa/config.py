@@ -20,8 +20,8 @@ import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
-# Training stages and the config sections each one depends on (beyond its own section).
-TRAINING_STAGES = ("ref_teacher", "dpo_teacher")
+# Stages trained through accelerate launch; each has a config section of training settings.
+TRAINING_STAGES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "student_dpo")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -161,7 +161,7 @@ def produced_paths(config: Mapping) -> set[str]:
 def check_local_sources(config: Mapping) -> None:
     """Every local model or dataset path the user named exists (hub ids are checked when loaded)."""
     produced = produced_paths(config)
-    sources = [("models.base_teacher.path", config["models"]["base_teacher"].get("path"))]
+    sources = [(f"models.{name}.path", config["models"][name].get("path")) for name in ("base_teacher", "base_student")]
     sources += [(f"datasets.{name}.path", config["datasets"][name]["path"]) for name in ("sft", "preference")]
     for key, reference in sources:
         if reference is None or reference in produced or not is_local(reference):
@@ -173,25 +173,51 @@ def check_local_sources(config: Mapping) -> None:
 def stage_params(config: Mapping, stage: str) -> dict[str, Any]:
     """Exactly the settings a stage's result depends on: its rerun trigger and its input."""
     common = {"seed": config["seed"], "precision": config["precision"]}
-    teacher = config["models"]["base_teacher"]
-    if stage == "ref_teacher":
+    teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
+    preference = config["datasets"]["preference"]
+    if stage in ("ref_teacher", "student_sft"):
+        base = teacher if stage == "ref_teacher" else student
         return {
             **common,
-            "training": config["ref_teacher"],
-            "base_model": teacher,
+            "training": config[stage],
+            "base_model": base,
             "dataset": config["datasets"]["sft"],
             "chat_template": config["chat_template"],
-            "trust_remote_code": teacher["trust_remote_code"],
+            "trust_remote_code": base["trust_remote_code"],
         }
-    if stage == "dpo_teacher":
+    if stage in ("dpo_teacher", "student_dpo"):
+        base = teacher if stage == "dpo_teacher" else student
+        return {**common, "training": config[stage], "dataset": preference, "trust_remote_code": base["trust_remote_code"]}
+    if stage == "teacher_topk":
+        # The store is aligned to the tokens DCKD trains on, so it shares DCKD's max_length.
         return {
-            **common,
-            "training": config["dpo_teacher"],
-            "dataset": config["datasets"]["preference"],
+            "precision": config["precision"],
+            "k": config["teacher_topk"]["k"],
+            "max_length": config["dckd"]["max_length"],
+            "dataset": preference,
             "trust_remote_code": teacher["trust_remote_code"],
         }
+    if stage == "student_generations":
+        return {
+            "precision": config["precision"],
+            "max_new_tokens": config["student_generations"]["max_new_tokens"],
+            "dataset": preference,
+            "trust_remote_code": student["trust_remote_code"],
+        }
+    if stage == "advantage":
+        return {
+            "precision": config["precision"],
+            "k": config["teacher_topk"]["k"],
+            "max_length": config["adpa"]["max_length"],
+            "trust_remote_code": teacher["trust_remote_code"],
+        }
+    if stage in ("dckd", "adpa", "adpa_plus"):
+        section = config["adpa" if stage == "adpa_plus" else stage]
+        return {**common, "training": section, "dataset": preference, "trust_remote_code": student["trust_remote_code"]}
     if stage == "base_teacher":
         return {"model": teacher, "chat_template": config["chat_template"]}
+    if stage == "base_student":
+        return {"model": student, "teacher": teacher}
     if stage == "generate_data":
         return {"generate": config["datasets"]["generate"]}
     raise ConfigError(f"unknown stage '{stage}'")

@@ -1,4 +1,5 @@
-"""Stage dpo_teacher: DPO of the REF teacher, with the REF teacher itself as the frozen reference."""
+"""Stages dpo_teacher and student_dpo: DPO whose frozen reference is the initial model itself
+(the REF teacher for the DPO teacher, student_sft for the student baseline)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def run_dpo(run: StageRun, model_reference: str) -> None:
     args = DPOConfig(**trainer_arguments(run), beta=training["beta"], loss_type=[training["loss_type"]])
     trust = params["trust_remote_code"]
     tokenizer = load_tokenizer(model_reference, trust)
-    # Policy and reference both start from the REF teacher (never from a student).
+    # Policy and reference both start from the same model (for the teacher: the REF teacher, never a student).
     model = load_model(model_reference, params["precision"], trust)
     ref_model = load_model(model_reference, params["precision"], trust)
     trainer = DPOTrainer(

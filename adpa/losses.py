@@ -106,14 +106,15 @@ def adpa_loss(
     topk_ids: Tensor,
     advantage: Tensor,
     own_mask: Tensor,
-    weight: float,
+    adpa_weight: float,
+    nll_weight: float = 1.0,
 ) -> Tensor:
-    """ADPA: NLL on the chosen response y_w minus weight * expected advantage on the student's own response.
+    """ADPA: nll_weight * NLL(y_w) minus adpa_weight (lambda) * expected advantage on the student's own response.
 
     chosen_* [B,T,V]/[B,T]/[B,T] for y_w; own_logits [B,T',V] the student on its own sampled response;
     topk_ids, advantage [B,T',k] from the DPO teacher on that response; own_mask [B,T']. -> scalar.
     """
-    return nll_loss(chosen_logits, chosen_labels, chosen_mask) - weight * adpa_advantage_term(
+    return nll_weight * nll_loss(chosen_logits, chosen_labels, chosen_mask) - adpa_weight * adpa_advantage_term(
         own_logits, topk_ids, advantage, own_mask
     )
 

@@ -96,3 +96,28 @@ def materialize_base_model(spec: Mapping[str, Any], chat_template: str | None, o
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
+
+
+def cut_student_from_teacher(teacher_reference: str, layers: int, output_dir: str | os.PathLike, trust_remote_code: bool = False) -> dict:
+    """A student made of the teacher's embeddings, first `layers` blocks, final norm and head."""
+    teacher = load_model(teacher_reference, "fp32", trust_remote_code)
+    total = teacher.config.num_hidden_layers
+    if layers >= total:
+        raise ModelSourceError(f"config key 'models.base_student.teacher_layers': {layers} must be below the teacher's {total} layers")
+    teacher.model.layers = teacher.model.layers[:layers]
+    teacher.config.num_hidden_layers = layers
+    if getattr(teacher.config, "layer_types", None):
+        teacher.config.layer_types = teacher.config.layer_types[:layers]
+    teacher.save_pretrained(output_dir, safe_serialization=True)
+    load_tokenizer(teacher_reference, trust_remote_code).save_pretrained(output_dir)
+    return {"parameters": sum(p.numel() for p in teacher.parameters()), "layers": layers, "teacher_layers": total}
+
+
+def check_same_vocabulary(teacher_tokenizer, student_reference: str, trust_remote_code: bool = False) -> None:
+    """Distillation gathers the student's logits at the teacher's token ids: the vocabularies must match."""
+    student_tokenizer = load_tokenizer(student_reference, trust_remote_code)
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ModelSourceError(
+            f"teacher and student vocabularies differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} "
+            f"tokens in '{student_reference}'): distillation needs a shared tokenizer"
+        )

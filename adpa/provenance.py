@@ -15,9 +15,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # The module whose code each stage runs; its imports inside `adpa` are followed.
 STAGE_MODULES: dict[str, str] = {
     "base_teacher": "adpa.models",
+    "base_student": "adpa.models",
     "generate_data": "adpa.data",
     "ref_teacher": "adpa.sft",
+    "student_sft": "adpa.sft",
     "dpo_teacher": "adpa.dpo",
+    "student_dpo": "adpa.dpo",
+    "teacher_topk": "adpa.inference",
+    "student_generations": "adpa.inference",
+    "advantage": "adpa.inference",
+    "dckd": "adpa.distill",
+    "adpa": "adpa.distill",
+    "adpa_plus": "adpa.distill",
 }
 
 

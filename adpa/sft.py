@@ -1,25 +1,31 @@
-"""Stage ref_teacher: supervised fine-tuning of the base teacher (TRL SFTTrainer)."""
+"""Stages ref_teacher and student_sft: supervised fine-tuning (TRL SFTTrainer).
+
+The student is trained with the teacher's tokenizer and chat template, so every later stage
+tokenizes teacher and student text identically.
+"""
 
 from __future__ import annotations
 
 from adpa.data import load_sft
-from adpa.models import check_model_reference, load_model, load_tokenizer
+from adpa.models import check_model_reference, check_same_vocabulary, load_model, load_tokenizer
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
 
-def run_sft(run: StageRun, model_reference: str) -> None:
+def run_sft(run: StageRun, model_reference: str, tokenizer_reference: str | None = None) -> None:
     from trl import SFTConfig, SFTTrainer
 
     params, dataset = run.params, run.params["dataset"]
     check_model_reference(model_reference)  # cheap checks first: fail before reading data
+    trust, revision = params["trust_remote_code"], params["base_model"].get("revision")
+    tokenizer = load_tokenizer(tokenizer_reference or model_reference, trust, revision if not tokenizer_reference else None)
+    if tokenizer_reference:
+        check_same_vocabulary(tokenizer, model_reference, trust)
+    if params.get("chat_template"):
+        tokenizer.chat_template = params["chat_template"]
     train_dataset = load_sft(dataset, dataset["train_split"])
     eval_dataset = load_sft(dataset, dataset["test_split"]) if dataset["test_split"] else None
     packing = params["training"]["packing"]
     args = SFTConfig(**trainer_arguments(run), packing=packing)
-    trust, revision = params["trust_remote_code"], params["base_model"].get("revision")
-    tokenizer = load_tokenizer(model_reference, trust, revision)
-    if params.get("chat_template"):
-        tokenizer.chat_template = params["chat_template"]
     # Loaded after the config so that ZeRO-3 partitions the weights while loading.
     model = load_model(model_reference, params["precision"], trust, revision)
     if packing:

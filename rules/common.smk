@@ -41,6 +41,10 @@ def train_command(wildcards, threads):
     return TRAIN
 
 
+def inference_options(wildcards, threads):
+    return f"--batch-size {LAUNCH['inference_batch_size']} --threads {threads}"
+
+
 def train_options(wildcards, threads):
     options = [
         f"--work-dir {shlex.quote(config['work_dir'])}",
@@ -74,6 +78,26 @@ def base_teacher_input():
         return [f"{RESULTS}/base_teacher"]
     local = local_or_none(config["models"]["base_teacher"]["path"])
     return [local] if local else []
+
+
+def base_student_input():
+    spec = config["models"]["base_student"]
+    if "path" not in spec:
+        return [f"{RESULTS}/base_student"]
+    local = local_or_none(spec["path"])
+    return [local] if local else []
+
+
+def base_student_reference(wildcards, input):
+    return input.model[0] if input.model else config["models"]["base_student"]["path"]
+
+
+def base_teacher_tokenizer(wildcards, input):
+    return input.tokenizer[0] if input.tokenizer else config["models"]["base_teacher"]["path"]
+
+
+def teacher_reference_for_student(wildcards, input):
+    return input.teacher[0] if input.teacher else config["models"]["base_teacher"]["path"]
 
 
 def dataset_input(name):

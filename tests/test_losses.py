@@ -199,14 +199,14 @@ def test_clamp_advantage_like_reference():
 
 def test_adpa_loss():
     chosen, own = make_batch(3), make_batch(4, length=T + 2)  # y_w and the student's own response differ
-    weight = 0.7
+    weight, nll_weight = 0.7, 0.5
 
     def fn(chosen_logits, own_logits):
         return losses.adpa_loss(chosen_logits, chosen.labels, chosen.mask, own_logits, own.topk_ids, own.advantage,
-                                own.mask, weight)
+                                own.mask, adpa_weight=weight, nll_weight=nll_weight)
 
     def dense(chosen_logits, own_logits):
-        return dense_nll(chosen_logits, chosen.labels, chosen.mask) - weight * dense_advantage_term(
+        return nll_weight * dense_nll(chosen_logits, chosen.labels, chosen.mask) - weight * dense_advantage_term(
             own_logits, own.topk_ids, own.advantage, own.mask)
 
     assert_matches_dense(lambda x: fn(x, own.logits), lambda x: dense(x, own.logits.double()), chosen.logits)

@@ -18,7 +18,16 @@ from conftest import copy_workflow, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
-MODELS = ("base_teacher", "ref_teacher", "dpo_teacher")
+MODELS = (
+    "base_teacher", "ref_teacher", "dpo_teacher", "base_student", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus",
+)
+TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")
+AFTER_DPO_TEACHER = {"teacher_topk", "advantage", "dckd", "adpa", "adpa_plus"}
+
+
+def jobs(*stages) -> dict[str, int]:
+    """The dry-run job table expected when exactly these stages rerun."""
+    return dict.fromkeys([*stages, "all"], 1)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +54,14 @@ def test_teachers_are_loadable_models_with_manifests(tiny):
         manifest = json.loads((folder / "adpa_manifest.json").read_text())
         assert manifest["stage"] == stage
         assert len(manifest["config_hash"]) == 16 and len(manifest["code_hash"]) == 16
-    for stage in ("ref_teacher", "dpo_teacher"):
+    for stage in TRAINED:
         metrics = json.loads((tiny / "results" / stage / "adpa_manifest.json").read_text())["metrics"]
-        assert metrics["global_step"] >= 2 and metrics["eval_loss"] > 0
+        assert metrics["global_step"] >= 2 and metrics["train_loss_last"] > 0
     assert not list((tiny / "results").glob(".*partial")), "no staging folders left behind"
 
 
 def test_training_went_through_two_deepspeed_zero3_processes(tiny):
-    for stage in ("ref_teacher", "dpo_teacher"):
+    for stage in TRAINED:
         metrics = json.loads((tiny / "results" / stage / "adpa_manifest.json").read_text())["metrics"]
         # tiny: effective batch 8 = 2 per device x 2 processes x 2 accumulation steps
         assert metrics["processes"] == 2 and metrics["distributed_type"] == "DEEPSPEED"
@@ -67,13 +76,21 @@ def test_second_dry_run_has_nothing_to_do(tiny):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_dpo_beta_change_reruns_dpo_teacher_only(tiny):
-    assert dry_run(tiny, "--config", "dpo_teacher={beta: 0.25}") == {"dpo_teacher": 1, "all": 1}
+def test_dpo_beta_change_reruns_dpo_teacher_and_what_reads_it(tiny):
+    assert dry_run(tiny, "--config", "dpo_teacher={beta: 0.25}") == jobs("dpo_teacher", *AFTER_DPO_TEACHER)
 
 
-def test_sft_learning_rate_change_reruns_both_teachers(tiny):
-    jobs = dry_run(tiny, "--config", "ref_teacher={learning_rate: 0.002}")
-    assert jobs == {"ref_teacher": 1, "dpo_teacher": 1, "all": 1}
+def test_sft_learning_rate_change_reruns_both_teachers_not_the_student_sft(tiny):
+    expected = jobs("ref_teacher", "dpo_teacher", *AFTER_DPO_TEACHER)
+    assert dry_run(tiny, "--config", "ref_teacher={learning_rate: 0.002}") == expected
+
+
+def test_dckd_weights_rerun_dckd_and_adpa_plus_only(tiny):
+    assert dry_run(tiny, "--config", "dckd={chosen_kl_weight: 0.3}") == jobs("dckd", "adpa_plus")
+
+
+def test_adpa_lambda_reruns_adpa_and_adpa_plus_only(tiny):
+    assert dry_run(tiny, "--config", "adpa={adpa_weight: 1.0}") == jobs("adpa", "adpa_plus")
 
 
 def test_launch_settings_rerun_nothing(tiny):
@@ -86,11 +103,15 @@ def edit(path: Path, addition: str) -> str:
     return original
 
 
+EVERYTHING_AFTER_SFT = ("dpo_teacher", "student_dpo", "student_generations", *AFTER_DPO_TEACHER)
+
+
 @pytest.mark.parametrize(
     "module,expected",
     [
-        ("dpo.py", {"dpo_teacher": 1, "all": 1}),
-        ("sft.py", {"ref_teacher": 1, "dpo_teacher": 1, "all": 1}),
+        ("dpo.py", jobs("dpo_teacher", "student_dpo", *AFTER_DPO_TEACHER)),
+        ("sft.py", jobs("ref_teacher", "student_sft", *EVERYTHING_AFTER_SFT)),
+        ("distill.py", jobs("dckd", "adpa", "adpa_plus")),
     ],
 )
 def test_code_edit_reruns_the_stage_that_runs_it(tiny, module, expected):
@@ -127,7 +148,19 @@ def test_lint_is_clean(tiny):
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
-def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path):
+PAPER_JOBS = jobs(
+    "ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "student_generations", *AFTER_DPO_TEACHER
+)
+
+
+@pytest.mark.parametrize(
+    "recipe,teacher,student",
+    [
+        ("mistral-7b-deita.yaml", "mistralai/Mistral-7B-v0.1", "h2oai/h2o-danube3-500m-base"),
+        ("llama3.1-8b-3.2-1b.yaml", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.2-1B"),
+    ],
+)
+def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path, recipe, teacher, student):
     home = tmp_path / "home"
     dpo_mix = home / "Datasets" / "preference alignment" / "dpo-mix-7k"
     row = {
@@ -135,28 +168,29 @@ def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path):
         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
     }
     datasets.DatasetDict({"train": datasets.Dataset.from_list([row])}).save_to_disk(str(dpo_mix))
-    paper = ("--configfile", "config/mistral-7b-deita.yaml")
+    paper = ("--configfile", f"config/{recipe}")
     result = run_snakemake(tiny, "-n", "-p", *paper, "--directory", str(tmp_path / "paper run"), env={"HOME": str(home)})
-    assert planned_jobs(result) == {"ref_teacher": 1, "dpo_teacher": 1, "all": 1}
+    assert planned_jobs(result) == PAPER_JOBS
     text = result.stdout
     assert "--num_processes 2" in text and "--mixed_precision bf16" in text
     assert "deepspeed_zero3.yaml" in text and "--gradient-checkpointing" in text
-    assert "--model mistralai/Mistral-7B-v0.1" in text
+    assert f"--model {teacher}" in text and f"--model {student}" in text and f"--tokenizer {teacher}" in text
+    assert f"dpo-mix-7k" in text
     missing = run_snakemake(tiny, "-n", *paper, env={"HOME": str(tmp_path / "empty home")}, check=False)
     assert missing.returncode != 0
     assert "error: config key 'datasets.preference.path': no such file or directory:" in missing.stderr
 
 
-def test_real_rerun_after_beta_change_keeps_ref_teacher(tiny):
-    ref = tiny / "results" / "ref_teacher" / "model.safetensors"
-    ref_mtime = ref.stat().st_mtime_ns
-    old_dpo = json.loads((tiny / "results" / "dpo_teacher" / "adpa_manifest.json").read_text())
-    result = run_snakemake(tiny, *TINY, "--config", "dpo_teacher={beta: 0.25}")
-    assert planned_jobs(result) == {"dpo_teacher": 1, "all": 1}
-    new_dpo = json.loads((tiny / "results" / "dpo_teacher" / "adpa_manifest.json").read_text())
-    assert new_dpo["params"]["training"]["beta"] == 0.25
-    assert new_dpo["config_hash"] != old_dpo["config_hash"]
-    assert ref.stat().st_mtime_ns == ref_mtime
+def test_real_rerun_after_dckd_weight_change_touches_nothing_else(tiny):
+    mtimes = {stage: (tiny / "results" / stage / "adpa_manifest.json").stat().st_mtime_ns for stage in MODELS}
+    old = json.loads((tiny / "results" / "dckd" / "adpa_manifest.json").read_text())
+    result = run_snakemake(tiny, *TINY, "--config", "dckd={rejected_kl_weight: 0.3}")
+    assert planned_jobs(result) == jobs("dckd", "adpa_plus")
+    new = json.loads((tiny / "results" / "dckd" / "adpa_manifest.json").read_text())
+    assert new["params"]["training"]["rejected_kl_weight"] == 0.3 and new["config_hash"] != old["config_hash"]
+    for stage, mtime in mtimes.items():
+        changed = (tiny / "results" / stage / "adpa_manifest.json").stat().st_mtime_ns != mtime
+        assert changed == (stage in ("dckd", "adpa_plus")), stage
     shutil.rmtree(tiny / "work", ignore_errors=True)
 
 
@@ -178,3 +212,71 @@ def test_batched_evaluation_matches_one_row_at_a_time(tiny):
     assert (batched < 0).all()
     metrics = evaluate_model(model, tokenizer, rows)
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
+
+
+def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_path):
+    """With the student as its own teacher, the stored top-k equal its logits at the trained positions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adpa.data import load_preference
+    from adpa.distill import PairCollator, check_store
+    from adpa.inference import tokenize_rows, write_teacher_topk
+    from adpa.losses import topk_forward_kl
+    from adpa.sequences import template_fingerprint
+    from adpa.topk_store import TopKStore
+
+    folder = tiny / "results" / "student_sft"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pairs = load_preference({"path": str(tiny / "results" / "data" / "preference")}, "train").select(range(6))
+    exchanges = tokenize_rows(tokenizer, pairs["prompt"], pairs["chosen"], 128, "chosen")
+    assert len({len(e.input_ids) for e in exchanges}) > 1, "rows of different lengths exercise the padding"
+    store_dir = tmp_path / "store"
+    fingerprint = {"template": template_fingerprint(tokenizer)}
+    write_teacher_topk(model, exchanges, tokenizer.pad_token_id, 8, store_dir, batch_size=4, metadata=fingerprint)
+    store = TopKStore(store_dir)
+    check_store(store, tokenizer, exchanges, "self-distillation store")
+    features = [
+        {"row": i, "first_ids": e.input_ids, "first_start": e.response_start,
+         "second_ids": e.input_ids, "second_start": e.response_start}
+        for i, e in enumerate(exchanges)
+    ]
+    batch = PairCollator(tokenizer.pad_token_id, store, store)(features)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["response_mask"]
+    assert mask.sum() == 2 * sum(e.response_length for e in exchanges)
+    logprobs = torch.log_softmax(logits.float(), -1)
+    assert torch.equal(batch["topk_ids"][mask][:, 0], logprobs.argmax(-1)[mask])
+    gathered = logprobs.gather(-1, batch["topk_ids"])[mask]
+    assert torch.allclose(gathered, batch["topk_values"][mask], atol=2e-2)
+    kl = topk_forward_kl(logits, batch["topk_ids"], batch["topk_values"], batch["topk_rest"], mask)
+    assert 0 <= kl.item() < 1e-3
+
+
+def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
+    import datasets as hf_datasets
+
+    from adpa.topk_store import TopKStore
+
+    store = TopKStore(tiny / "results" / "advantage")
+    generations = hf_datasets.load_from_disk(str(tiny / "results" / "student_generations"))
+    assert store.kind == "advantage" and len(store) == len(generations) and store.num_tokens > 0
+    values = store.values.astype("float32")
+    assert (values < 0).any() and (values > 0).any(), "advantages keep their sign (no clamp by default)"
+
+
+def test_vocabulary_mismatch_is_refused(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from adpa.models import ModelSourceError, check_same_vocabulary
+
+    teacher = AutoTokenizer.from_pretrained(tiny / "results" / "base_teacher")
+    other = AutoTokenizer.from_pretrained(tiny / "results" / "base_student")
+    other.add_tokens(["<extra_student_token>"])
+    other.save_pretrained(tmp_path / "student")
+    (tmp_path / "student" / "config.json").write_text("{}")
+    check_same_vocabulary(teacher, str(tiny / "results" / "base_student"))
+    with pytest.raises(ModelSourceError, match="teacher and student vocabularies differ"):
+        check_same_vocabulary(teacher, str(tmp_path / "student"))

@@ -1,0 +1,97 @@
+"""One tokenization of (prompt, response) for every stage that reads or writes per-token values.
+
+The teacher's top-k store, the advantage store and the student's trainer all call
+`tokenize_exchange`, so position t of a stored row is the t-th response token the student is
+trained on: same chat template, same tokens, response tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import hashlib
+
+import torch
+
+from adpa.config import InputError
+
+Message = dict[str, str]
+
+
+class SequenceError(InputError):
+    """A row whose tokenization cannot be aligned; the message names the row."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """input_ids of prompt + response; response tokens are input_ids[response_start:]."""
+
+    input_ids: list[int]
+    response_start: int
+
+    @property
+    def response_length(self) -> int:
+        return len(self.input_ids) - self.response_start
+
+
+def template_fingerprint(tokenizer) -> str:
+    """Stores record the template and vocabulary they were tokenized with; trainers check it."""
+    text = f"{tokenizer.chat_template}|{len(tokenizer)}|{tokenizer.eos_token}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
+
+
+def tokenize_exchange(
+    tokenizer, prompt: Sequence[Message], response: Sequence[Message], max_length: int, where: str = "row"
+) -> Exchange:
+    """Template-tokenize a conversation; keep its first `max_length` tokens (at least one response token)."""
+    prompt_ids = _ids(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True))
+    full_ids = _ids(tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=True, return_dict=True))
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        # The reference code silently dropped such rows; a template that does this is a config error.
+        raise SequenceError(f"{where}: the chat template's prompt is not a prefix of the full conversation")
+    if len(prompt_ids) >= max_length:
+        raise SequenceError(f"{where}: prompt has {len(prompt_ids)} tokens, max_length is {max_length}")
+    return Exchange(full_ids[:max_length], len(prompt_ids))
+
+
+def pad_exchanges(exchanges: Sequence[Exchange], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. `response_mask[b, t]` marks label positions: token t+1 is a response token.
+
+    Returns input_ids [B, L], attention_mask [B, L], response_mask [B, L-1] (aligned with
+    logits[:, :-1] and labels input_ids[:, 1:]), and response_start [B].
+    """
+    length = max(len(exchange.input_ids) for exchange in exchanges)
+    input_ids = torch.full((len(exchanges), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(exchanges), length), dtype=torch.long)
+    for row, exchange in enumerate(exchanges):
+        input_ids[row, : len(exchange.input_ids)] = torch.tensor(exchange.input_ids)
+        attention_mask[row, : len(exchange.input_ids)] = 1
+    starts = torch.tensor([exchange.response_start for exchange in exchanges])
+    ends = attention_mask.sum(-1)
+    positions = torch.arange(1, length)[None, :]
+    response_mask = (positions >= starts[:, None]) & (positions < ends[:, None])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "response_start": starts,
+    }
+
+
+def place_rows(values: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """Shift per-row stored values [B, T, ...] (response token 0 first) to label positions [B, length, ...].
+
+    Response token 0 sits at label position start - 1 (logits[:, start-1] predict it).
+    """
+    batch, stored = values.shape[:2]
+    offsets = (starts - 1)[:, None] + torch.arange(stored)[None, :]  # [B, T]
+    placed = values.new_zeros((batch, length, *values.shape[2:]))
+    keep = offsets < length
+    rows = torch.arange(batch)[:, None].expand_as(offsets)
+    placed[rows[keep], offsets[keep]] = values[keep]
+    return placed
