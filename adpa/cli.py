@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and print the derived settings")
     check.add_argument("--configfile", type=Path, required=True)
     sub.add_parser("free-port", help="print a free TCP port (for accelerate's rendezvous)")
+    sub.add_parser("config-docs", help="print config/README.md, generated from config/schema.yaml")
     return parser
 
 
@@ -177,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "free-port":
             print(free_port())
+        elif args.command == "config-docs":
+            from adpa.config_docs import render
+
+            print(render(), end="")
         elif args.command == "check":
             loaded = configuration.load_config(args.configfile)
             for stage in configuration.TRAINING_STAGES:
