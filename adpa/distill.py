@@ -7,7 +7,6 @@ Each example is a pair of sequences run through the student in one forward pass:
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 
 from adpa.data import load_preference
-from adpa.losses import adpa_loss, clamp_advantage_like_reference, dckd_loss, nll_loss
+from adpa.losses import adpa_loss, clamp_advantage_like_reference, dckd_loss
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.sequences import Exchange, SequenceError, pad_exchanges, place_rows, template_fingerprint, tokenize_exchange
 from adpa.topk_store import TopKStore
@@ -88,7 +87,6 @@ def _distillation_trainer_class():
             self.objective, self.weights, self.reference_clamp = objective, dict(weights), reference_clamp
             # Our losses are means, so Trainer must scale them for gradient accumulation itself.
             self.model_accepts_loss_kwargs = False
-            self._components: dict[str, list[float]] = defaultdict(list)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -113,16 +111,7 @@ def _distillation_trainer_class():
                     adpa_weight=self.weights["adpa_weight"],
                     nll_weight=self.weights["nll_weight"],
                 )
-            with torch.no_grad():
-                self._components["nll"].append(nll_loss(logits[first], labels[first], mask[first]).item())
             return (loss, outputs) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-            for name, values in self._components.items():
-                if values:
-                    logs[f"{name}_chosen"] = sum(values) / len(values)
-            self._components.clear()
-            super().log(logs, *args, **kwargs)
 
     return DistillationTrainer
 

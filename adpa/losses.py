@@ -61,6 +61,30 @@ def _plogp_ratio(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(p > 0, p * (safe_logp - logq), 0)
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012); each branch sees only safe inputs."""
+    # float32 cannot resolve a remaining mass below ~1e-7 from the top-k sum; keep it finite there.
+    x = x.clamp(max=-1e-7)
+    near_zero = x > -0.6931471805599453
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(torch.where(near_zero, x, -1.0))),
+        torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x))),
+    )
+
+
+def _topk_kl(student_topk: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor) -> Tensor:
+    """Per-token KL on k+1 bins from the student's log-probs at the teacher's top-k ids: [B,T,k] -> [B,T]."""
+    # The student's remaining mass from its k gathered log-probs: no second pass over the vocabulary.
+    student_rest = _log1mexp(torch.logsumexp(student_topk, dim=-1))
+    return _plogp_ratio(topk_logprobs.float(), student_topk).sum(-1) + _plogp_ratio(rest_logmass.float(), student_rest)
+
+
+def topk_kl_from_logprobs(student_topk: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor, mask: Tensor) -> Tensor:
+    """topk_forward_kl given the student's log-probs already gathered at the teacher's ids [B,T,k] -> scalar."""
+    return response_mean(_topk_kl(student_topk.float(), topk_logprobs, rest_logmass), mask.bool())
+
+
 def topk_forward_kl(
     logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor, mask: Tensor
 ) -> Tensor:
@@ -68,20 +92,9 @@ def topk_forward_kl(
 
     logits [B,T,V] student; topk_ids [B,T,k] teacher's top-k ids K_t; topk_logprobs [B,T,k] teacher
     log pi_T(a|s_t) for a in K_t; rest_logmass [B,T] log(1 - sum_K pi_T) (-inf when K_t holds all mass);
-    mask [B,T]. Returns scalar response_mean(KL_t).
+    mask [B,T]. Returns scalar response_mean(KL_t). One pass over the vocabulary (the log-normalizer).
     """
-    mask = mask.bool()
-    ids = torch.where(mask.unsqueeze(-1), topk_ids, 0)
-    logits_f = logits.float()
-    logz = torch.logsumexp(logits_f, dim=-1, keepdim=True)
-    student_topk = logits_f.gather(-1, ids) - logz  # [B,T,k]
-    # log(1 - sum_K pi_S) as a logsumexp over the complement's own logits: exact even when K_t holds ~all the
-    # student's mass, where log1p(-sum p) cancels catastrophically. finfo.min (not -inf) keeps the value and
-    # gradient finite in the degenerate k == V case.
-    complement = logits_f.scatter(-1, ids, torch.finfo(torch.float32).min)
-    student_rest = torch.logsumexp(complement, dim=-1) - logz.squeeze(-1)  # [B,T]
-    kl = _plogp_ratio(topk_logprobs.float(), student_topk).sum(-1) + _plogp_ratio(rest_logmass.float(), student_rest)
-    return response_mean(kl, mask)
+    return topk_kl_from_logprobs(_gather_logprobs(logits, topk_ids, mask), topk_logprobs, rest_logmass, mask)
 
 
 def adpa_advantage_term(logits: Tensor, topk_ids: Tensor, advantage: Tensor, mask: Tensor) -> Tensor:
@@ -139,9 +152,12 @@ def dckd_loss(
 
     Each KL is ``topk_forward_kl`` against the teacher's stored top-k on that response (shapes as there).
     """
-    nll = nll_loss(chosen_logits, chosen_labels, chosen_mask)
-    kl_chosen = topk_forward_kl(
-        chosen_logits, chosen_topk_ids, chosen_topk_logprobs, chosen_rest_logmass, chosen_mask
+    # One gather and one log-normalizer for the chosen response's NLL and KL together.
+    chosen_ids = torch.cat([chosen_labels.unsqueeze(-1), chosen_topk_ids], dim=-1)
+    chosen_student = _gather_logprobs(chosen_logits, chosen_ids, chosen_mask)
+    nll = -response_mean(chosen_student[..., 0], chosen_mask)
+    kl_chosen = response_mean(
+        _topk_kl(chosen_student[..., 1:], chosen_topk_logprobs, chosen_rest_logmass), chosen_mask.bool()
     )
     kl_rejected = topk_forward_kl(
         rejected_logits, rejected_topk_ids, rejected_topk_logprobs, rejected_rest_logmass, rejected_mask
