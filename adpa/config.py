@@ -19,6 +19,8 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+# libyaml's loader when present: the schema is read on every Snakemake start (`snakemake -n` latency).
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Stages trained through accelerate launch; each has a config section of training settings.
 TRAINING_STAGES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "student_dpo")
@@ -70,7 +72,7 @@ def _with_defaults(validator_class: type) -> type:
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
     with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=YAML_LOADER)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -105,7 +107,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping | None = None) -> di
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            config = yaml.safe_load(handle) or {}
+            config = yaml.load(handle, Loader=YAML_LOADER) or {}
     except OSError as err:
         raise ConfigError(f"config file '{path}': {err.strerror}") from err
     if overrides:
@@ -158,8 +160,16 @@ def produced_paths(config: Mapping) -> set[str]:
     return {"results/data/sft", "results/data/preference"} if config["datasets"]["generate"] else set()
 
 
-def check_local_sources(config: Mapping) -> None:
-    """Every local model or dataset path the user named exists (hub ids are checked when loaded)."""
+def accelerate_config_path(config: Mapping, workflow_dir: str | os.PathLike) -> Path:
+    """launch.accelerate_config, relative to the workflow folder unless absolute or ~."""
+    return Path(workflow_dir, expand_path(config["launch"]["accelerate_config"]))
+
+
+def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEMA_PATH.parent.parent) -> None:
+    """Every local path the user named exists (hub ids are checked when loaded)."""
+    accelerate = accelerate_config_path(config, workflow_dir)
+    if not accelerate.is_file():
+        raise ConfigError(f"config key 'launch.accelerate_config': no such file: {accelerate}")
     produced = produced_paths(config)
     sources = [(f"models.{name}.path", config["models"][name].get("path")) for name in ("base_teacher", "base_student")]
     sources += [(f"datasets.{name}.path", config["datasets"][name]["path"]) for name in ("sft", "preference")]

@@ -98,19 +98,24 @@ def materialize_base_model(spec: Mapping[str, Any], chat_template: str | None, o
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
 
 
-def cut_student_from_teacher(teacher_reference: str, layers: int, output_dir: str | os.PathLike, trust_remote_code: bool = False) -> dict:
-    """A student made of the teacher's embeddings, first `layers` blocks, final norm and head."""
+def cut_student_from_teacher(
+    teacher_reference: str, layers: int | list[int], output_dir: str | os.PathLike, trust_remote_code: bool = False
+) -> dict:
+    """A student of the teacher's embeddings, final norm, head and a subset of its blocks (first N, or listed)."""
     teacher = load_model(teacher_reference, "fp32", trust_remote_code)
     total = teacher.config.num_hidden_layers
-    if layers >= total:
-        raise ModelSourceError(f"config key 'models.base_student.teacher_layers': {layers} must be below the teacher's {total} layers")
-    teacher.model.layers = teacher.model.layers[:layers]
-    teacher.config.num_hidden_layers = layers
+    keep = list(range(layers)) if isinstance(layers, int) else sorted(layers)
+    if len(keep) >= total or keep[-1] >= total:
+        raise ModelSourceError(
+            f"config key 'models.base_student.teacher_layers': {layers} must select fewer than the teacher's {total} layers"
+        )
+    teacher.model.layers = torch.nn.ModuleList(teacher.model.layers[index] for index in keep)
+    teacher.config.num_hidden_layers = len(keep)
     if getattr(teacher.config, "layer_types", None):
-        teacher.config.layer_types = teacher.config.layer_types[:layers]
+        teacher.config.layer_types = [teacher.config.layer_types[index] for index in keep]
     teacher.save_pretrained(output_dir, safe_serialization=True)
     load_tokenizer(teacher_reference, trust_remote_code).save_pretrained(output_dir)
-    return {"parameters": sum(p.numel() for p in teacher.parameters()), "layers": layers, "teacher_layers": total}
+    return {"parameters": sum(p.numel() for p in teacher.parameters()), "layers": keep, "teacher_layers": total}
 
 
 def check_same_vocabulary(teacher_tokenizer, student_reference: str, trust_remote_code: bool = False) -> None:

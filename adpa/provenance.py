@@ -7,6 +7,7 @@ does not rerun a multi-day stage, while any change to code or docstrings does.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def _adpa_imports(tree: ast.AST, module: str) -> set[str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed_at(path: Path, version: tuple[int, int]) -> tuple[str, frozenset[str]]:
+    """A module's syntax tree (dumped) and its adpa imports, parsed once per file version."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    module = "adpa." + ".".join(path.relative_to(path.parent.parent).with_suffix("").parts[1:])
+    return ast.dump(tree, annotate_fields=False), frozenset(_adpa_imports(tree, module.removesuffix(".__init__")))
+
+
+def _parsed(path: Path) -> tuple[str, frozenset[str]]:
+    stat = path.stat()
+    return _parsed_at(path, (stat.st_mtime_ns, stat.st_size))
+
+
 def stage_sources(stage: str, package_dir: Path = PACKAGE_DIR) -> list[Path]:
     """All `adpa` source files reachable by imports from the stage's module, sorted."""
     pending = [STAGE_MODULES[stage]]
@@ -69,14 +83,13 @@ def stage_sources(stage: str, package_dir: Path = PACKAGE_DIR) -> list[Path]:
         if path is None:
             continue
         seen[module] = path
-        pending.extend(_adpa_imports(ast.parse(path.read_text(encoding="utf-8")), module))
+        pending.extend(_parsed(path)[1])
     return sorted(set(seen.values()))
 
 
 def code_hash(stage: str, package_dir: Path = PACKAGE_DIR) -> str:
     digest = hashlib.sha256()
     for path in stage_sources(stage, package_dir):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
         digest.update(path.relative_to(package_dir).as_posix().encode())
-        digest.update(ast.dump(tree, annotate_fields=False).encode())
+        digest.update(_parsed(path)[0].encode())
     return digest.hexdigest()[:16]

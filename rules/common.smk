@@ -10,7 +10,7 @@ from adpa.provenance import code_hash
 
 try:
     adpa_config.validate_config(config, adpa_config.load_schema(Path(workflow.basedir, "config/schema.yaml")))
-    adpa_config.check_local_sources(config)
+    adpa_config.check_local_sources(config, workflow.basedir)
 except adpa_config.InputError as error:
     sys.exit(f"error: {error}")
 
@@ -21,7 +21,7 @@ PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # The code Snakemake hashes is the code that runs: the workflow's own adpa/ comes first.
 PYTHONPATH = f'PYTHONPATH={shlex.quote(workflow.basedir)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
 ADPA = f"{PYTHONPATH} python -m adpa"
-ACCELERATE_CONFIG = str(Path(workflow.basedir, LAUNCH["accelerate_config"]))
+ACCELERATE_CONFIG = str(adpa_config.accelerate_config_path(config, workflow.basedir))
 TRAIN = (
     f"{PYTHONPATH} accelerate launch --config_file {shlex.quote(ACCELERATE_CONFIG)}"
     f" --num_machines {LAUNCH['num_machines']}"

@@ -134,3 +134,10 @@ def test_config_readme_is_generated_from_the_schema():
     assert documented == render(), "run: python -m adpa config-docs > config/README.md"
     for key in ("dckd.chosen_kl_weight", "adpa.reference_clamp", "launch.num_processes", "teacher_layers"):
         assert f"`{key}`" in documented
+
+
+def test_missing_accelerate_config_is_named():
+    config = adpa_config.validate_config(load("tiny.yaml"))
+    config["launch"]["accelerate_config"] = "config/accelerate/zero3 typo.yaml"
+    with pytest.raises(ConfigError, match="'launch.accelerate_config': no such file: .*zero3 typo.yaml"):
+        adpa_config.check_local_sources(config, REPO)

@@ -280,3 +280,20 @@ def test_vocabulary_mismatch_is_refused(tiny, tmp_path):
     check_same_vocabulary(teacher, str(tiny / "results" / "base_student"))
     with pytest.raises(ModelSourceError, match="teacher and student vocabularies differ"):
         check_same_vocabulary(teacher, str(tmp_path / "student"))
+
+
+def test_student_cut_keeps_the_listed_teacher_layers(tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adpa.models import ModelSourceError, cut_student_from_teacher
+
+    teacher_dir = tiny / "results" / "base_teacher"
+    cut_student_from_teacher(str(teacher_dir), [1], tmp_path / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert student.config.num_hidden_layers == 1
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    with pytest.raises(ModelSourceError, match="teacher_layers"):
+        cut_student_from_teacher(str(teacher_dir), [0, 1], tmp_path / "too many")
