@@ -17,7 +17,15 @@ import torch
 from adpa.data import load_preference
 from adpa.losses import adpa_loss, clamp_advantage_like_reference, dckd_loss
 from adpa.models import check_model_reference, load_model, load_tokenizer
-from adpa.sequences import Exchange, SequenceError, pad_exchanges, place_rows, template_fingerprint, tokenize_exchange
+from adpa.sequences import (
+    Exchange,
+    SequenceError,
+    pad_exchanges,
+    pad_token_id,
+    place_rows,
+    template_fingerprint,
+    tokenize_rows,
+)
 from adpa.topk_store import TopKStore
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
@@ -116,13 +124,6 @@ def _distillation_trainer_class():
     return DistillationTrainer
 
 
-def _exchanges(tokenizer, prompts, responses, max_length: int, where: str) -> list[Exchange]:
-    return [
-        tokenize_exchange(tokenizer, prompt, response, max_length, f"{where} row {index}")
-        for index, (prompt, response) in enumerate(zip(prompts, responses))
-    ]
-
-
 def run_distillation(
     run: StageRun,
     model_reference: str,
@@ -141,11 +142,11 @@ def run_distillation(
     pairs = load_preference(dataset, dataset["train_split"])
     prompts, chosen = pairs["prompt"], pairs["chosen"]
     max_length = training["max_length"]
-    first = _exchanges(tokenizer, prompts, chosen, max_length, "chosen")
+    first = tokenize_rows(tokenizer, prompts, chosen, max_length, "chosen")
     if run.stage == "dckd":
         objective = "dckd"
         first_store, second_store = TopKStore(topk_dir / "chosen"), TopKStore(topk_dir / "rejected")
-        second = _exchanges(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
+        second = tokenize_rows(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
         check_store(first_store, tokenizer, first, "teacher_topk chosen")
         check_store(second_store, tokenizer, second, "teacher_topk rejected")
         weights = {key: training[key] for key in ("nll_weight", "chosen_kl_weight", "rejected_kl_weight")}
@@ -155,7 +156,7 @@ def run_distillation(
         if generations["prompt"] != prompts:
             raise SequenceError("student_generations: prompts differ from the preference set's (stale generations?)")
         own = [[{"role": "assistant", "content": text}] for text in generations["response"]]
-        second = _exchanges(tokenizer, prompts, own, max_length, "own response")
+        second = tokenize_rows(tokenizer, prompts, own, max_length, "own response")
         first_store, second_store = None, TopKStore(advantage_dir)
         check_store(second_store, tokenizer, second, "advantage")
         weights = {key: training[key] for key in ("nll_weight", "adpa_weight")}
@@ -172,7 +173,7 @@ def run_distillation(
     arguments.pop("max_length")
     args = TrainingArguments(**arguments, remove_unused_columns=False)
     model = load_model(model_reference, params["precision"], params["trust_remote_code"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     trainer = _distillation_trainer_class()(
         model=model,
         args=args,

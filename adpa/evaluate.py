@@ -10,14 +10,14 @@ import torch
 
 from adpa.inference import greedy_responses
 from adpa.losses import sequence_logprobs
-from adpa.sequences import pad_exchanges, tokenize_exchange
+from adpa.sequences import pad_exchanges, pad_token_id, tokenize_exchange
 from adpa.tasks import TaskExample, verify
 
 
 @torch.no_grad()
 def response_logprobs(model, tokenizer, prompts, responses, batch_size: int = 16, max_length: int = 4096) -> torch.Tensor:
     """Summed log-probability of each response given its prompt: [N]."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     exchanges = [tokenize_exchange(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
     totals = []
     for start in range(0, len(exchanges), batch_size):

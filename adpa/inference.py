@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adpa.sequences import Exchange, pad_exchanges, template_fingerprint, tokenize_exchange
+from adpa.sequences import Exchange, pad_exchanges, pad_token_id, template_fingerprint, tokenize_rows
 from adpa.topk_store import TopKStoreWriter
 
 Message = dict[str, str]
@@ -42,13 +42,6 @@ def _rows(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> Iterator[torc
     """Split [B, L-1, ...] into each row's response positions (response token order)."""
     for row, mask in enumerate(batch["response_mask"]):
         yield values[row][mask.to(values.device)]
-
-
-def tokenize_rows(tokenizer, prompts, responses, max_length: int, where: str) -> list[Exchange]:
-    return [
-        tokenize_exchange(tokenizer, prompt, response, max_length, f"{where} row {index}")
-        for index, (prompt, response) in enumerate(zip(prompts, responses))
-    ]
 
 
 @torch.no_grad()
@@ -84,7 +77,7 @@ def write_advantage(dpo_model, ref_model, exchanges: Sequence[Exchange], pad_id:
 @torch.no_grad()
 def greedy_responses(model, tokenizer, prompts: Sequence[list[Message]], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy decoding of left-padded batches, each stopping at the tokenizer's EOS."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     encoded = [
         list(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
@@ -116,10 +109,6 @@ def _load_for_inference(reference: str, params: Mapping[str, Any]):
     return model, tokenizer
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def run_teacher_topk(params: Mapping[str, Any], model_reference: str, staging: Path, batch_size: int) -> dict:
     """Stores `chosen/` and `rejected/`: row i holds the response tokens of preference row i."""
     from adpa.data import load_preference
@@ -130,7 +119,7 @@ def run_teacher_topk(params: Mapping[str, Any], model_reference: str, staging: P
     tokens = 0
     for column in ("chosen", "rejected"):
         exchanges = tokenize_rows(tokenizer, pairs["prompt"], pairs[column], params["max_length"], column)
-        write_teacher_topk(model, exchanges, _pad_id(tokenizer), params["k"], staging / column, batch_size, metadata)
+        write_teacher_topk(model, exchanges, pad_token_id(tokenizer), params["k"], staging / column, batch_size, metadata)
         tokens += sum(exchange.response_length for exchange in exchanges)
     return {"rows": len(pairs), "response_tokens": tokens}
 
@@ -160,5 +149,5 @@ def run_advantage(params: Mapping[str, Any], dpo_reference: str, ref_reference: 
     responses = [[{"role": "assistant", "content": text}] for text in generations["response"]]
     exchanges = tokenize_rows(tokenizer, generations["prompt"], responses, params["max_length"], "own response")
     metadata = {"dpo_teacher": dpo_reference, "ref_teacher": ref_reference, "template": template_fingerprint(tokenizer)}
-    write_advantage(dpo_model, ref_model, exchanges, _pad_id(tokenizer), params["k"], staging, batch_size, metadata)
+    write_advantage(dpo_model, ref_model, exchanges, pad_token_id(tokenizer), params["k"], staging, batch_size, metadata)
     return {"rows": len(exchanges), "response_tokens": sum(e.response_length for e in exchanges)}

@@ -59,6 +59,18 @@ def tokenize_exchange(
     return Exchange(full_ids[:max_length], len(prompt_ids))
 
 
+def tokenize_rows(tokenizer, prompts, responses, max_length: int, where: str) -> list[Exchange]:
+    """tokenize_exchange for every (prompt, response) row; errors name `where` and the row index."""
+    return [
+        tokenize_exchange(tokenizer, prompt, response, max_length, f"{where} row {index}")
+        for index, (prompt, response) in enumerate(zip(prompts, responses))
+    ]
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_exchanges(exchanges: Sequence[Exchange], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch. `response_mask[b, t]` marks label positions: token t+1 is a response token.
 

@@ -221,9 +221,9 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
 
     from adpa.data import load_preference
     from adpa.distill import PairCollator, check_store
-    from adpa.inference import tokenize_rows, write_teacher_topk
+    from adpa.inference import write_teacher_topk
     from adpa.losses import topk_forward_kl
-    from adpa.sequences import template_fingerprint
+    from adpa.sequences import template_fingerprint, tokenize_rows
     from adpa.topk_store import TopKStore
 
     folder = tiny / "results" / "student_sft"
