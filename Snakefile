@@ -11,16 +11,19 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+wildcard_constraints:
+    seed=r"\d+",
+
+
 include: "rules/common.smk"
 include: "rules/prepare.smk"
 include: "rules/teachers.smk"
 include: "rules/students.smk"
+include: "rules/evaluation.smk"
 
 
+# Everything: both teachers, the students of every seed, their evaluation, the table and plots.
 rule all:
     input:
-        expand(
-            "results/{model}",
-            model=["dpo_teacher", "student_dpo", "dckd", "adpa", "adpa_plus"],
-        ),
+        rules.summary.output,
     default_target: True

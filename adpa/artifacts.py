@@ -39,10 +39,9 @@ def write_manifest(
     params_json: str,
     code_hash: str,
     metrics: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
+    from importlib.metadata import version
 
     manifest = {
         "stage": stage,
@@ -53,10 +52,9 @@ def write_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {
             "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
+            **{package: version(package) for package in ("torch", "transformers", "trl", "accelerate", "deepspeed")},
         },
+        **(extra or {}),
     }
     Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

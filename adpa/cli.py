@@ -41,6 +41,8 @@ HELP = {
     "dckd": "distillation from the teacher's top-k on chosen and rejected",
     "adpa": "ADPA from student_sft",
     "adpa_plus": "ADPA from the DCKD student",
+    "evaluate": "held-out accuracy, preference accuracy and margin of one model (and judge inputs)",
+    "summary": "the results table (CSV, Markdown) and plots over every evaluated model",
 }
 
 
@@ -49,6 +51,8 @@ def _stage_parser(sub, stage: str) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--params", help="stage parameters as canonical JSON (what the workflow passes)")
     source.add_argument("--configfile", type=Path, help="a workflow config file instead of --params")
+    if stage in configuration.STUDENT_STAGES:
+        parser.add_argument("--seed", type=int, help="with --configfile: the student seed (default: the first of `seeds`)")
     return parser
 
 
@@ -77,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
             parser_.add_argument("--logging-steps", type=int, default=1)
             parser_.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
         parser_.add_argument("--threads", type=int, default=None, help="CPU threads of the whole job, split between processes")
+    evaluate = _stage_parser(sub, "evaluate")
+    evaluate.add_argument("--model", required=True, help="the model: hub id or local folder")
+    evaluate.add_argument("--name", required=True, help="its name in the results (its path under results/)")
+    evaluate.add_argument("--run-name", default="adpa", help="prefix of the model id in AlpacaEval/MT-Bench answers")
+    evaluate.add_argument("--output", required=True, type=Path)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--threads", type=int, default=None)
+    summary = _stage_parser(sub, "summary")
+    summary.add_argument("--results", type=Path, default=Path("results"), help="the results folder")
+    summary.add_argument("--csv", required=True, type=Path)
+    summary.add_argument("--markdown", required=True, type=Path)
+    summary.add_argument("--metrics-plot", required=True, type=Path)
+    summary.add_argument("--loss-plot", required=True, type=Path)
     check = sub.add_parser("check", help="validate a config file and print the derived settings")
     check.add_argument("--configfile", type=Path, required=True)
     sub.add_parser("free-port", help="print a free TCP port (for accelerate's rendezvous)")
@@ -87,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _params(args: argparse.Namespace) -> tuple[dict, str]:
     if args.configfile is not None:
         loaded = configuration.load_config(args.configfile)
-        params = configuration.stage_params(loaded, args.command)
+        params = configuration.stage_params(loaded, args.command, getattr(args, "seed", None))
     else:
         params = json.loads(args.params)
     return params, configuration.params_json(params)
@@ -101,6 +118,8 @@ def _publish(stage: str, params: dict, params_json: str, output: Path, produce) 
     metrics = produce(staging)
     artifacts.write_manifest(staging, stage, params, params_json, code_hash(stage), metrics)
     artifacts.publish(staging, output)
+    # The stage's metrics end its log, as the training stages' do.
+    logging.getLogger("adpa").warning("%s: wrote %s  %s", stage, output, json.dumps(metrics))
 
 
 def _generate_data(params: dict, params_json: str, sft_output: Path, preference_output: Path) -> None:
@@ -163,6 +182,13 @@ def _infer(args: argparse.Namespace, params: dict, params_json: str) -> None:
     _publish(args.command, params, params_json, args.output, produce)
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        from adpa.train import set_cpu_threads
+
+        set_cpu_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -202,6 +228,20 @@ def main(argv: list[str] | None = None) -> int:
             params, params_json = _params(args)
             _publish("base_student", params, params_json, args.output, lambda staging: cut_student_from_teacher(
                 args.teacher, params["model"]["teacher_layers"], staging, params["teacher"]["trust_remote_code"]))
+        elif args.command == "evaluate":
+            from adpa.evaluate import run_evaluate
+
+            _set_threads(args.threads)
+            params, params_json = _params(args)
+            _publish("evaluate", params, params_json, args.output, lambda staging: run_evaluate(
+                params, args.model, args.name, args.run_name, staging, args.batch_size))
+        elif args.command == "summary":
+            from adpa.summary import write_summary
+
+            params, _ = _params(args)
+            table = write_summary(args.results, params["models"], params["run_name"], params["seed"], params["seeds"],
+                                  args.csv, args.markdown, args.metrics_plot, args.loss_plot)
+            print(table, end="")
         else:
             if args.threads:
                 from adpa.train import set_cpu_threads

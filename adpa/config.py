@@ -173,6 +173,7 @@ def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEM
     produced = produced_paths(config)
     sources = [(f"models.{name}.path", config["models"][name].get("path")) for name in ("base_teacher", "base_student")]
     sources += [(f"datasets.{name}.path", config["datasets"][name]["path"]) for name in ("sft", "preference")]
+    sources += [(f"evaluation.{name}", config["evaluation"][name]) for name in ("alpaca_eval", "mt_bench")]
     for key, reference in sources:
         if reference is None or reference in produced or not is_local(reference):
             continue
@@ -180,9 +181,30 @@ def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEM
             raise ConfigError(f"config key '{key}': no such file or directory: {expand_path(reference)}")
 
 
-def stage_params(config: Mapping, stage: str) -> dict[str, Any]:
-    """Exactly the settings a stage's result depends on: its rerun trigger and its input."""
-    common = {"seed": config["seed"], "precision": config["precision"]}
+def student_seeds(config: Mapping) -> list[int]:
+    """The seeds the student stages run with (teachers always use `seed`)."""
+    return list(config["seeds"] or [config["seed"]])
+
+
+# Stages run once per student seed, into results/seed<N>/<stage>.
+STUDENT_STAGES = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", "student_dpo")
+TEACHER_MODELS = ("base_teacher", "ref_teacher", "dpo_teacher")
+STUDENT_MODELS = ("student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")
+
+
+def evaluated_models(config: Mapping) -> list[str]:
+    """Every model the results table holds, as paths under results/ (students per seed)."""
+    students = [f"seed{seed}/{model}" for seed in student_seeds(config) for model in STUDENT_MODELS]
+    return [*TEACHER_MODELS, *students]
+
+
+def stage_params(config: Mapping, stage: str, seed: int | None = None) -> dict[str, Any]:
+    """Exactly the settings a stage's result depends on: its rerun trigger and its input.
+
+    `seed` is the student seed of a per-seed stage (default: the first of `seeds`)."""
+    if seed is None:
+        seed = student_seeds(config)[0] if stage in STUDENT_STAGES else config["seed"]
+    common = {"seed": seed if stage in STUDENT_STAGES else config["seed"], "precision": config["precision"]}
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
     preference = config["datasets"]["preference"]
     if stage in ("ref_teacher", "student_sft"):
@@ -230,6 +252,17 @@ def stage_params(config: Mapping, stage: str) -> dict[str, Any]:
         return {"model": student, "teacher": teacher}
     if stage == "generate_data":
         return {"generate": config["datasets"]["generate"]}
+    if stage == "evaluate":
+        return {
+            "precision": config["precision"],
+            "dataset": preference,
+            "evaluation": config["evaluation"],
+            # Per model family: the teachers' flag never extends to the students, nor back.
+            "trust_remote_code": {"teacher": teacher["trust_remote_code"], "student": student["trust_remote_code"]},
+        }
+    if stage == "summary":
+        return {"run_name": config["run_name"], "seed": config["seed"], "seeds": student_seeds(config),
+                "models": evaluated_models(config)}
     raise ConfigError(f"unknown stage '{stage}'")
 
 

@@ -1,44 +1,185 @@
-"""Held-out evaluation on the generated task: greedy-answer accuracy (by the task verifier) and
-preference accuracy (log pi(chosen) > log pi(rejected))."""
+"""Held-out evaluation of one model (rule evaluate).
+
+On the preference test split: greedy answers judged by the task verifier (when rows carry their
+task family), and preference accuracy and margin of log pi(chosen) against log pi(rejected),
+per sequence and per token. Optionally, answers to AlpacaEval and MT-Bench, written in the formats
+those judges read. The verifier's per-row judgements are kept, so the summary can compute win rates.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from adpa.inference import greedy_responses
+from adpa.judges import REQUIRED_KEYS, read_records
 from adpa.losses import sequence_logprobs
-from adpa.sequences import pad_exchanges, pad_token_id, tokenize_exchange
-from adpa.tasks import TaskExample, verify
+from adpa.sequences import pad_exchanges, pad_token_id, tokenize_rows
+
+METRICS_FILE = "metrics.json"
+ANSWERS_FILE = "answers.jsonl"
+ALPACA_EVAL_FILE = "alpaca_eval/model_outputs.json"
+Message = dict[str, str]
+
+
+def load_test_rows(dataset: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The held-out preference rows, normalized, with `family` and `answer` when the source has them."""
+    from adpa.data import DataError, load_split, normalize_preference_row
+
+    split = dataset["test_split"]
+    if split is None:
+        raise DataError(f"dataset '{dataset['path']}': evaluation needs a held-out split (datasets.preference.test_split)")
+    raw = load_split(dataset, split)
+    where = f"dataset '{dataset['path']}' split '{split}'"
+    rows = []
+    for index, row in enumerate(raw):
+        normalized = normalize_preference_row(row, f"{where} row {index}")
+        normalized["family"] = row.get("family")
+        normalized["answer"] = row.get("answer")
+        rows.append(normalized)
+    if not rows:
+        raise DataError(f"{where}: no rows to evaluate")
+    return rows
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts, responses, batch_size: int = 16, max_length: int = 4096) -> torch.Tensor:
-    """Summed log-probability of each response given its prompt: [N]."""
+def response_logprobs(model, tokenizer, prompts, responses, batch_size: int, max_length: int = 4096
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each response given its prompt, and its token count: [N], [N]."""
     pad = pad_token_id(tokenizer)
-    exchanges = [tokenize_exchange(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    device = next(model.parameters()).device
+    exchanges = tokenize_rows(tokenizer, prompts, responses, max_length, "response")
     totals = []
     for start in range(0, len(exchanges), batch_size):
         batch = pad_exchanges(exchanges[start : start + batch_size], pad)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        totals.append(sequence_logprobs(logits, batch["input_ids"][:, 1:], batch["response_mask"]))
-    return torch.cat(totals)
+        input_ids = batch["input_ids"].to(device)
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        totals.append(sequence_logprobs(logits.float(), input_ids[:, 1:], batch["response_mask"].to(device)).cpu())
+    counts = torch.tensor([exchange.response_length for exchange in exchanges], dtype=torch.float32)
+    return torch.cat(totals), counts
 
 
-def evaluate_model(model, tokenizer, test_rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """test_rows: the generated preference test split (chosen, rejected, family, answer)."""
-    prompts = [row["chosen"][:-1] for row in test_rows]
-    answers = greedy_responses(model, tokenizer, prompts, max_new_tokens=24, batch_size=16)
-    correct = [
-        verify(TaskExample(row["family"], row["chosen"][-2]["content"], row["answer"], ""), answer)
-        for row, answer in zip(test_rows, answers)
-    ]
-    chosen = response_logprobs(model, tokenizer, prompts, [row["chosen"][-1:] for row in test_rows])
-    rejected = response_logprobs(model, tokenizer, prompts, [row["rejected"][-1:] for row in test_rows])
-    return {
-        "accuracy": sum(correct) / len(correct),
+def judge(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[bool | None]:
+    """The verifier's verdict per row; None where a row names no task family (e.g. dpo-mix-7k)."""
+    from adpa.tasks import TaskExample, verify
+
+    verdicts: list[bool | None] = []
+    for row, response in zip(rows, responses):
+        if row.get("family") is None or row.get("answer") is None:
+            verdicts.append(None)
+        else:
+            verdicts.append(verify(TaskExample(row["family"], row["prompt"][-1]["content"], row["answer"], ""), response))
+    return verdicts
+
+
+def evaluate_model(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_tokens: int, batch_size: int
+                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics over the held-out rows, and one answer record per row."""
+    prompts = [row["prompt"] for row in rows]
+    responses = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    verdicts = judge(rows, responses)
+    chosen, chosen_tokens = response_logprobs(model, tokenizer, prompts, [row["chosen"] for row in rows], batch_size)
+    rejected, rejected_tokens = response_logprobs(model, tokenizer, prompts, [row["rejected"] for row in rows], batch_size)
+    per_token = chosen / chosen_tokens - rejected / rejected_tokens
+    judged = [verdict for verdict in verdicts if verdict is not None]
+    metrics = {
+        "rows": len(rows),
+        "accuracy": sum(judged) / len(judged) if judged else None,
         "preference_accuracy": (chosen > rejected).float().mean().item(),
-        "preference_margin": (chosen - rejected).mean().item(),
+        "preference_accuracy_per_token": (per_token > 0).float().mean().item(),
+        "margin": (chosen - rejected).mean().item(),
+        "margin_per_token": per_token.mean().item(),
+        "empty_answers": sum(not response for response in responses),
     }
+    answers = [
+        {"row": index, "family": row.get("family"), "answer": row.get("answer"), "response": response, "correct": verdict}
+        for index, (row, response, verdict) in enumerate(zip(rows, responses, verdicts))
+    ]
+    return metrics, answers
+
+
+def alpaca_eval_outputs(model, tokenizer, instructions_path: str, generator: str, max_new_tokens: int,
+                        batch_size: int) -> list[dict[str, Any]]:
+    """AlpacaEval's model_outputs.json records: instruction, output, generator (and dataset)."""
+    records = read_records(instructions_path, REQUIRED_KEYS["alpaca_eval"])
+    prompts = [[{"role": "user", "content": record["instruction"]}] for record in records]
+    outputs = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [
+        {"instruction": record["instruction"], "output": output, "generator": generator,
+         **({"dataset": record["dataset"]} if "dataset" in record else {})}
+        for record, output in zip(records, outputs)
+    ]
+
+
+def mt_bench_answers(model, tokenizer, questions_path: str, model_id: str, max_new_tokens: int,
+                     batch_size: int) -> list[dict[str, Any]]:
+    """FastChat model_answer records; each turn is answered with the earlier turns and answers as context."""
+    questions = read_records(questions_path, REQUIRED_KEYS["mt_bench"])
+    conversations: list[list[Message]] = [[] for _ in questions]
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max(len(question["turns"]) for question in questions)):
+        active = [i for i, question in enumerate(questions) if turn < len(question["turns"])]
+        for i in active:
+            conversations[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+        replies = greedy_responses(model, tokenizer, [conversations[i] for i in active], max_new_tokens, batch_size)
+        for i, reply in zip(active, replies):
+            conversations[i].append({"role": "assistant", "content": reply})
+            answers[i].append(reply)
+    return [
+        {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+         "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+        for question, turns in zip(questions, answers)
+    ]
+
+
+def model_id(run_name: str, model_name: str) -> str:
+    """A file-name-safe id for the judges: run name plus the model's path under results/."""
+    return f"{run_name}-{model_name.replace('/', '-')}"
+
+
+def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: str, run_name: str,
+                 staging: Path, batch_size: int) -> dict[str, Any]:
+    """Write metrics.json, answers.jsonl and the optional judge inputs into `staging`."""
+    from adpa.inference import load_for_inference
+    from adpa.config import TEACHER_MODELS
+
+    family = "teacher" if model_name in TEACHER_MODELS else "student"
+    settings = params["evaluation"]
+    rows = load_test_rows(params["dataset"])
+    model, tokenizer = load_for_inference(model_reference, params["precision"], params["trust_remote_code"][family])
+    metrics, answers = evaluate_model(model, tokenizer, rows, settings["max_new_tokens"], batch_size)
+    metrics = {"model": model_name, **metrics}
+    with open(staging / ANSWERS_FILE, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(answer) + "\n" for answer in answers)
+    identity = model_id(run_name, model_name)
+    if settings["alpaca_eval"]:
+        outputs = alpaca_eval_outputs(model, tokenizer, settings["alpaca_eval"], identity,
+                                      settings["answer_max_new_tokens"], batch_size)
+        target = staging / ALPACA_EVAL_FILE
+        target.parent.mkdir(parents=True)
+        target.write_text(json.dumps(outputs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        metrics["alpaca_eval_answers"] = len(outputs)
+    if settings["mt_bench"]:
+        records = mt_bench_answers(model, tokenizer, settings["mt_bench"], identity,
+                                   settings["answer_max_new_tokens"], batch_size)
+        target = staging / "mt_bench" / "model_answer" / f"{identity}.jsonl"
+        target.parent.mkdir(parents=True)
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        metrics["mt_bench_answers"] = len(records)
+    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def read_evaluation(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    directory = Path(directory)
+    metrics = json.loads((directory / METRICS_FILE).read_text())
+    answers = [json.loads(line) for line in (directory / ANSWERS_FILE).read_text().splitlines() if line]
+    return metrics, answers

@@ -100,13 +100,17 @@ def greedy_responses(model, tokenizer, prompts: Sequence[list[Message]], max_new
     return [response.strip() for response in responses]
 
 
-def _load_for_inference(reference: str, params: Mapping[str, Any]):
+def load_for_inference(reference: str, precision: str, trust_remote_code: bool):
     from adpa.models import check_model_reference, load_model, load_tokenizer
 
     check_model_reference(reference)
-    tokenizer = load_tokenizer(reference, params["trust_remote_code"])
-    model = load_model(reference, params["precision"], params["trust_remote_code"]).to(inference_device()).eval()
+    tokenizer = load_tokenizer(reference, trust_remote_code)
+    model = load_model(reference, precision, trust_remote_code).to(inference_device()).eval()
     return model, tokenizer
+
+
+def _load_for_inference(reference: str, params: Mapping[str, Any]):
+    return load_for_inference(reference, params["precision"], params["trust_remote_code"])
 
 
 def run_teacher_topk(params: Mapping[str, Any], model_reference: str, staging: Path, batch_size: int) -> dict:

@@ -28,6 +28,8 @@ STAGE_MODULES: dict[str, str] = {
     "dckd": "adpa.distill",
     "adpa": "adpa.distill",
     "adpa_plus": "adpa.distill",
+    "evaluate": "adpa.evaluate",
+    "summary": "adpa.summary",
 }
 
 

@@ -145,8 +145,11 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
         (staging / "training_args.bin").unlink(missing_ok=True)
         trainer.processing_class.save_pretrained(str(staging))
         metrics = final_metrics(trainer, eval_metrics)
+        # Every logged training loss, for the results' loss plot.
+        history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
         artifacts.write_manifest(
-            staging, run.stage, run.params, run.params_json, provenance.code_hash(run.stage), metrics
+            staging, run.stage, run.params, run.params_json, provenance.code_hash(run.stage), metrics,
+            extra={"loss_history": history},
         )
         artifacts.publish(staging, run.output)
         shutil.rmtree(run.work_dir, ignore_errors=True)

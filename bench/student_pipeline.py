@@ -117,7 +117,7 @@ def loss_path_rows(rng: np.random.Generator) -> list[list[str]]:
 def student_model(workdir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = workdir / "results" / "student_sft"
+    folder = next(iter(sorted((workdir / "results").glob("seed*/student_sft"))), workdir / "results" / "student_sft")
     if folder.is_dir():
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), "student_sft"
     config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=576, intermediate_size=1536,
@@ -165,7 +165,7 @@ def step_rows(workdir: Path, rng: np.random.Generator) -> list[list[str]]:
 
 
 def dry_run_row(workdir: Path) -> list[list[str]]:
-    if not (workdir / "results" / "adpa_plus").is_dir():
+    if not (workdir / "results" / "summary.csv").is_file():
         return [["snakemake -n, full DAG up to date", "not run", "(no finished run in --workdir)", "", "<= 3 s", ""]]
     command = [sys.executable, "-m", "snakemake", "-n", "--cores", "2"]
     subprocess.run(command, cwd=workdir, capture_output=True, check=True)  # warm file caches

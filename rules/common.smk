@@ -6,11 +6,13 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from adpa import config as adpa_config
+from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
 
 try:
     adpa_config.validate_config(config, adpa_config.load_schema(Path(workflow.basedir, "config/schema.yaml")))
     adpa_config.check_local_sources(config, workflow.basedir)
+    check_judge_inputs(config)
 except adpa_config.InputError as error:
     sys.exit(f"error: {error}")
 
@@ -59,6 +61,15 @@ def train_options(wildcards, threads):
 
 def stage_params(stage):
     return adpa_config.params_json(adpa_config.stage_params(config, stage))
+
+
+def student_params(stage):
+    """The stage's settings for the seed in the output path (a function of wildcards: a rerun trigger)."""
+
+    def params(wildcards):
+        return adpa_config.params_json(adpa_config.stage_params(config, stage, int(wildcards.seed)))
+
+    return params
 
 
 def local_or_none(reference):

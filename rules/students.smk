@@ -1,5 +1,8 @@
 # The student half: student_sft, the teacher signals (top-k store, own responses, advantage) and
-# the aligned students dckd, adpa, adpa_plus, plus the student_dpo baseline.
+# the aligned students dckd, adpa, adpa_plus, plus the student_dpo baseline. Every student stage
+# runs once per seed of `seeds`, into results/seed<N>/; base_student and teacher_topk are shared.
+
+STUDENTS = f"{RESULTS}/seed{{seed}}"
 
 
 if "teacher_layers" in config["models"]["base_student"]:
@@ -31,18 +34,18 @@ rule student_sft:
         tokenizer=base_teacher_input(),
         data=dataset_input("sft"),
     output:
-        directory(f"{RESULTS}/student_sft"),
+        directory(f"{STUDENTS}/student_sft"),
     params:
-        stage=stage_params("student_sft"),
+        stage=student_params("student_sft"),
         code=code_hash("student_sft"),
         model=base_student_reference,
         tokenizer=base_teacher_tokenizer,
         launch=train_command,
         options=train_options,
     log:
-        "logs/student_sft.log",
+        "logs/seed{seed}/student_sft.log",
     benchmark:
-        "benchmarks/student_sft.tsv"
+        "benchmarks/seed{seed}/student_sft.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"
@@ -76,19 +79,19 @@ rule teacher_topk:
 
 rule student_generations:
     input:
-        model=f"{RESULTS}/student_sft",
+        model=f"{STUDENTS}/student_sft",
         data=dataset_input("preference"),
     output:
-        directory(f"{RESULTS}/student_generations"),
+        directory(f"{STUDENTS}/student_generations"),
     params:
-        stage=stage_params("student_generations"),
+        stage=student_params("student_generations"),
         code=code_hash("student_generations"),
         adpa=adpa_command,
         options=inference_options,
     log:
-        "logs/student_generations.log",
+        "logs/seed{seed}/student_generations.log",
     benchmark:
-        "benchmarks/student_generations.tsv"
+        "benchmarks/seed{seed}/student_generations.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"
@@ -101,18 +104,18 @@ rule advantage:
     input:
         dpo_teacher=f"{RESULTS}/dpo_teacher",
         ref_teacher=f"{RESULTS}/ref_teacher",
-        generations=f"{RESULTS}/student_generations",
+        generations=f"{STUDENTS}/student_generations",
     output:
-        directory(f"{RESULTS}/advantage"),
+        directory(f"{STUDENTS}/advantage"),
     params:
-        stage=stage_params("advantage"),
+        stage=student_params("advantage"),
         code=code_hash("advantage"),
         adpa=adpa_command,
         options=inference_options,
     log:
-        "logs/advantage.log",
+        "logs/seed{seed}/advantage.log",
     benchmark:
-        "benchmarks/advantage.tsv"
+        "benchmarks/seed{seed}/advantage.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"
@@ -124,20 +127,20 @@ rule advantage:
 
 rule dckd:
     input:
-        model=f"{RESULTS}/student_sft",
+        model=f"{STUDENTS}/student_sft",
         topk=f"{RESULTS}/teacher_topk",
         data=dataset_input("preference"),
     output:
-        directory(f"{RESULTS}/dckd"),
+        directory(f"{STUDENTS}/dckd"),
     params:
-        stage=stage_params("dckd"),
+        stage=student_params("dckd"),
         code=code_hash("dckd"),
         launch=train_command,
         options=train_options,
     log:
-        "logs/dckd.log",
+        "logs/seed{seed}/dckd.log",
     benchmark:
-        "benchmarks/dckd.tsv"
+        "benchmarks/seed{seed}/dckd.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"
@@ -148,21 +151,21 @@ rule dckd:
 
 rule adpa:
     input:
-        model=f"{RESULTS}/student_sft",
-        generations=f"{RESULTS}/student_generations",
-        advantage=f"{RESULTS}/advantage",
+        model=f"{STUDENTS}/student_sft",
+        generations=f"{STUDENTS}/student_generations",
+        advantage=f"{STUDENTS}/advantage",
         data=dataset_input("preference"),
     output:
-        directory(f"{RESULTS}/adpa"),
+        directory(f"{STUDENTS}/adpa"),
     params:
-        stage=stage_params("adpa"),
+        stage=student_params("adpa"),
         code=code_hash("adpa"),
         launch=train_command,
         options=train_options,
     log:
-        "logs/adpa.log",
+        "logs/seed{seed}/adpa.log",
     benchmark:
-        "benchmarks/adpa.tsv"
+        "benchmarks/seed{seed}/adpa.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"
@@ -174,21 +177,21 @@ rule adpa:
 
 rule adpa_plus:
     input:
-        model=f"{RESULTS}/dckd",
-        generations=f"{RESULTS}/student_generations",
-        advantage=f"{RESULTS}/advantage",
+        model=f"{STUDENTS}/dckd",
+        generations=f"{STUDENTS}/student_generations",
+        advantage=f"{STUDENTS}/advantage",
         data=dataset_input("preference"),
     output:
-        directory(f"{RESULTS}/adpa_plus"),
+        directory(f"{STUDENTS}/adpa_plus"),
     params:
-        stage=stage_params("adpa_plus"),
+        stage=student_params("adpa_plus"),
         code=code_hash("adpa_plus"),
         launch=train_command,
         options=train_options,
     log:
-        "logs/adpa_plus.log",
+        "logs/seed{seed}/adpa_plus.log",
     benchmark:
-        "benchmarks/adpa_plus.tsv"
+        "benchmarks/seed{seed}/adpa_plus.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"
@@ -200,19 +203,19 @@ rule adpa_plus:
 
 rule student_dpo:
     input:
-        model=f"{RESULTS}/student_sft",
+        model=f"{STUDENTS}/student_sft",
         data=dataset_input("preference"),
     output:
-        directory(f"{RESULTS}/student_dpo"),
+        directory(f"{STUDENTS}/student_dpo"),
     params:
-        stage=stage_params("student_dpo"),
+        stage=student_params("student_dpo"),
         code=code_hash("student_dpo"),
         launch=train_command,
         options=train_options,
     log:
-        "logs/student_dpo.log",
+        "logs/seed{seed}/student_dpo.log",
     benchmark:
-        "benchmarks/student_dpo.tsv"
+        "benchmarks/seed{seed}/student_dpo.tsv"
     threads: LAUNCH["threads"]
     conda:
         "../envs/train.yaml"

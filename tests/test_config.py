@@ -16,10 +16,12 @@ def load(name: str) -> dict:
     return yaml.safe_load((REPO / "config" / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "tiny.yaml", "mistral-7b-deita.yaml"])
-def test_shipped_configs_validate(name):
+@pytest.mark.parametrize(
+    "name,processes", [("config.yaml", 1), ("tiny.yaml", 2), ("mistral-7b-deita.yaml", 2), ("llama3.1-8b-3.2-1b.yaml", 2)]
+)
+def test_shipped_configs_validate(name, processes):
     config = adpa_config.validate_config(load(name))
-    assert config["launch"]["num_processes"] == 2
+    assert config["launch"]["num_processes"] == processes
     assert set(config["dpo_teacher"]) >= {"beta", "learning_rate", "effective_batch_size"}
 
 
@@ -100,6 +102,11 @@ def test_missing_local_dataset_with_tilde_and_space_is_named(tmp_path, monkeypat
         f"{tmp_path}/Datasets/preference alignment/dpo-mix-7k"
     )
     (tmp_path / "Datasets" / "preference alignment" / "dpo-mix-7k").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"'evaluation.alpaca_eval': no such file or directory: {tmp_path}/Datasets"):
+        adpa_config.check_local_sources(config)
+    for judge_input in ("alpaca_eval/alpaca_eval.json", "mt_bench/question.jsonl"):
+        (tmp_path / "Datasets" / judge_input).parent.mkdir()
+        (tmp_path / "Datasets" / judge_input).write_text("")
     adpa_config.check_local_sources(config)  # hub ids are not checked here
 
 
@@ -140,4 +147,35 @@ def test_missing_accelerate_config_is_named():
     config = adpa_config.validate_config(load("tiny.yaml"))
     config["launch"]["accelerate_config"] = "config/accelerate/zero3 typo.yaml"
     with pytest.raises(ConfigError, match="'launch.accelerate_config': no such file: .*zero3 typo.yaml"):
+        adpa_config.check_local_sources(config, REPO)
+
+
+def test_student_seeds_change_only_the_student_stages_seed():
+    config = adpa_config.validate_config(load("tiny.yaml"))
+    assert adpa_config.student_seeds(config) == [config["seed"]]
+    config["seeds"] = [3, 4]
+    assert adpa_config.stage_params(config, "dckd")["seed"] == 3, "default: the first student seed"
+    first, second = (adpa_config.stage_params(config, "adpa", seed) for seed in (3, 4))
+    assert first["seed"] == 3 and second["seed"] == 4 and {**first, "seed": 4} == second
+    # Teachers keep `seed`, whichever student seed is asked for.
+    assert adpa_config.stage_params(config, "dpo_teacher", 4)["seed"] == config["seed"]
+    assert adpa_config.evaluated_models(config) == [
+        "base_teacher", "ref_teacher", "dpo_teacher",
+        *[f"seed{seed}/{m}" for seed in (3, 4) for m in ("student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")],
+    ]
+    assert adpa_config.stage_params(config, "summary")["models"] == adpa_config.evaluated_models(config)
+
+
+@pytest.mark.parametrize("seeds", [[], [1, 1], [-1], "7"])
+def test_bad_seeds_are_refused(seeds):
+    config = load("tiny.yaml")
+    config["seeds"] = seeds
+    with pytest.raises(ConfigError, match="'seeds"):
+        adpa_config.validate_config(config)
+
+
+def test_missing_judge_input_is_named(tmp_path):
+    config = adpa_config.validate_config(load("tiny.yaml"))
+    config["evaluation"]["mt_bench"] = str(tmp_path / "mt bench" / "question.jsonl")
+    with pytest.raises(ConfigError, match="'evaluation.mt_bench': no such file or directory: .*mt bench"):
         adpa_config.check_local_sources(config, REPO)

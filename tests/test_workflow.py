@@ -22,12 +22,29 @@ MODELS = (
     "base_teacher", "ref_teacher", "dpo_teacher", "base_student", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus",
 )
 TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")
+EVALUATED = ("base_teacher", *TRAINED)
 AFTER_DPO_TEACHER = {"teacher_topk", "advantage", "dckd", "adpa", "adpa_plus"}
+PER_SEED = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", "student_dpo")
+SEED = 0  # config/tiny.yaml's seed; its students live in results/seed0/
 
 
-def jobs(*stages) -> dict[str, int]:
-    """The dry-run job table expected when exactly these stages rerun."""
-    return dict.fromkeys([*stages, "all"], 1)
+def stage_dir(workdir: Path, stage: str, seed: int = SEED) -> Path:
+    return workdir / "results" / (f"seed{seed}/{stage}" if stage in PER_SEED else stage)
+
+
+def stage_file(workdir: Path, kind: str, stage: str, suffix: str) -> Path:
+    """logs/ or benchmarks/ file of a stage."""
+    return workdir / kind / (f"seed{SEED}/{stage}{suffix}" if stage in PER_SEED else f"{stage}{suffix}")
+
+
+def jobs(*stages, seeds: int = 1) -> dict[str, int]:
+    """The dry-run job table expected when exactly these stages rerun: each changed model is
+    evaluated again, and the summary is rebuilt."""
+    table = {stage: seeds if stage in PER_SEED else 1 for stage in stages}
+    evaluations = sum(table[stage] for stage in stages if stage in EVALUATED)
+    if evaluations:
+        table["evaluate"] = evaluations
+    return {**table, "summary": 1, "all": 1} if table else {}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +62,7 @@ def test_teachers_are_loadable_models_with_manifests(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for stage in MODELS:
-        folder = tiny / "results" / stage
+        folder = stage_dir(tiny, stage)
         assert (folder / "model.safetensors").is_file()
         assert not list(folder.glob("*.bin")), "no pickles in a published model"
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
@@ -55,19 +72,21 @@ def test_teachers_are_loadable_models_with_manifests(tiny):
         assert manifest["stage"] == stage
         assert len(manifest["config_hash"]) == 16 and len(manifest["code_hash"]) == 16
     for stage in TRAINED:
-        metrics = json.loads((tiny / "results" / stage / "adpa_manifest.json").read_text())["metrics"]
-        assert metrics["global_step"] >= 2 and metrics["train_loss_last"] > 0
-    assert not list((tiny / "results").glob(".*partial")), "no staging folders left behind"
+        manifest = json.loads((stage_dir(tiny, stage) / "adpa_manifest.json").read_text())
+        assert manifest["metrics"]["global_step"] >= 2 and manifest["metrics"]["train_loss_last"] > 0
+        assert [step for step, _ in manifest["loss_history"]] == sorted({step for step, _ in manifest["loss_history"]})
+        assert len(manifest["loss_history"]) == manifest["metrics"]["global_step"]
+    assert not list((tiny / "results").glob("**/.*partial")), "no staging folders left behind"
 
 
 def test_training_went_through_two_deepspeed_zero3_processes(tiny):
     for stage in TRAINED:
-        metrics = json.loads((tiny / "results" / stage / "adpa_manifest.json").read_text())["metrics"]
+        metrics = json.loads((stage_dir(tiny, stage) / "adpa_manifest.json").read_text())["metrics"]
         # tiny: effective batch 8 = 2 per device x 2 processes x 2 accumulation steps
         assert metrics["processes"] == 2 and metrics["distributed_type"] == "DEEPSPEED"
         assert metrics["zero_stage"] == 3 and metrics["gradient_accumulation_steps"] == 2
-        assert f"{stage}: launch" in (tiny / "logs" / f"{stage}.log").read_text()
-        assert (tiny / "benchmarks" / f"{stage}.tsv").is_file()
+        assert f"{stage}: launch" in stage_file(tiny, "logs", stage, ".log").read_text()
+        assert stage_file(tiny, "benchmarks", stage, ".tsv").is_file()
 
 
 def test_second_dry_run_has_nothing_to_do(tiny):
@@ -94,7 +113,18 @@ def test_adpa_lambda_reruns_adpa_and_adpa_plus_only(tiny):
 
 
 def test_launch_settings_rerun_nothing(tiny):
-    assert dry_run(tiny, "--config", "launch={save_steps: 7, logging_steps: 3}") == {}
+    assert dry_run(tiny, "--config", "launch={save_steps: 7, logging_steps: 3, inference_batch_size: 3}") == {}
+
+
+def test_evaluation_settings_rerun_the_evaluations_only(tiny):
+    assert dry_run(tiny, "--config", "evaluation={max_new_tokens: 9}") == {"evaluate": 8, "summary": 1, "all": 1}
+
+
+def test_a_second_seed_runs_the_students_again_with_the_same_teachers(tiny):
+    expected = jobs(*PER_SEED)
+    assert dry_run(tiny, "--config", "seeds=[0, 5]") == expected
+    # The first seed is the config's `seed`: listing it explicitly changes nothing.
+    assert dry_run(tiny, "--config", "seeds=[0]") == {}
 
 
 def edit(path: Path, addition: str) -> str:
@@ -148,9 +178,11 @@ def test_lint_is_clean(tiny):
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
-PAPER_JOBS = jobs(
-    "ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "student_generations", *AFTER_DPO_TEACHER
-)
+# The base teacher is a hub id there: no job makes it, but it is evaluated.
+PAPER_JOBS = {
+    **jobs("ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "student_generations", *AFTER_DPO_TEACHER),
+    "evaluate": 8,
+}
 
 
 @pytest.mark.parametrize(
@@ -168,6 +200,10 @@ def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path, recipe, teach
         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
     }
     datasets.DatasetDict({"train": datasets.Dataset.from_list([row])}).save_to_disk(str(dpo_mix))
+    (home / "Datasets" / "alpaca_eval").mkdir()
+    (home / "Datasets" / "alpaca_eval" / "alpaca_eval.json").write_text('[{"instruction": "Say hi."}]')
+    (home / "Datasets" / "mt_bench").mkdir()
+    (home / "Datasets" / "mt_bench" / "question.jsonl").write_text('{"question_id": 81, "turns": ["Hi."]}\n')
     paper = ("--configfile", f"config/{recipe}")
     result = run_snakemake(tiny, "-n", "-p", *paper, "--directory", str(tmp_path / "paper run"), env={"HOME": str(home)})
     assert planned_jobs(result) == PAPER_JOBS
@@ -182,14 +218,14 @@ def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path, recipe, teach
 
 
 def test_real_rerun_after_dckd_weight_change_touches_nothing_else(tiny):
-    mtimes = {stage: (tiny / "results" / stage / "adpa_manifest.json").stat().st_mtime_ns for stage in MODELS}
-    old = json.loads((tiny / "results" / "dckd" / "adpa_manifest.json").read_text())
+    mtimes = {stage: (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns for stage in MODELS}
+    old = json.loads((stage_dir(tiny, "dckd") / "adpa_manifest.json").read_text())
     result = run_snakemake(tiny, *TINY, "--config", "dckd={rejected_kl_weight: 0.3}")
     assert planned_jobs(result) == jobs("dckd", "adpa_plus")
-    new = json.loads((tiny / "results" / "dckd" / "adpa_manifest.json").read_text())
+    new = json.loads((stage_dir(tiny, "dckd") / "adpa_manifest.json").read_text())
     assert new["params"]["training"]["rejected_kl_weight"] == 0.3 and new["config_hash"] != old["config_hash"]
     for stage, mtime in mtimes.items():
-        changed = (tiny / "results" / stage / "adpa_manifest.json").stat().st_mtime_ns != mtime
+        changed = (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns != mtime
         assert changed == (stage in ("dckd", "adpa_plus")), stage
     shutil.rmtree(tiny / "work", ignore_errors=True)
 
@@ -198,20 +234,76 @@ def test_batched_evaluation_matches_one_row_at_a_time(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adpa.evaluate import evaluate_model, response_logprobs
+    from adpa.evaluate import evaluate_model, load_test_rows, response_logprobs
 
     folder = tiny / "results" / "dpo_teacher"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    rows = datasets.load_from_disk(str(tiny / "results" / "data" / "preference"))["test"].to_list()
-    prompts = [row["chosen"][:-1] for row in rows]
-    responses = [row["chosen"][-1:] for row in rows]
-    batched = response_logprobs(model, tokenizer, prompts, responses, batch_size=len(rows))
-    single = torch.cat([response_logprobs(model, tokenizer, [p], [r]) for p, r in zip(prompts, responses)])
+    rows = load_test_rows({"path": str(tiny / "results" / "data" / "preference"), "test_split": "test"})
+    assert all(row["family"] and row["answer"] for row in rows)
+    prompts = [row["prompt"] for row in rows]
+    responses = [row["chosen"] for row in rows]
+    batched, counts = response_logprobs(model, tokenizer, prompts, responses, batch_size=len(rows))
+    single = torch.cat([response_logprobs(model, tokenizer, [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)])
     assert torch.allclose(batched, single, atol=1e-4)
-    assert (batched < 0).all()
-    metrics = evaluate_model(model, tokenizer, rows)
+    assert (batched < 0).all() and (counts >= 1).all()
+    metrics, answers = evaluate_model(model, tokenizer, rows, max_new_tokens=4, batch_size=3)
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
+    assert len(answers) == len(rows) and all(isinstance(a["correct"], bool) for a in answers)
+
+
+def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
+    import pandas as pd
+
+    for model in EVALUATED:
+        name = f"seed{SEED}/{model}" if model in PER_SEED else model
+        folder = tiny / "results" / "eval" / name
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["model"] == name and metrics["rows"] == 8
+        answers = (folder / "answers.jsonl").read_text().splitlines()
+        assert len(answers) == 8 and (folder / "adpa_manifest.json").is_file()
+    table = pd.read_csv(tiny / "results" / "summary.csv")
+    assert list(table["model"]) == list(EVALUATED[:3]) + ["student_sft", "student_dpo", "dckd", "adpa", "adpa_plus"]
+    assert set(table["config"]) == {"tiny"} and set(table["seed"]) == {SEED}
+    assert table[["preference_accuracy", "margin", "win_rate_vs_student_sft"]].notna().all().all()
+    assert table.loc[table["model"] == "student_sft", "win_rate_vs_student_sft"].item() == 0.5
+    markdown = (tiny / "results" / "summary.md").read_text()
+    assert markdown.count("\n| ") == 1 + len(EVALUATED) and "| adpa_plus | 1 |" in markdown
+    assert "| adpa_plus | 1 |" in (tiny / "logs" / "summary.log").read_text(), "the summary prints its table"
+    for plot in ("metrics.svg", "training_loss.svg"):
+        assert "<svg" in (tiny / "results" / "plots" / plot).read_text()
+
+
+def test_report_holds_the_table_and_plots(tiny):
+    run_snakemake(tiny, *TINY, "--report", "report.html")
+    html = (tiny / "report.html").read_text()
+    for item in ("summary.csv", "metrics.svg", "training_loss.svg", "win rate"):
+        assert item in html, item
+
+
+def test_alpaca_eval_and_mt_bench_answers_in_their_judges_formats(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adpa.evaluate import alpaca_eval_outputs, mt_bench_answers
+
+    folder = tiny / "results" / "dpo_teacher"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    instructions = tmp_path / "alpaca_eval.json"
+    instructions.write_text(json.dumps([{"instruction": "Name a color.", "dataset": "helpful_base"}, {"instruction": "Say hi."}]))
+    outputs = alpaca_eval_outputs(model, tokenizer, str(instructions), "tiny-dpo_teacher", 5, batch_size=2)
+    assert [set(o) for o in outputs] == [{"instruction", "output", "generator", "dataset"}, {"instruction", "output", "generator"}]
+    assert outputs[0]["generator"] == "tiny-dpo_teacher" and outputs[0]["dataset"] == "helpful_base"
+    questions = tmp_path / "question.jsonl"
+    questions.write_text(
+        json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now shorter."]}) + "\n"
+        + json.dumps({"question_id": 82, "category": "math", "turns": ["What is 2+2?"]}) + "\n"
+    )
+    answers = mt_bench_answers(model, tokenizer, str(questions), "tiny-dpo_teacher", 5, batch_size=2)
+    assert [a["question_id"] for a in answers] == [81, 82]
+    assert [len(a["choices"][0]["turns"]) for a in answers] == [2, 1]
+    assert {"question_id", "answer_id", "model_id", "choices", "tstamp"} == set(answers[0])
+    assert answers[0]["answer_id"] != answers[1]["answer_id"] and answers[0]["model_id"] == "tiny-dpo_teacher"
 
 
 def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_path):
@@ -226,7 +318,7 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     from adpa.sequences import template_fingerprint, tokenize_rows
     from adpa.topk_store import TopKStore
 
-    folder = tiny / "results" / "student_sft"
+    folder = stage_dir(tiny, "student_sft")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pairs = load_preference({"path": str(tiny / "results" / "data" / "preference")}, "train").select(range(6))
@@ -260,8 +352,8 @@ def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
 
     from adpa.topk_store import TopKStore
 
-    store = TopKStore(tiny / "results" / "advantage")
-    generations = hf_datasets.load_from_disk(str(tiny / "results" / "student_generations"))
+    store = TopKStore(stage_dir(tiny, "advantage"))
+    generations = hf_datasets.load_from_disk(str(stage_dir(tiny, "student_generations")))
     assert store.kind == "advantage" and len(store) == len(generations) and store.num_tokens > 0
     values = store.values.astype("float32")
     assert (values < 0).any() and (values > 0).any(), "advantages keep their sign (no clamp by default)"

@@ -1,0 +1,67 @@
+# Evaluation of every model on the held-out split, and the results table, plots and report.
+
+EVALUATED = adpa_config.evaluated_models(config)
+
+
+def evaluated_model_input(wildcards):
+    if wildcards.model == "base_teacher":
+        return base_teacher_input()
+    return [f"{RESULTS}/{wildcards.model}"]
+
+
+def evaluated_model_reference(wildcards, input):
+    return input.model[0] if input.model else config["models"]["base_teacher"]["path"]
+
+
+def run_name(wildcards, threads):
+    return shlex.quote(config["run_name"])
+
+
+rule evaluate:
+    input:
+        model=evaluated_model_input,
+        data=dataset_input("preference"),
+    output:
+        directory(f"{RESULTS}/eval/{{model}}"),
+    params:
+        stage=stage_params("evaluate"),
+        code=code_hash("evaluate"),
+        model=evaluated_model_reference,
+        run_name=run_name,
+        adpa=adpa_command,
+        options=inference_options,
+    wildcard_constraints:
+        model="|".join(EVALUATED),
+    log:
+        "logs/eval/{model}.log",
+    benchmark:
+        "benchmarks/eval/{model}.tsv"
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "{params.adpa} evaluate --params {params.stage:q} --model {params.model:q} --name {wildcards.model:q}"
+        " --run-name {params.run_name} --output {output:q} {params.options} 2>&1 | tee {log:q}"
+
+
+rule summary:
+    input:
+        evaluations=expand(f"{RESULTS}/eval/{{model}}", model=EVALUATED),
+        models=[f"{RESULTS}/{model}" for model in EVALUATED if model != "base_teacher"],
+    output:
+        csv=report(f"{RESULTS}/summary.csv", caption="report/summary.rst", category="Results"),
+        markdown=f"{RESULTS}/summary.md",
+        metrics=report(f"{RESULTS}/plots/metrics.svg", caption="report/metrics.rst", category="Results"),
+        losses=report(f"{RESULTS}/plots/training_loss.svg", caption="report/training_loss.rst", category="Training"),
+    params:
+        stage=stage_params("summary"),
+        code=code_hash("summary"),
+        adpa=adpa_command,
+    log:
+        "logs/summary.log",
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "{params.adpa} summary --params {params.stage:q} --results {RESULTS:q} --csv {output.csv:q}"
+        " --markdown {output.markdown:q} --metrics-plot {output.metrics:q} --loss-plot {output.losses:q}"
+        " 2>&1 | tee {log:q}"
