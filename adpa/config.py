@@ -63,8 +63,13 @@ def _with_defaults(validator_class: type) -> type:
                     continue
                 if "default" in subschema:
                     instance.setdefault(name, copy.deepcopy(subschema["default"]))
-                if isinstance(instance.get(name), str):
-                    instance[name] = _coerce_scalar(instance[name], subschema.get("type"))
+                value = instance.get(name)
+                if isinstance(value, str):
+                    instance[name] = _coerce_scalar(value, subschema.get("type"))
+                elif isinstance(value, list) and isinstance(subschema.get("items"), dict):
+                    # --config 'seeds=[42,1,2]' arrives as a list of texts too.
+                    item_type = subschema["items"].get("type")
+                    instance[name] = [_coerce_scalar(v, item_type) if isinstance(v, str) else v for v in value]
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})

@@ -14,7 +14,6 @@ def run_dpo(run: StageRun, model_reference: str) -> None:
     params, dataset = run.params, run.params["dataset"]
     check_model_reference(model_reference)  # cheap checks first: fail before reading data
     train_dataset = load_preference(dataset, dataset["train_split"])
-    eval_dataset = load_preference(dataset, dataset["test_split"]) if dataset["test_split"] else None
     training = params["training"]
     args = DPOConfig(**trainer_arguments(run), beta=training["beta"], loss_type=[training["loss_type"]])
     trust = params["trust_remote_code"]
@@ -27,7 +26,8 @@ def run_dpo(run: StageRun, model_reference: str) -> None:
         ref_model=ref_model,
         args=args,
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
-    train_and_export(run, trainer, eval_dataset)
+    # No trainer-side evaluation: rule evaluate scores every model on the held-out pairs (the
+    # trainer's would run policy and reference over them again, ~20% of this stage on CPU).
+    train_and_export(run, trainer, None)

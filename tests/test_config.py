@@ -166,7 +166,13 @@ def test_student_seeds_change_only_the_student_stages_seed():
     assert adpa_config.stage_params(config, "summary")["models"] == adpa_config.evaluated_models(config)
 
 
-@pytest.mark.parametrize("seeds", [[], [1, 1], [-1], "7"])
+def test_seeds_given_on_the_command_line_are_read_as_integers():
+    config = load("tiny.yaml")
+    config["seeds"] = ["42", "1", "2"]  # what snakemake --config 'seeds=[42,1,2]' passes
+    assert adpa_config.validate_config(config)["seeds"] == [42, 1, 2]
+
+
+@pytest.mark.parametrize("seeds", [[], [1, 1], [-1], "7", ["x"]])
 def test_bad_seeds_are_refused(seeds):
     config = load("tiny.yaml")
     config["seeds"] = seeds

@@ -230,26 +230,36 @@ def test_real_rerun_after_dckd_weight_change_touches_nothing_else(tiny):
     shutil.rmtree(tiny / "work", ignore_errors=True)
 
 
-def test_batched_evaluation_matches_one_row_at_a_time(tiny):
+def test_prompt_cached_evaluation_matches_plain_forwards_and_generation(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adpa.evaluate import evaluate_model, load_test_rows, response_logprobs
+    from adpa.evaluate import evaluate_model, load_test_rows, score_and_answer
+    from adpa.inference import greedy_responses
+    from adpa.losses import sequence_logprobs
+    from adpa.sequences import pad_exchanges, tokenize_rows
 
-    folder = tiny / "results" / "dpo_teacher"
+    folder = stage_dir(tiny, "student_sft")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = load_test_rows({"path": str(tiny / "results" / "data" / "preference"), "test_split": "test"})
     assert all(row["family"] and row["answer"] for row in rows)
     prompts = [row["prompt"] for row in rows]
-    responses = [row["chosen"] for row in rows]
-    batched, counts = response_logprobs(model, tokenizer, prompts, responses, batch_size=len(rows))
-    single = torch.cat([response_logprobs(model, tokenizer, [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)])
-    assert torch.allclose(batched, single, atol=1e-4)
-    assert (batched < 0).all() and (counts >= 1).all()
-    metrics, answers = evaluate_model(model, tokenizer, rows, max_new_tokens=4, batch_size=3)
+
+    def plain(column):
+        exchanges = tokenize_rows(tokenizer, prompts, [row[column] for row in rows], 4096, column)
+        batch = pad_exchanges(exchanges, tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return sequence_logprobs(logits, batch["input_ids"][:, 1:], batch["response_mask"])
+
+    answers, chosen, chosen_tokens, rejected, _ = score_and_answer(model, tokenizer, rows, 6, batch_size=3)
+    assert torch.allclose(chosen, plain("chosen"), atol=1e-4) and torch.allclose(rejected, plain("rejected"), atol=1e-4)
+    assert (chosen < 0).all() and (chosen_tokens >= 1).all()
+    assert answers == greedy_responses(model, tokenizer, prompts, 6, batch_size=5)
+    metrics, records = evaluate_model(model, tokenizer, rows, max_new_tokens=4, batch_size=3)
     assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
-    assert len(answers) == len(rows) and all(isinstance(a["correct"], bool) for a in answers)
+    assert len(records) == len(rows) and all(isinstance(record["correct"], bool) for record in records)
 
 
 def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
@@ -279,6 +289,35 @@ def test_report_holds_the_table_and_plots(tiny):
     html = (tiny / "report.html").read_text()
     for item in ("summary.csv", "metrics.svg", "training_loss.svg", "win rate"):
         assert item in html, item
+
+
+def test_evaluate_stage_writes_judge_inputs_when_configured(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = yaml.safe_load((tiny / "config" / "tiny.yaml").read_text())
+    (tmp_path / "judges").mkdir()
+    alpaca, questions = tmp_path / "judges" / "alpaca eval.json", tmp_path / "judges" / "question.jsonl"
+    alpaca.write_text(json.dumps([{"instruction": "Name a color.", "dataset": "oasst"}]))
+    questions.write_text(json.dumps({"question_id": 81, "turns": ["Hi.", "Bye."]}) + "\n")
+    config["evaluation"] = {"alpaca_eval": str(alpaca), "mt_bench": str(questions), "answer_max_new_tokens": 4}
+    (tmp_path / "judged.yaml").write_text(yaml.safe_dump(config))
+    output = tmp_path / "eval out"
+    result = subprocess.run(
+        [sys.executable, "-m", "adpa", "evaluate", "--configfile", str(tmp_path / "judged.yaml"),
+         "--model", "results/dpo_teacher", "--name", "dpo_teacher", "--run-name", "tiny", "--output", str(output)],
+        cwd=tiny, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads((output / "alpaca_eval" / "model_outputs.json").read_text())
+    assert outputs[0]["generator"] == "tiny-dpo_teacher" and outputs[0]["dataset"] == "oasst"
+    answer = json.loads((output / "mt_bench" / "model_answer" / "tiny-dpo_teacher.jsonl").read_text())
+    assert answer["question_id"] == 81 and len(answer["choices"][0]["turns"]) == 2
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["alpaca_eval_answers"] == 1 and metrics["mt_bench_answers"] == 1
+    assert "evaluate: wrote" in result.stderr, "the metrics end the stage's log"
 
 
 def test_alpaca_eval_and_mt_bench_answers_in_their_judges_formats(tiny, tmp_path):
@@ -389,3 +428,25 @@ def test_student_cut_keeps_the_listed_teacher_layers(tiny, tmp_path):
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
     with pytest.raises(ModelSourceError, match="teacher_layers"):
         cut_student_from_teacher(str(teacher_dir), [0, 1], tmp_path / "too many")
+
+
+def test_two_seeds_share_the_teachers_and_the_table_reports_their_spread(tiny):
+    import pandas as pd
+
+    shared = ("ref_teacher", "dpo_teacher", "base_student")
+    mtimes = {stage: (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns for stage in shared}
+    # The dckd weight of the real rerun above, so that seed 0 is up to date.
+    result = run_snakemake(tiny, *TINY, "--config", "seeds=[0, 5]", "dckd={rejected_kl_weight: 0.3}")
+    assert planned_jobs(result) == jobs(*PER_SEED)
+    for stage, mtime in mtimes.items():
+        assert (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns == mtime, stage
+    second = json.loads((stage_dir(tiny, "adpa", seed=5) / "adpa_manifest.json").read_text())
+    assert second["params"]["seed"] == 5
+    table = pd.read_csv(tiny / "results" / "summary.csv")
+    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 5
+    markdown = (tiny / "results" / "summary.md").read_text()
+    assert "seeds 0, 5 (2 runs)" in markdown
+    adpa_line = next(line for line in markdown.splitlines() if line.startswith("| adpa |"))
+    assert adpa_line.startswith("| adpa | 2 |") and "±" in adpa_line
+    teacher_line = next(line for line in markdown.splitlines() if line.startswith("| dpo_teacher |"))
+    assert teacher_line.startswith("| dpo_teacher | 1 |") and "±" not in teacher_line
