@@ -117,3 +117,21 @@ def dataset_input(name):
         return [path]
     local = local_or_none(path)
     return [local] if local else []
+
+
+# Evaluation: every model the results table holds, and where each comes from.
+EVALUATED = adpa_config.evaluated_models(config)
+
+
+def evaluated_model_input(wildcards):
+    if wildcards.model == "base_teacher":
+        return base_teacher_input()
+    return [f"{RESULTS}/{wildcards.model}"]
+
+
+def evaluated_model_reference(wildcards, input):
+    return input.model[0] if input.model else config["models"]["base_teacher"]["path"]
+
+
+def run_name(wildcards, threads):
+    return shlex.quote(config["run_name"])

@@ -1,22 +1,5 @@
 # Evaluation of every model on the held-out split, and the results table, plots and report.
 
-EVALUATED = adpa_config.evaluated_models(config)
-
-
-def evaluated_model_input(wildcards):
-    if wildcards.model == "base_teacher":
-        return base_teacher_input()
-    return [f"{RESULTS}/{wildcards.model}"]
-
-
-def evaluated_model_reference(wildcards, input):
-    return input.model[0] if input.model else config["models"]["base_teacher"]["path"]
-
-
-def run_name(wildcards, threads):
-    return shlex.quote(config["run_name"])
-
-
 rule evaluate:
     input:
         model=evaluated_model_input,
@@ -56,12 +39,13 @@ rule summary:
     params:
         stage=stage_params("summary"),
         code=code_hash("summary"),
+        results=lambda wildcards, output: Path(output.csv).parent,
         adpa=adpa_command,
     log:
         "logs/summary.log",
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.adpa} summary --params {params.stage:q} --results {RESULTS:q} --csv {output.csv:q}"
+        "{params.adpa} summary --params {params.stage:q} --results {params.results:q} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --metrics-plot {output.metrics:q} --loss-plot {output.losses:q}"
         " 2>&1 | tee {log:q}"
