@@ -93,10 +93,30 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
     }
 
 
-def last_checkpoint(work_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
-    return get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+
+def last_checkpoint(work_dir: Path) -> str | None:
+    """The newest complete checkpoint; newer, half-written ones (a kill while saving) are removed."""
+    if not work_dir.is_dir():
+        return None
+    checkpoints = sorted(
+        (path for path in work_dir.glob("checkpoint-*") if path.name.removeprefix("checkpoint-").isdigit()),
+        key=lambda path: int(path.name.removeprefix("checkpoint-")),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if _complete(checkpoint):
+            return str(checkpoint)
+        log.warning("removing incomplete checkpoint %s", checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def launch_facts(trainer) -> dict[str, Any]:

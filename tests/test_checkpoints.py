@@ -1,0 +1,35 @@
+"""Which checkpoint a rerun resumes from."""
+
+from __future__ import annotations
+
+from adpa.train import last_checkpoint
+
+
+def make(work, step, state='{"global_step": 1}'):
+    folder = work / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_text("weights")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder
+
+
+def test_newest_complete_checkpoint_wins_by_step_not_by_name(tmp_path):
+    make(tmp_path, 2)
+    newest = make(tmp_path, 10)
+    assert last_checkpoint(tmp_path) == str(newest)
+
+
+def test_half_written_checkpoints_are_skipped_and_removed(tmp_path):
+    complete = make(tmp_path, 2)
+    no_state = make(tmp_path, 4, state=None)
+    cut_json = make(tmp_path, 6, state='{"global_st')
+    (tmp_path / "checkpoint-latest").mkdir()  # not a step: left alone
+    assert last_checkpoint(tmp_path) == str(complete)
+    assert not no_state.exists() and not cut_json.exists() and (tmp_path / "checkpoint-latest").exists()
+
+
+def test_no_work_folder_or_no_complete_checkpoint_means_a_fresh_start(tmp_path):
+    assert last_checkpoint(tmp_path / "missing") is None
+    make(tmp_path, 2, state=None)
+    assert last_checkpoint(tmp_path) is None
