@@ -22,6 +22,12 @@ include: "rules/students.smk"
 include: "rules/evaluation.smk"
 
 
+# What the config text cannot show (dataset rows, vocabularies, GPUs, disk): checked once,
+# before the first job of a real run.
+onstart:
+    preflight(config)
+
+
 # Everything: both teachers, the students of every seed, their evaluation, the table and plots.
 rule all:
     input:

@@ -209,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(render(), end="")
         elif args.command == "check":
+            from adpa.judges import check_judge_inputs
+            from adpa.preflight import run_preflight
+
             loaded = configuration.load_config(args.configfile)
+            workflow_dir = Path(__file__).resolve().parent.parent
+            configuration.check_local_sources(loaded, workflow_dir)
+            check_judge_inputs(loaded)
+            run_preflight(loaded, workflow_dir)
             for stage in configuration.TRAINING_STAGES:
                 steps = configuration.gradient_accumulation_steps(loaded, stage)
                 print(f"{stage}: gradient_accumulation_steps = {steps}")

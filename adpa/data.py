@@ -7,6 +7,7 @@ naming the source and row before any training starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ ROLES = ("system", "user", "assistant")
 # A short system turn: replaces chat templates' long default system prompts (fewer tokens on CPU).
 GENERATED_SYSTEM_PROMPT = "You are a concise assistant."
 Message = dict[str, str]
+log = logging.getLogger("adpa")
 
 
 class DataError(InputError):
@@ -118,9 +120,28 @@ def load_split(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
     return loaded[split]
 
 
-def _normalized(dataset: datasets.Dataset, normalize, where: str) -> datasets.Dataset:
-    # Validate every row up front (cheap) so a bad row stops the run before training.
-    rows = [normalize(row, f"{where} row {index}") for index, row in enumerate(dataset)]
+# Bad rows listed in the one-line error, before "and N more".
+LISTED_BAD_ROWS = 3
+
+
+def _normalized(dataset: datasets.Dataset, normalize, where: str, drop_bad_rows: bool = False) -> datasets.Dataset:
+    """Validate every row up front (cheap), so a bad row stops the run before training.
+
+    Bad rows are an error naming them, unless the config drops them explicitly (then logged)."""
+    rows, bad = [], []
+    for index, row in enumerate(dataset):
+        try:
+            rows.append(normalize(row, f"row {index}"))
+        except DataError as err:
+            bad.append(str(err))
+    if bad and not drop_bad_rows:
+        listed = "; ".join(bad[:LISTED_BAD_ROWS]) + (f"; and {len(bad) - LISTED_BAD_ROWS} more" if len(bad) > LISTED_BAD_ROWS else "")
+        count = f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}"
+        raise DataError(f"{where}: {count} of {len(dataset)}: {listed} (drop_bad_rows: true drops them)")
+    if bad:
+        log.warning("%s: dropped %d bad rows of %d (drop_bad_rows), first: %s", where, len(bad), len(dataset), bad[0])
+    if not rows:
+        raise DataError(f"{where}: no usable rows")
     return datasets.Dataset.from_list(rows)
 
 
@@ -130,13 +151,14 @@ def _take(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
 
 def load_sft(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
     where = f"dataset '{spec['path']}' split '{split}'"
-    return _normalized(_take(load_split(spec, split), spec.get("max_train_rows")), normalize_sft_row, where)
+    raw = _take(load_split(spec, split), spec.get("max_train_rows"))
+    return _normalized(raw, normalize_sft_row, where, spec.get("drop_bad_rows", False))
 
 
 def load_preference(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
     where = f"dataset '{spec['path']}' split '{split}'"
     raw = _take(load_split(spec, split), spec.get("max_train_rows"))
-    return _normalized(raw, normalize_preference_row, where)
+    return _normalized(raw, normalize_preference_row, where, spec.get("drop_bad_rows", False))
 
 
 def _exchange(example: TaskExample, answer: str) -> list[Message]:

@@ -16,6 +16,17 @@ try:
 except adpa_config.InputError as error:
     sys.exit(f"error: {error}")
 
+
+
+def preflight(config):
+    from adpa.preflight import run_preflight
+
+    try:
+        run_preflight(config, workflow.basedir)
+    except adpa_config.InputError as error:
+        sys.exit(f"error: {error}")
+
+
 RESULTS = "results"
 LAUNCH = config["launch"]
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}

@@ -107,8 +107,23 @@ def test_a_bad_row_deep_in_a_file_is_reported_with_its_index(tmp_path):
     rows = [{"messages": [USER_1, ANSWER_1]}] * 5 + [{"messages": [{"role": "bot", "content": "x"}]}]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(DataError, match=r"sft.jsonl' split 'train' row 5: unknown role 'bot'"):
+    with pytest.raises(DataError, match=r"sft.jsonl' split 'train': 1 bad row of 6: row 5: unknown role 'bot'"):
         load_sft({"path": str(path)}, "train")
+
+
+def test_bad_rows_are_listed_and_dropped_only_when_the_config_says_so(tmp_path, caplog):
+    good = {"messages": [USER_1, ANSWER_1]}
+    rows = [good, {"messages": []}, good, {"text": "x"}, {"messages": [USER_1]}, {"messages": [{"role": "bot", "content": "x"}]}]
+    path = tmp_path / "mixed rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError) as error:
+        load_sft({"path": str(path)}, "train")
+    message = str(error.value)
+    assert "\n" not in message and "4 bad rows of 6: row 1: " in message and "row 3: expected a non-empty list" in message
+    assert "row 4: no non-empty assistant turn" in message and "and 1 more" in message and "row 5" not in message
+    kept = load_sft({"path": str(path), "drop_bad_rows": True}, "train")
+    assert len(kept) == 2
+    assert "dropped 4 bad rows of 6" in caplog.text
 
 
 def test_generated_data_has_both_forms_and_a_disjoint_held_out_split(tmp_path):

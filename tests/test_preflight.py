@@ -1,0 +1,147 @@
+"""Preflight: each problem is one line naming the key, file or row, before any job runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from adpa import config as adpa_config
+from adpa.config import ConfigError, InputError
+from adpa.preflight import check_devices, check_disk, check_models, check_vocabularies, required_disk_bytes
+
+from conftest import REPO, copy_workflow, run_snakemake
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+PAIR = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+
+
+def tiny() -> dict:
+    return adpa_config.validate_config(yaml.safe_load((REPO / "config" / "tiny.yaml").read_text()))
+
+
+def tokenizer_folder(path, extra_token=None):
+    """A small real tokenizer saved as a model folder (config.json + tokenizer files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "q": 3}
+    if extra_token:
+        vocab[extra_token] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(str(path))
+    (path / "config.json").write_text("{}")
+    return str(path)
+
+
+def test_missing_local_model_is_named_with_its_key(tmp_path):
+    config = tiny()
+    config["models"]["base_student"] = {"path": str(tmp_path / "my models" / "student"), "trust_remote_code": False}
+    with pytest.raises(ConfigError, match=r"'models.base_student.path': model '.*my models/student': no model folder"):
+        check_models(config)
+
+
+def test_uncached_hub_id_is_refused_when_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty cache"))
+    config = tiny()
+    config["models"]["base_student"] = {"path": "someorg/never-downloaded-model", "trust_remote_code": False}
+    with pytest.raises(ConfigError, match="hub id 'someorg/never-downloaded-model' is not in the local cache"):
+        check_models(config)
+
+
+def test_teacher_and_student_vocabularies_must_match(tmp_path):
+    config = tiny()
+    config["models"]["base_teacher"] = {"path": tokenizer_folder(tmp_path / "teacher"), "trust_remote_code": False}
+    config["models"]["base_student"] = {"path": tokenizer_folder(tmp_path / "same"), "trust_remote_code": False}
+    check_vocabularies(config)
+    config["models"]["base_student"]["path"] = tokenizer_folder(tmp_path / "other", extra_token="z")
+    with pytest.raises(InputError, match="teacher and student vocabularies differ"):
+        check_vocabularies(config)
+
+
+def test_gpus_requested_by_a_gpu_config_must_exist():
+    config = tiny()
+    check_devices(config, REPO, available=0)  # CPU accelerate config: no GPU needed
+    config["launch"]["accelerate_config"] = "config/accelerate/deepspeed_zero3.yaml"
+    check_devices(config, REPO, available=2)
+    with pytest.raises(ConfigError, match=r"'launch.num_processes': 2 GPUs requested .*this machine has 1"):
+        check_devices(config, REPO, available=1)
+
+
+def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    config = tiny()
+    config["launch"]["save_total_limit"] = 2
+    config["seeds"] = [1, 2]
+    needed = required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100})
+    # teacher checkpoints 1000 x 14 x 2, plus fp32 finals: 2 teachers + 5 student stages x 2 seeds
+    assert needed == 1000 * 14 * 2 + 4 * (2 * 1000 + 5 * 100 * 2)
+    assert required_disk_bytes(config, {}) == 0
+    monkeypatch.setattr("adpa.preflight.parameter_count", lambda reference: 10**12)
+    config["models"]["base_teacher"] = {"path": str(tmp_path), "trust_remote_code": False}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
+    with pytest.raises(ConfigError, match=r"'work_dir': about .* GB of checkpoints and models to write, 1.0 GB free"):
+        check_disk(config, tmp_path)
+
+
+def test_check_command_runs_every_check(tmp_path):
+    home = tmp_path / "home"
+    (home / "Datasets" / "preference alignment" / "dpo-mix-7k").mkdir(parents=True)
+    (home / "Datasets" / "preference alignment" / "dpo-mix-7k" / "train.jsonl").write_text(json.dumps(PAIR) + "\n")
+    for name, text in (("alpaca_eval/alpaca_eval.json", '[{"instruction": "hi"}]'), ("mt_bench/question.jsonl", '{"question_id": 1, "turns": ["hi"]}\n')):
+        (home / "Datasets" / name).parent.mkdir(parents=True)
+        (home / "Datasets" / name).write_text(text)
+    result = subprocess.run([sys.executable, "-m", "adpa", "check", "--configfile", "config/mistral-7b-deita.yaml"],
+                            cwd=REPO, capture_output=True, text=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: config key 'launch.num_processes': 2 GPUs requested")
+
+
+@pytest.mark.workflow
+def test_workflow_stops_on_a_bad_row_before_any_job(tmp_path):
+    workdir = copy_workflow(tmp_path / "preflight project")
+    data = tmp_path / "my data"
+    data.mkdir()
+    rows = [GOOD_ROW, GOOD_ROW, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}]
+    (data / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (data / "pairs.jsonl").write_text(json.dumps(PAIR) + "\n")
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["datasets"] = {
+        "sft": {"path": str(data / "sft.jsonl"), "test_split": None},
+        "preference": {"path": str(data / "pairs.jsonl"), "test_split": None},
+    }
+    (workdir / "config" / "bad rows.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(workdir, "--configfile", "config/bad rows.yaml", check=False)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert lines == [f"error: dataset '{data / 'sft.jsonl'}' split 'train': 1 bad row of 3: row 2: no non-empty "
+                     "assistant turn (drop_bad_rows: true drops them)"]
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists(), "no job ran"
+
+
+@pytest.mark.workflow
+def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
+    from adpa.data import generate_datasets
+
+    home = tmp_path / "home dir"
+    spec = {"seed": 0, "train_rows": 16, "test_rows": 4, "multi_turn_fraction": 0.1, "families": None}
+    generate_datasets(spec, home / "data sets" / "sft", home / "data sets" / "preference")
+    workdir = copy_workflow(tmp_path / "paths project")
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["datasets"] = {"sft": {"path": "~/data sets/sft"}, "preference": {"path": "~/data sets/preference"}}
+    config["work_dir"] = "~/adpa work"
+    (workdir / "config" / "tilde paths.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)})
+    manifest = json.loads((workdir / "results" / "ref_teacher" / "adpa_manifest.json").read_text())
+    assert manifest["params"]["dataset"]["path"] == "~/data sets/sft" and manifest["metrics"]["global_step"] >= 1
+    assert (home / "adpa work" / "ref_teacher").is_dir(), "checkpoints went to the expanded ~ work folder"
+    assert not (workdir / "~").exists()
