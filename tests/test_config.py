@@ -185,3 +185,21 @@ def test_missing_judge_input_is_named(tmp_path):
     config["evaluation"]["mt_bench"] = str(tmp_path / "mt bench" / "question.jsonl")
     with pytest.raises(ConfigError, match="'evaluation.mt_bench': no such file or directory: .*mt bench"):
         adpa_config.check_local_sources(config, REPO)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,message",
+    [
+        ("ref_teacher", "learning_rate", -1e-5, "'ref_teacher.learning_rate': -1e-05 is less than or equal to the minimum of 0"),
+        ("teacher_topk", "k", 0, "'teacher_topk.k': 0 is less than the minimum of 1"),
+        ("dpo_teacher", "beta", 0, "'dpo_teacher.beta': 0 is less than or equal to the minimum of 0"),
+        ("student_dpo", "beta", -0.1, "'student_dpo.beta': -0.1 is less than or equal to the minimum of 0"),
+        ("dckd", "per_device_batch_size", "two", "'dckd.per_device_batch_size': 'two' is not of type 'integer'"),
+    ],
+)
+def test_wrong_type_or_range_is_named(section, key, value, message):
+    config = load("tiny.yaml")
+    config[section][key] = value
+    with pytest.raises(ConfigError) as error:
+        adpa_config.validate_config(config)
+    assert str(error.value) == f"config key {message}"

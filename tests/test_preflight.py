@@ -145,3 +145,12 @@ def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
     assert manifest["params"]["dataset"]["path"] == "~/data sets/sft" and manifest["metrics"]["global_step"] >= 1
     assert (home / "adpa work" / "ref_teacher").is_dir(), "checkpoints went to the expanded ~ work folder"
     assert not (workdir / "~").exists()
+    # A model folder under ~ with a space: the base teacher, copied, as the student to fine-tune.
+    import shutil
+
+    shutil.copytree(workdir / "results" / "base_teacher", home / "my models" / "student")
+    config["models"]["base_student"] = {"path": "~/my models/student"}
+    (workdir / "config" / "tilde paths.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(workdir, "results/seed0/student_sft", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)})
+    manifest = json.loads((workdir / "results" / "seed0" / "student_sft" / "adpa_manifest.json").read_text())
+    assert manifest["params"]["base_model"]["path"] == "~/my models/student"
