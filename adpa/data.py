@@ -155,10 +155,15 @@ def load_sft(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
     return _normalized(raw, normalize_sft_row, where, spec.get("drop_bad_rows", False))
 
 
-def load_preference(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+def load_preference(spec: Mapping[str, Any], split: str, keep: Sequence[str] = ()) -> datasets.Dataset:
+    """Normalized pairs; `keep` names extra columns carried along (None where a row lacks them)."""
     where = f"dataset '{spec['path']}' split '{split}'"
     raw = _take(load_split(spec, split), spec.get("max_train_rows"))
-    return _normalized(raw, normalize_preference_row, where, spec.get("drop_bad_rows", False))
+
+    def normalize(row: Mapping[str, Any], row_where: str) -> dict[str, Any]:
+        return {**normalize_preference_row(row, row_where), **{column: row.get(column) for column in keep}}
+
+    return _normalized(raw, normalize, where, spec.get("drop_bad_rows", False))
 
 
 def _exchange(example: TaskExample, answer: str) -> list[Message]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from adpa.inference import greedy_responses
 from adpa.judges import REQUIRED_KEYS, read_records
-from adpa.sequences import pad_token_id, tokenize_rows
+from adpa.sequences import pad_left, pad_right, pad_token_id, tokenize_rows
 
 METRICS_FILE = "metrics.json"
 ANSWERS_FILE = "answers.jsonl"
@@ -32,22 +32,11 @@ Message = dict[str, str]
 
 def load_test_rows(dataset: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The held-out preference rows, normalized, with `family` and `answer` when the source has them."""
-    from adpa.data import DataError, load_split, normalize_preference_row
+    from adpa.data import DataError, load_preference
 
-    split = dataset["test_split"]
-    if split is None:
+    if dataset["test_split"] is None:
         raise DataError(f"dataset '{dataset['path']}': evaluation needs a held-out split (datasets.preference.test_split)")
-    raw = load_split(dataset, split)
-    where = f"dataset '{dataset['path']}' split '{split}'"
-    rows = []
-    for index, row in enumerate(raw):
-        normalized = normalize_preference_row(row, f"{where} row {index}")
-        normalized["family"] = row.get("family")
-        normalized["answer"] = row.get("answer")
-        rows.append(normalized)
-    if not rows:
-        raise DataError(f"{where}: no rows to evaluate")
-    return rows
+    return load_preference(dataset, dataset["test_split"], keep=("family", "answer")).to_list()
 
 
 def judge(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[bool | None]:
@@ -63,25 +52,11 @@ def judge(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[b
     return verdicts
 
 
-def _left_padded(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    ids = torch.tensor([[pad] * (width - len(row)) + row for row in sequences])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in sequences])
-    return ids, mask
-
-
-def _right_padded(sequences: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row in sequences])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in sequences])
-    return ids, mask
-
-
 @torch.no_grad()
 def _score_continuations(model, first_logprobs, cache, prompt_mask, prompt_positions, responses, pad):
     """Summed log-probability of each response token list, continuing the cached prompts."""
     device = prompt_mask.device
-    ids, mask = (tensor.to(device) for tensor in _right_padded(responses, pad))
+    ids, mask = (tensor.to(device) for tensor in pad_right(responses, pad))
     positions = prompt_positions[:, -1:] + 1 + torch.arange(ids.shape[1], device=device)[None, :]
     logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], -1), position_ids=positions,
                    cache=copy.deepcopy(cache), use_cache=True).logits
@@ -108,7 +83,7 @@ def score_and_answer(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_ne
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch"):
         batch_chosen, batch_rejected = chosen[start : start + batch_size], rejected[start : start + batch_size]
         prompt_ids = [exchange.input_ids[: exchange.response_start] for exchange in batch_chosen]
-        ids, mask = (tensor.to(device) for tensor in _left_padded(prompt_ids, pad))
+        ids, mask = (tensor.to(device) for tensor in pad_left(prompt_ids, pad))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         first = torch.log_softmax(output.logits[:, -1].float(), -1)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adpa.sequences import Exchange, pad_exchanges, pad_token_id, template_fingerprint, tokenize_rows
+from adpa.sequences import Exchange, pad_exchanges, pad_left, pad_token_id, template_fingerprint, tokenize_rows
 from adpa.topk_store import TopKStoreWriter
 
 Message = dict[str, str]
@@ -85,9 +85,8 @@ def greedy_responses(model, tokenizer, prompts: Sequence[list[Message]], max_new
     ]
     responses: list[str] = []
     for batch in _batches(encoded, batch_size, "generate"):
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        input_ids, attention = (tensor.to(device) for tensor in pad_left(batch, pad))
+        width = input_ids.shape[1]
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention,

@@ -7,6 +7,7 @@ The config-text checks (schema, local paths, judge files) run earlier, when the 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -42,11 +43,11 @@ def _model_sources(config: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
 
 def check_models(config: Mapping[str, Any]) -> None:
     """Local folders hold a config.json; hub ids are in the cache when the hub is offline."""
-    from adpa.models import check_model_reference
-
     for name, spec in _model_sources(config):
         reference = spec["path"]
         if is_local(reference):
+            from adpa.models import check_model_reference
+
             try:
                 check_model_reference(reference)
             except InputError as err:
@@ -64,13 +65,14 @@ def check_models(config: Mapping[str, Any]) -> None:
 
 def check_datasets(config: Mapping[str, Any]) -> None:
     """Every row of the training (and held-out) splits the stages will read is valid."""
-    from adpa.data import load_preference, load_sft
-
     produced = produced_paths(config)
-    for name, load in (("sft", load_sft), ("preference", load_preference)):
+    for name in ("sft", "preference"):
         spec = config["datasets"][name]
         if spec["path"] in produced:
-            continue
+            continue  # written by generate_data, from the task generator
+        from adpa import data
+
+        load = data.load_sft if name == "sft" else data.load_preference
         for split in (spec["train_split"], spec["test_split"]):
             if split is not None:
                 load(spec, split)
@@ -78,11 +80,11 @@ def check_datasets(config: Mapping[str, Any]) -> None:
 
 def check_vocabularies(config: Mapping[str, Any]) -> None:
     """Distillation needs one vocabulary: compare teacher and student tokenizers when both are named."""
-    from adpa.models import check_same_vocabulary, load_tokenizer
-
     sources = dict(_model_sources(config))
     if "base_teacher" not in sources or "base_student" not in sources:
         return  # a GGUF teacher, or a student cut from the teacher: the same tokenizer by construction
+    from adpa.models import check_same_vocabulary, load_tokenizer
+
     teacher, student = sources["base_teacher"], sources["base_student"]
     teacher_tokenizer = load_tokenizer(teacher["path"], teacher["trust_remote_code"], teacher.get("revision"))
     check_same_vocabulary(teacher_tokenizer, student["path"], student["trust_remote_code"])
@@ -118,7 +120,7 @@ def parameter_count(reference: str) -> int | None:
         for file in Path(expand_path(reference)).glob("*.safetensors"):
             with safe_open(str(file), "pt") as handle:
                 for key in handle.keys():
-                    total += _numel(handle.get_slice(key).get_shape())
+                    total += math.prod(handle.get_slice(key).get_shape())
         return total or None
     if _offline():
         return None
@@ -128,13 +130,6 @@ def parameter_count(reference: str) -> int | None:
         return sum(get_safetensors_metadata(reference).parameter_count.values())
     except Exception:  # no network, gated repo, no safetensors: no estimate, not an error
         return None
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def required_disk_bytes(config: Mapping[str, Any], parameters: Mapping[str, int | None]) -> int:

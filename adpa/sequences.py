@@ -71,6 +71,22 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def pad_left(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask [B, L]: every row ends at the last position (for generation)."""
+    width = max(len(row) for row in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in sequences])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in sequences])
+    return ids, mask
+
+
+def pad_right(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask [B, L]."""
+    width = max(len(row) for row in sequences)
+    ids = torch.tensor([list(row) + [pad_id] * (width - len(row)) for row in sequences])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in sequences])
+    return ids, mask
+
+
 def pad_exchanges(exchanges: Sequence[Exchange], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch. `response_mask[b, t]` marks label positions: token t+1 is a response token.
 
