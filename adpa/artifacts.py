@@ -32,6 +32,9 @@ def params_hash(params_json: str) -> str:
     return hashlib.sha256(params_json.encode()).hexdigest()[:16]
 
 
+SLURM_FACTS = {"job_id": "SLURM_JOB_ID", "nodes": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION"}
+
+
 def write_manifest(
     directory: str | os.PathLike,
     stage: str,
@@ -50,6 +53,9 @@ def write_manifest(
         "params": params,
         "metrics": dict(metrics),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        # Where it ran: the Slurm job (and its nodes) when the workflow ran through Slurm.
+        "slurm": {key: os.environ[name] for key, name in SLURM_FACTS.items() if name in os.environ} or None,
         "versions": {
             "python": platform.python_version(),
             **{package: version(package) for package in ("torch", "transformers", "trl", "accelerate", "deepspeed")},

@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--markdown", required=True, type=Path)
     summary.add_argument("--metrics-plot", required=True, type=Path)
     summary.add_argument("--loss-plot", required=True, type=Path)
-    check = sub.add_parser("check", help="validate a config file and print the derived settings")
-    check.add_argument("--configfile", type=Path, required=True)
+    check = sub.add_parser("check", help="validate config files and print the derived launch settings")
+    check.add_argument("--configfile", type=Path, nargs="+", required=True, help="later files overlay earlier ones")
+    check.add_argument("--slurm", action="store_true", help="jobs run through Slurm: skip this machine's GPU count")
     sub.add_parser("free-port", help="print a free TCP port (for accelerate's rendezvous)")
     sub.add_parser("config-docs", help="print config/README.md, generated from config/schema.yaml")
     return parser
@@ -189,6 +190,22 @@ def _set_threads(threads: int | None) -> None:
         set_cpu_threads(threads)
 
 
+def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
+    """How each training stage is distributed, and what every job asks of the scheduler."""
+    from adpa import launch
+
+    machines, processes = config["launch"]["num_machines"], config["launch"]["num_processes"]
+    for stage in configuration.TRAINING_STAGES:
+        training = config[stage]
+        steps = configuration.gradient_accumulation_steps(config, stage)
+        print(
+            f"{stage}: gradient_accumulation_steps = {steps}  (effective batch {training['effective_batch_size']} = "
+            f"{training['per_device_batch_size']} per device x {processes} processes x {machines} machines x {steps})"
+        )
+    for rule in (*launch.CPU_RULES, *launch.TRAINING_RULES, *launch.INFERENCE_RULES):
+        print(f"{rule}: threads={launch.job_threads(config, rule)} {launch.job_resources(config, workflow_dir, rule)}")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -216,11 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             workflow_dir = Path(__file__).resolve().parent.parent
             configuration.check_local_sources(loaded, workflow_dir)
             check_judge_inputs(loaded)
-            run_preflight(loaded, workflow_dir)
-            for stage in configuration.TRAINING_STAGES:
-                steps = configuration.gradient_accumulation_steps(loaded, stage)
-                print(f"{stage}: gradient_accumulation_steps = {steps}")
-            print(f"{args.configfile}: ok")
+            run_preflight(loaded, workflow_dir, local_jobs=not args.slurm)
+            _print_launch(loaded, workflow_dir)
+            print(f"{' '.join(map(str, args.configfile))}: ok")
         elif args.command == "generate_data":
             _generate_data(*_params(args), args.sft_output, args.preference_output)
         elif args.command == "base_teacher":

@@ -11,7 +11,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +107,19 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
     return config
 
 
-def load_config(path: str | os.PathLike, overrides: Mapping | None = None) -> dict:
-    """Read a YAML config file, merge overrides (nested, like snakemake --config), validate."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = yaml.load(handle, Loader=YAML_LOADER) or {}
-    except OSError as err:
-        raise ConfigError(f"config file '{path}': {err.strerror}") from err
+def load_config(
+    path: str | os.PathLike | Sequence[str | os.PathLike], overrides: Mapping | None = None
+) -> dict:
+    """Read YAML config files (later ones overlay earlier ones, nested, like several
+    `snakemake --configfile`), merge overrides (like --config), validate."""
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(item) for item in path]
+    config: dict = {}
+    for one in paths:
+        try:
+            with open(one, encoding="utf-8") as handle:
+                _merge(config, yaml.load(handle, Loader=YAML_LOADER) or {})
+        except OSError as err:
+            raise ConfigError(f"config file '{one}': {err.strerror}") from err
     if overrides:
         _merge(config, overrides)
     return validate_config(config)

@@ -20,8 +20,43 @@ from adpa.topk_store import TopKStoreWriter
 Message = dict[str, str]
 
 
+# Lock files of the GPUs this process claimed: held open until it exits.
+_CLAIMED: list[Any] = []
+
+
+def claim_device(names: Sequence[str], lock_dir: str | os.PathLike | None = None, wait_s: float = 1.0) -> int:
+    """Index of a device (named by a stable id) that no other process of this machine holds.
+
+    Snakemake's `gpu` resource bounds how many inference jobs run at once on a multi-GPU
+    machine but not which GPU each uses; without this they would all load onto the first.
+    The lock is released when the process exits, however it exits.
+    """
+    import fcntl
+    import tempfile
+    import time
+
+    if len(names) <= 1:
+        return 0
+    folder = Path(lock_dir or tempfile.gettempdir())
+    while True:
+        for index, name in enumerate(names):
+            handle = open(folder / f"adpa-device-{name}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _CLAIMED.append(handle)
+            return index
+        time.sleep(wait_s)
+
+
 def inference_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    # By UUID: under Slurm, two jobs on one node may each see their own GPU as cuda:0.
+    names = [str(torch.cuda.get_device_properties(index).uuid) for index in range(torch.cuda.device_count())]
+    return torch.device("cuda", claim_device(names))
 
 
 def _batches(items: Sequence[Any], size: int, description: str) -> Iterator[Sequence[Any]]:

@@ -14,17 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from adpa.config import (
     STUDENT_MODELS,
     ConfigError,
     InputError,
-    accelerate_config_path,
     expand_path,
     is_local,
     produced_paths,
 )
+from adpa.launch import gpus_per_machine
 
 # Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
 CHECKPOINT_BYTES_PER_PARAMETER = 14
@@ -74,8 +72,12 @@ def check_datasets(config: Mapping[str, Any]) -> None:
 
         load = data.load_sft if name == "sft" else data.load_preference
         for split in (spec["train_split"], spec["test_split"]):
-            if split is not None:
+            if split is None:
+                continue
+            try:
                 load(spec, split)
+            except ConnectionError as error:  # a hub dataset while the hub cannot be reached
+                raise ConfigError(f"config key 'datasets.{name}.path': {error}; download it first or point to a local copy") from error
 
 
 def check_vocabularies(config: Mapping[str, Any]) -> None:
@@ -90,14 +92,9 @@ def check_vocabularies(config: Mapping[str, Any]) -> None:
     check_same_vocabulary(teacher_tokenizer, student["path"], student["trust_remote_code"])
 
 
-def requested_gpus(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> int:
-    """GPUs one machine needs: launch.num_processes, unless the accelerate config runs on CPU."""
-    accelerate = yaml.safe_load(accelerate_config_path(config, workflow_dir).read_text()) or {}
-    return 0 if accelerate.get("use_cpu") else config["launch"]["num_processes"]
-
-
 def check_devices(config: Mapping[str, Any], workflow_dir: str | os.PathLike, available: int | None = None) -> None:
-    wanted = requested_gpus(config, workflow_dir)
+    """This machine has the GPUs one machine of a training job needs (CUDA_VISIBLE_DEVICES counts)."""
+    wanted = gpus_per_machine(config, workflow_dir)
     if wanted == 0:
         return
     if available is None:
@@ -164,9 +161,11 @@ def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> No
         )
 
 
-def run_preflight(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> None:
-    """Cheap checks first: a typo is reported before a dataset is read."""
-    check_devices(config, workflow_dir)
+def run_preflight(config: Mapping[str, Any], workflow_dir: str | os.PathLike, local_jobs: bool = True) -> None:
+    """Cheap checks first: a typo is reported before a dataset is read. The GPU count is only
+    checked when jobs run on this machine (not when Slurm places them on GPU nodes)."""
+    if local_jobs:
+        check_devices(config, workflow_dir)
     check_models(config)
     check_disk(config, workflow_dir)
     check_datasets(config)

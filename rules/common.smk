@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from adpa import config as adpa_config
+from adpa import launch
 from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
 
@@ -22,26 +23,15 @@ def preflight(config):
     from adpa.preflight import run_preflight
 
     try:
-        run_preflight(config, workflow.basedir)
+        run_preflight(config, workflow.basedir, local_jobs=workflow.local_exec)
     except adpa_config.InputError as error:
         sys.exit(f"error: {error}")
 
 
 RESULTS = "results"
 LAUNCH = config["launch"]
-PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-# The code Snakemake hashes is the code that runs: the workflow's own adpa/ comes first.
-PYTHONPATH = f'PYTHONPATH={shlex.quote(workflow.basedir)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
-ADPA = f"{PYTHONPATH} python -m adpa"
-ACCELERATE_CONFIG = str(adpa_config.accelerate_config_path(config, workflow.basedir))
-TRAIN = (
-    f"{PYTHONPATH} accelerate launch --config_file {shlex.quote(ACCELERATE_CONFIG)}"
-    f" --num_machines {LAUNCH['num_machines']}"
-    f" --num_processes {LAUNCH['num_processes'] * LAUNCH['num_machines']}"
-    f" --mixed_precision {PRECISION_TO_ACCELERATE[config['precision']]}"
-    f' --main_process_port "$({ADPA} free-port)" -m adpa'
-)
+ADPA = launch.adpa_command(workflow.basedir)
+TRAIN = launch.training_command(config, workflow.basedir)
 
 
 # Launch settings change no result. Params computed by a function of `threads` count as
@@ -52,6 +42,16 @@ def adpa_command(wildcards, threads):
 
 def train_command(wildcards, threads):
     return TRAIN
+
+
+# Threads and scheduler requests (local --resources gpu=N, Slurm partition/memory/runtime/GPUs)
+# of each rule, from the config's `resources` and `launch`.
+def threads_of(rule):
+    return launch.job_threads(config, rule)
+
+
+def resources_of(rule):
+    return launch.job_resources(config, workflow.basedir, rule)
 
 
 def inference_options(wildcards, threads):

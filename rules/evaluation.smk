@@ -19,7 +19,9 @@ rule evaluate:
         "logs/eval/{model}.log",
     benchmark:
         "benchmarks/eval/{model}.tsv"
-    threads: 1
+    threads: threads_of("evaluate")
+    resources:
+        **resources_of("evaluate"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -43,6 +45,9 @@ rule summary:
         adpa=adpa_command,
     log:
         "logs/summary.log",
+    threads: threads_of("summary")
+    resources:
+        **resources_of("summary"),
     conda:
         "../envs/train.yaml"
     shell:

@@ -12,6 +12,9 @@ rule base_teacher:
         "logs/base_teacher.log",
     benchmark:
         "benchmarks/base_teacher.tsv"
+    threads: threads_of("base_teacher")
+    resources:
+        **resources_of("base_teacher"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -32,6 +35,9 @@ if config["datasets"]["generate"]:
             "logs/generate_data.log",
         benchmark:
             "benchmarks/generate_data.tsv"
+        threads: threads_of("generate_data")
+        resources:
+            **resources_of("generate_data"),
         conda:
             "../envs/train.yaml"
         shell:

@@ -21,6 +21,9 @@ if "teacher_layers" in config["models"]["base_student"]:
             "logs/base_student.log",
         benchmark:
             "benchmarks/base_student.tsv"
+        threads: threads_of("base_student")
+        resources:
+            **resources_of("base_student"),
         conda:
             "../envs/train.yaml"
         shell:
@@ -46,7 +49,9 @@ rule student_sft:
         "logs/seed{seed}/student_sft.log",
     benchmark:
         "benchmarks/seed{seed}/student_sft.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("student_sft")
+    resources:
+        **resources_of("student_sft"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -69,7 +74,9 @@ rule teacher_topk:
         "logs/teacher_topk.log",
     benchmark:
         "benchmarks/teacher_topk.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("teacher_topk")
+    resources:
+        **resources_of("teacher_topk"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -92,7 +99,9 @@ rule student_generations:
         "logs/seed{seed}/student_generations.log",
     benchmark:
         "benchmarks/seed{seed}/student_generations.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("student_generations")
+    resources:
+        **resources_of("student_generations"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -116,7 +125,9 @@ rule advantage:
         "logs/seed{seed}/advantage.log",
     benchmark:
         "benchmarks/seed{seed}/advantage.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("advantage")
+    resources:
+        **resources_of("advantage"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -141,7 +152,9 @@ rule dckd:
         "logs/seed{seed}/dckd.log",
     benchmark:
         "benchmarks/seed{seed}/dckd.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("dckd")
+    resources:
+        **resources_of("dckd"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -166,7 +179,9 @@ rule adpa:
         "logs/seed{seed}/adpa.log",
     benchmark:
         "benchmarks/seed{seed}/adpa.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("adpa")
+    resources:
+        **resources_of("adpa"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -192,7 +207,9 @@ rule adpa_plus:
         "logs/seed{seed}/adpa_plus.log",
     benchmark:
         "benchmarks/seed{seed}/adpa_plus.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("adpa_plus")
+    resources:
+        **resources_of("adpa_plus"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -216,7 +233,9 @@ rule student_dpo:
         "logs/seed{seed}/student_dpo.log",
     benchmark:
         "benchmarks/seed{seed}/student_dpo.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("student_dpo")
+    resources:
+        **resources_of("student_dpo"),
     conda:
         "../envs/train.yaml"
     shell:

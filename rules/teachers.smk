@@ -17,7 +17,9 @@ rule ref_teacher:
         "logs/ref_teacher.log",
     benchmark:
         "benchmarks/ref_teacher.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("ref_teacher")
+    resources:
+        **resources_of("ref_teacher"),
     conda:
         "../envs/train.yaml"
     shell:
@@ -40,7 +42,9 @@ rule dpo_teacher:
         "logs/dpo_teacher.log",
     benchmark:
         "benchmarks/dpo_teacher.tsv"
-    threads: LAUNCH["threads"]
+    threads: threads_of("dpo_teacher")
+    resources:
+        **resources_of("dpo_teacher"),
     conda:
         "../envs/train.yaml"
     shell:

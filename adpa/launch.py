@@ -1,0 +1,141 @@
+"""How stages are launched: the commands the rules run and what each job asks of the scheduler.
+
+Nothing here changes a result, so none of it is a rerun trigger. One machine: `accelerate launch`
+with the config's processes. Several machines (launch.num_machines > 1): the job runs inside a
+Slurm allocation of that many nodes and `srun` starts one accelerate launcher per node, which
+reads its rank from SLURM_NODEID; the first node of the allocation hosts the rendezvous.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from adpa.config import accelerate_config_path
+
+PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+MULTI_NODE_PORT = 29500
+
+# Which scheduler group each rule belongs to (config `resources.<group>`).
+TRAINING_RULES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", "student_dpo")
+INFERENCE_RULES = ("teacher_topk", "student_generations", "advantage", "evaluate")
+CPU_RULES = ("generate_data", "base_teacher", "base_student", "summary")
+RESOURCE_FIELDS = ("partition", "cpus", "mem_mb", "runtime", "gpu_model", "slurm_extra")
+
+
+def pythonpath_prefix(workflow_dir: str | os.PathLike) -> str:
+    """The workflow's own adpa/ first on PYTHONPATH: the code Snakemake hashes is the code that runs."""
+    return f'PYTHONPATH={shlex.quote(str(workflow_dir))}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+
+
+def adpa_command(workflow_dir: str | os.PathLike) -> str:
+    return f"{pythonpath_prefix(workflow_dir)} python -m adpa"
+
+
+def runs_on_gpus(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> bool:
+    accelerate = yaml.safe_load(accelerate_config_path(config, workflow_dir).read_text()) or {}
+    return not accelerate.get("use_cpu")
+
+
+def gpus_per_machine(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> int:
+    """GPUs one machine of a training job needs: launch.num_processes, none on CPU."""
+    return config["launch"]["num_processes"] if runs_on_gpus(config, workflow_dir) else 0
+
+
+def accelerate_arguments(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> list[str]:
+    """`accelerate launch` options from the config; they override the accelerate config file."""
+    launch = config["launch"]
+    arguments = [
+        "--config_file", str(accelerate_config_path(config, workflow_dir)),
+        "--num_machines", str(launch["num_machines"]),
+        "--num_processes", str(launch["num_processes"] * launch["num_machines"]),
+        "--mixed_precision", PRECISION_TO_ACCELERATE[config["precision"]],
+    ]
+    if launch["zero_stage"] is not None:
+        arguments += ["--zero_stage", str(launch["zero_stage"])]
+    if launch["offload_optimizer"] is not None:
+        arguments += ["--offload_optimizer_device", launch["offload_optimizer"]]
+    if launch["offload_params"] is not None:
+        arguments += ["--offload_param_device", launch["offload_params"]]
+    return arguments
+
+
+def training_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
+    """Shell prefix that runs `python -m adpa <stage> ...` (the rule appends the rest) on every process."""
+    launch = config["launch"]
+    options = " ".join(shlex.quote(argument) for argument in accelerate_arguments(config, workflow_dir))
+    prefix = pythonpath_prefix(workflow_dir)
+    if launch["num_machines"] == 1:
+        port = launch["main_process_port"] or f'"$({adpa_command(workflow_dir)} free-port)"'
+        return f"{prefix} accelerate launch {options} --main_process_port {port} -m adpa"
+    # One launcher per node; the stage's arguments reach each through "$@" of the per-node shell.
+    port = launch["main_process_port"] or MULTI_NODE_PORT
+    per_node = (
+        f'accelerate launch {options} --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR"'
+        f' --main_process_port {port} -m adpa "$@"'
+    )
+    return (
+        f'{prefix} MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+        f" srun --nodes {launch['num_machines']} --ntasks-per-node 1 --kill-on-bad-exit=1"
+        f" bash -c {shlex.quote(per_node)} adpa-node"
+    )
+
+
+def rule_group(rule: str) -> str:
+    if rule in TRAINING_RULES:
+        return "training"
+    if rule in INFERENCE_RULES:
+        return "inference"
+    if rule in CPU_RULES:
+        return "cpu"
+    raise KeyError(f"no resource group for rule {rule!r}")
+
+
+def requested(config: Mapping[str, Any], rule: str) -> dict[str, Any]:
+    """resources.<rule>, then resources.<group>, then resources.default: the first value set."""
+    layers = [config["resources"].get(rule) or {}, config["resources"][rule_group(rule)], config["resources"]["default"]]
+    return {field: next((layer[field] for layer in layers if layer.get(field) is not None), None) for field in RESOURCE_FIELDS}
+
+
+def job_threads(config: Mapping[str, Any], rule: str) -> int:
+    cpus = requested(config, rule)["cpus"]
+    if cpus is not None:
+        return cpus
+    return config["launch"]["threads"] if rule_group(rule) != "cpu" else 1
+
+
+def job_resources(config: Mapping[str, Any], workflow_dir: str | os.PathLike, rule: str) -> dict[str, Any]:
+    """Snakemake resources of a rule's jobs: `gpu` (local `--resources gpu=N` and Slurm's --gpus),
+    Slurm's partition, memory and runtime, and for multi-node training the nodes and srun tasks."""
+    spec = requested(config, rule)
+    resources: dict[str, Any] = {}
+    if spec["partition"]:
+        resources["slurm_partition"] = spec["partition"]
+    for field in ("mem_mb", "runtime"):
+        if spec[field] is not None:
+            resources[field] = spec[field]
+    extra = [spec["slurm_extra"]] if spec["slurm_extra"] else []
+    group = rule_group(rule)
+    gpus = gpus_per_machine(config, workflow_dir) if group == "training" else int(
+        group == "inference" and runs_on_gpus(config, workflow_dir)
+    )
+    machines = config["launch"]["num_machines"] if group == "training" else 1
+    if machines > 1:
+        # The job's own shell runs srun across the nodes (the `mpi` resource tells the Slurm
+        # executor not to wrap it in a one-task srun); GPUs are counted per node.
+        resources.update(nodes=machines, tasks=machines, mpi="srun")
+        extra.append("--ntasks-per-node=1")
+        if gpus:
+            model = f"{spec['gpu_model']}:" if spec["gpu_model"] else ""
+            extra.append(f"--gpus-per-node={model}{gpus}")
+    elif gpus:
+        resources["gpu"] = gpus
+        if spec["gpu_model"]:
+            resources["gpu_model"] = spec["gpu_model"]
+    if extra:
+        resources["slurm_extra"] = " ".join(extra)
+    return resources
