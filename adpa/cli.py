@@ -12,7 +12,9 @@ import logging
 import socket
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from adpa import artifacts, config as configuration
 from adpa.config import InputError

@@ -27,14 +27,15 @@ def _rows(properties: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
     for name, sub in properties.items():
         key = f"{prefix}{name}"
         if "$ref" in sub:
-            yield f"| `{key}` | object |  | a {sub['$ref'].rsplit('/', 1)[-1]} source (see below) |"
+            kind = sub["$ref"].rsplit("/", 1)[-1]
+            yield f"| `{key}` | object |  | {'job requests' if kind == 'job_resources' else f'a {kind} source'} (see below) |"
             continue
         kind = sub.get("type", "object")
         kind = " or ".join(kind) if isinstance(kind, list) else kind
         default = _default(sub["default"]) if "default" in sub else ""
         notes = [" ".join(str(sub.get("description", "")).split()).rstrip(".")]
         if "enum" in sub:
-            notes.append("one of " + ", ".join(map(str, sub["enum"])))
+            notes.append("one of " + ", ".join("null" if value is None else str(value) for value in sub["enum"]))
         for keyword, word in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
             if keyword in sub:
                 notes.append(f"{word} {sub[keyword]}")
@@ -46,6 +47,10 @@ def render() -> str:
     schema = load_schema()
     table = "| key | type | default | meaning |\n|---|---|---|---|"
     parts = [HEADER, table, *_rows(schema["properties"])]
-    for title, definition in (("Model source (`models.*`)", "model"), ("Dataset source (`datasets.sft`, `datasets.preference`)", "dataset")):
+    for title, definition in (
+        ("Model source (`models.*`)", "model"),
+        ("Dataset source (`datasets.sft`, `datasets.preference`)", "dataset"),
+        ("Job requests (`resources.*`)", "job_resources"),
+    ):
         parts += ["", f"## {title}", "", table, *_rows(schema["definitions"][definition]["properties"])]
     return "\n".join(parts) + "\n"

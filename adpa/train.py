@@ -86,6 +86,9 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
         "save_steps": run.launch.save_steps,
         "save_total_limit": run.launch.save_total_limit,
         "eval_strategy": "no",
+        # All input tokens, padding included: packed SFT batches have no padding and no attention
+        # mask, and its pad token is often EOS, so "non_padding" would drop every EOS there.
+        "include_num_input_tokens_seen": "all",
         "seed": run.params["seed"],
         "data_seed": run.params["seed"],
         "report_to": [],
@@ -132,10 +135,32 @@ def launch_facts(trainer) -> dict[str, Any]:
     }
 
 
-def final_metrics(trainer, eval_metrics: Mapping[str, float]) -> dict[str, Any]:
+def tokens_seen(checkpoint: str | None) -> int:
+    """Input tokens the Trainer had counted when it saved this checkpoint (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+
+
+def model_parameters(model) -> int:
+    """All parameters (tied ones once); under ZeRO-3 each rank holds a shard, ds_numel is the full size."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
+
+
+def throughput(trainer, train_output, tokens_before: int) -> dict[str, Any]:
+    """Time and tokens of this launch's train() alone (a resumed stage: since its checkpoint)."""
+    return {
+        "train_seconds": train_output.metrics["train_runtime"],
+        "train_tokens_incl_padding": trainer.state.num_input_tokens_seen - tokens_before,
+        "model_parameters": model_parameters(trainer.model),
+    }
+
+
+def final_metrics(trainer, eval_metrics: Mapping[str, float], launch_throughput: Mapping[str, Any]) -> dict[str, Any]:
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     metrics: dict[str, Any] = {
         **launch_facts(trainer),
+        **launch_throughput,
         "global_step": trainer.state.global_step,
         "train_loss_first": history[0]["loss"] if history else None,
         "train_loss_last": history[-1]["loss"] if history else None,
@@ -152,7 +177,9 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
         log.warning("%s: launch %s", run.stage, json.dumps(launch_facts(trainer)))
         if resume:
             log.warning("%s: resuming from checkpoint %s", run.stage, resume)
-    trainer.train(resume_from_checkpoint=resume)
+    tokens_before = tokens_seen(resume)  # read now: checkpoint rotation may delete it while training
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    launch_throughput = throughput(trainer, train_output, tokens_before)
     eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
     staging = artifacts.staging_dir(run.output)
     if accelerator.is_main_process:
@@ -164,7 +191,7 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
         # The trainer also pickles its arguments there; a published model holds no pickle.
         (staging / "training_args.bin").unlink(missing_ok=True)
         trainer.processing_class.save_pretrained(str(staging))
-        metrics = final_metrics(trainer, eval_metrics)
+        metrics = final_metrics(trainer, eval_metrics, launch_throughput)
         # Every logged training loss, for the results' loss plot.
         history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
         artifacts.write_manifest(

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from adpa.checkout import copy_workflow  # noqa: F401  (the tests' import point)
+
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOW_PARTS = ("Snakefile", "rules", "config", "adpa", "envs")
-
-
-def copy_workflow(destination: Path) -> Path:
-    """A runnable copy of the workflow; runs there use (and hash) the copy's own adpa/."""
-    destination.mkdir(parents=True, exist_ok=True)
-    for part in WORKFLOW_PARTS:
-        source = REPO / part
-        if source.is_dir():
-            shutil.copytree(source, destination / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, destination / part)
-    return destination
 
 
 def run_snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,6 +37,24 @@ def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
             break
         jobs[fields[0]] = int(fields[1])
     return jobs
+
+
+def paper_home(home: Path) -> Path:
+    """A home folder with the paper configs' local files (dpo-mix-7k copy, judge question files), one row each."""
+    import datasets
+
+    row = {
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+    }
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([row])}).save_to_disk(
+        str(home / "Datasets" / "preference alignment" / "dpo-mix-7k")
+    )
+    (home / "Datasets" / "alpaca_eval").mkdir()
+    (home / "Datasets" / "alpaca_eval" / "alpaca_eval.json").write_text('[{"instruction": "Say hi."}]')
+    (home / "Datasets" / "mt_bench").mkdir()
+    (home / "Datasets" / "mt_bench" / "question.jsonl").write_text('{"question_id": 81, "turns": ["Hi."]}\n')
+    return home
 
 
 @pytest.fixture

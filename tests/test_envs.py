@@ -30,3 +30,19 @@ def test_conda_env_pins_match_pyproject():
             continue
         assert env_pins.get(name) == version, f"envs/train.yaml pins {name}=={env_pins.get(name)}, pyproject {version}"
     assert env_pins["torch"] == "2.13.0"
+
+
+def test_pins_are_the_versions_the_tests_run_with():
+    """What the test suite runs on is what envs/train.yaml gives a conda user (torch: its CPU or CUDA build)."""
+    from importlib.metadata import version
+
+    env = yaml.safe_load((REPO / "envs" / "train.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    for name, pinned in pins(pip_section).items():
+        installed = version(name)
+        if name == "torch":
+            installed = installed.split("+")[0]  # 2.13.0+cpu
+        assert installed == pinned, f"envs/train.yaml pins {name}=={pinned}, the tests run {installed}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name, pinned in pins(project["slurm"]).items():
+        assert version(name) == pinned, f"pyproject.toml's slurm extra pins {name}=={pinned}, the tests run {version(name)}"

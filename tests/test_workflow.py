@@ -11,10 +11,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import datasets
 import pytest
 
-from conftest import copy_workflow, planned_jobs, run_snakemake
+from conftest import copy_workflow, paper_home, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
@@ -193,17 +192,7 @@ PAPER_JOBS = {
     ],
 )
 def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path, recipe, teacher, student):
-    home = tmp_path / "home"
-    dpo_mix = home / "Datasets" / "preference alignment" / "dpo-mix-7k"
-    row = {
-        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
-    }
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([row])}).save_to_disk(str(dpo_mix))
-    (home / "Datasets" / "alpaca_eval").mkdir()
-    (home / "Datasets" / "alpaca_eval" / "alpaca_eval.json").write_text('[{"instruction": "Say hi."}]')
-    (home / "Datasets" / "mt_bench").mkdir()
-    (home / "Datasets" / "mt_bench" / "question.jsonl").write_text('{"question_id": 81, "turns": ["Hi."]}\n')
+    home = paper_home(tmp_path / "home")
     paper = ("--configfile", f"config/{recipe}")
     result = run_snakemake(tiny, "-n", "-p", *paper, "--directory", str(tmp_path / "paper run"), env={"HOME": str(home)})
     assert planned_jobs(result) == PAPER_JOBS
@@ -211,7 +200,7 @@ def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path, recipe, teach
     assert "--num_processes 2" in text and "--mixed_precision bf16" in text
     assert "deepspeed_zero3.yaml" in text and "--gradient-checkpointing" in text
     assert f"--model {teacher}" in text and f"--model {student}" in text and f"--tokenizer {teacher}" in text
-    assert f"dpo-mix-7k" in text
+    assert "dpo-mix-7k" in text
     missing = run_snakemake(tiny, "-n", *paper, env={"HOME": str(tmp_path / "empty home")}, check=False)
     assert missing.returncode != 0
     assert "error: config key 'datasets.preference.path': no such file or directory:" in missing.stderr
