@@ -24,7 +24,7 @@ MULTI_NODE_PORT = 29500
 TRAINING_RULES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", "student_dpo")
 INFERENCE_RULES = ("teacher_topk", "student_generations", "advantage", "evaluate")
 CPU_RULES = ("generate_data", "base_teacher", "base_student", "summary")
-RESOURCE_FIELDS = ("partition", "cpus", "mem_mb", "runtime", "gpu_model", "slurm_extra")
+RESOURCE_FIELDS = ("partition", "cpus", "mem_mb", "runtime", "gpu_model", "gres", "slurm_extra")
 
 
 def pythonpath_prefix(workflow_dir: str | os.PathLike) -> str:
@@ -124,14 +124,16 @@ def job_resources(config: Mapping[str, Any], workflow_dir: str | os.PathLike, ru
         group == "inference" and runs_on_gpus(config, workflow_dir)
     )
     machines = config["launch"]["num_machines"] if group == "training" else 1
+    model = f"{spec['gpu_model']}:" if spec["gpu_model"] else ""
     if machines > 1:
         # The job's own shell runs srun across the nodes (the `mpi` resource tells the Slurm
         # executor not to wrap it in a one-task srun); GPUs are counted per node.
         resources.update(nodes=machines, tasks=machines, mpi="srun")
         extra.append("--ntasks-per-node=1")
-        if gpus:
-            model = f"{spec['gpu_model']}:" if spec["gpu_model"] else ""
-            extra.append(f"--gpus-per-node={model}{gpus}")
+    if gpus and spec["gres"]:
+        resources["gres"] = f"gpu:{model}{gpus}"  # GRES counts per node
+    elif gpus and machines > 1:
+        extra.append(f"--gpus-per-node={model}{gpus}")  # --gpus would count all nodes together
     elif gpus:
         resources["gpu"] = gpus
         if spec["gpu_model"]:

@@ -125,6 +125,14 @@ def test_multi_node_jobs_ask_slurm_for_nodes_and_gpus_per_node():
     assert launch.job_resources(config, REPO, "evaluate")["gpu"] == 1 and "nodes" not in launch.job_resources(config, REPO, "evaluate")
 
 
+def test_gres_asks_for_gpus_per_node_as_generic_resources():
+    config = paper(TWO_NODES, resources={"training": {"gres": True, "gpu_model": "a100"}, "inference": {"gres": True}})
+    training = launch.job_resources(config, REPO, "ref_teacher")
+    assert training["gres"] == "gpu:a100:8" and "gpu" not in training and training["slurm_extra"] == "--ntasks-per-node=1"
+    assert launch.job_resources(config, REPO, "evaluate")["gres"] == "gpu:1"
+    assert "gres" not in launch.job_resources(config, REPO, "summary")
+
+
 def test_unknown_resource_key_or_rule_is_named():
     with pytest.raises(adpa_config.ConfigError, match=r"config key 'resources.ref_teacher.mem_gb': unknown key; did you mean 'mem_mb'"):
         paper(resources={"ref_teacher": {"mem_gb": 1}})
