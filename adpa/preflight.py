@@ -21,6 +21,7 @@ from adpa.config import (
     expand_path,
     is_local,
     produced_paths,
+    student_seeds,
 )
 from adpa.launch import gpus_per_machine
 
@@ -138,7 +139,7 @@ def required_disk_bytes(config: Mapping[str, Any], parameters: Mapping[str, int 
     known = {stage: count for stage, count in per_stage.items() if count}
     if not known:
         return 0
-    seeds = len(config["seeds"] or [config["seed"]])
+    seeds = len(student_seeds(config))
     checkpoints = max(count * CHECKPOINT_BYTES_PER_PARAMETER * keep for count in known.values())
     finals = sum(count * final_bytes * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds)
                  for stage, count in known.items())

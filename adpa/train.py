@@ -96,13 +96,13 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
     }
 
 
-def _complete(checkpoint: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off."""
+def _trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint's trainer_state.json; None when unreadable. The Trainer writes it last, so a
+    checkpoint without a readable one was cut off."""
     try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
+        return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        return False
-    return True
+        return None
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
@@ -115,7 +115,7 @@ def last_checkpoint(work_dir: Path) -> str | None:
         reverse=True,
     )
     for checkpoint in checkpoints:
-        if _complete(checkpoint):
+        if _trainer_state(checkpoint) is not None:
             return str(checkpoint)
         log.warning("removing incomplete checkpoint %s", checkpoint)
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -137,9 +137,8 @@ def launch_facts(trainer) -> dict[str, Any]:
 
 def tokens_seen(checkpoint: str | None) -> int:
     """Input tokens the Trainer had counted when it saved this checkpoint (0 for a fresh start)."""
-    if checkpoint is None:
-        return 0
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+    state = _trainer_state(checkpoint) if checkpoint is not None else None
+    return int(state.get("num_input_tokens_seen", 0)) if state else 0
 
 
 def model_parameters(model) -> int:
