@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--markdown", required=True, type=Path)
     summary.add_argument("--metrics-plot", required=True, type=Path)
     summary.add_argument("--loss-plot", required=True, type=Path)
+    summary.add_argument("--paired-csv", type=Path, help="also write the paired differences (with intervals) here")
     check = sub.add_parser("check", help="validate config files and print the derived launch settings")
     check.add_argument("--configfile", type=Path, nargs="+", required=True, help="later files overlay earlier ones")
     check.add_argument("--slurm", action="store_true", help="jobs run through Slurm: skip this machine's GPU count")
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
             params, _ = _params(args)
             table = write_summary(args.results, params["models"], params["run_name"], params["seed"], params["seeds"],
-                                  args.csv, args.markdown, args.metrics_plot, args.loss_plot)
+                                  args.csv, args.markdown, args.metrics_plot, args.loss_plot, args.paired_csv)
             print(table, end="")
         else:
             if args.threads:

@@ -67,6 +67,11 @@ def normalize_sft_row(row: Mapping[str, Any], where: str) -> dict[str, list[Mess
     messages = _conversation(row["messages"], where)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: no non-empty assistant turn")
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise DataError(f"{where}: the conversation must end with a non-empty assistant turn")
+    users = [m for m in messages if m["role"] == "user"]
+    if not users or any(not m["content"].strip() for m in users):
+        raise DataError(f"{where}: {'an empty user turn' if users else 'no user turn'}")
     return {"messages": messages}
 
 
@@ -145,20 +150,30 @@ def _normalized(dataset: datasets.Dataset, normalize, where: str, drop_bad_rows:
     return datasets.Dataset.from_list(rows)
 
 
-def _take(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+def _take(dataset: datasets.Dataset, spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+    """max_train_rows cuts the training split only: held-out results never depend on a training setting."""
+    limit = spec.get("max_train_rows") if split == spec.get("train_split", "train") else None
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
 def load_sft(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
     where = f"dataset '{spec['path']}' split '{split}'"
-    raw = _take(load_split(spec, split), spec.get("max_train_rows"))
+    raw = _take(load_split(spec, split), spec, split)
     return _normalized(raw, normalize_sft_row, where, spec.get("drop_bad_rows", False))
+
+
+def to_prompt_completion(dataset: datasets.Dataset) -> datasets.Dataset:
+    """SFT rows as TRL's conversational prompt + completion: every turn before the last assistant turn is the prompt."""
+    return dataset.map(
+        lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+        remove_columns=dataset.column_names,
+    )
 
 
 def load_preference(spec: Mapping[str, Any], split: str, keep: Sequence[str] = ()) -> datasets.Dataset:
     """Normalized pairs; `keep` names extra columns carried along (None where a row lacks them)."""
     where = f"dataset '{spec['path']}' split '{split}'"
-    raw = _take(load_split(spec, split), spec.get("max_train_rows"))
+    raw = _take(load_split(spec, split), spec, split)
 
     def normalize(row: Mapping[str, Any], row_where: str) -> dict[str, Any]:
         return {**normalize_preference_row(row, row_where), **{column: row.get(column) for column in keep}}
@@ -171,41 +186,63 @@ def _exchange(example: TaskExample, answer: str) -> list[Message]:
 
 
 def _rows(
-    examples: list[TaskExample], families: Sequence[str], multi_turn_fraction: float, rng: random.Random
+    examples: list[TaskExample], families: Sequence[str], multi_turn_fraction: float, rng: random.Random,
+    error_rates: Mapping[str, float], rejected_kind: str,
 ) -> dict[str, list]:
-    """Both dataset forms; a fraction of rows carries an earlier, answered exchange as context."""
+    """Both dataset forms; a fraction of rows carries an earlier, answered exchange as context.
+
+    The SFT answer is the family's typical mistake with the family's error rate (mixed-quality SFT
+    data, as in the paper's setting); the preference pair always prefers the correct answer."""
     sft, chosen, rejected, family, answer = [], [], [], [], []
     for example in examples:
         history: list[Message] = [{"role": "system", "content": GENERATED_SYSTEM_PROMPT}]
         if rng.random() < multi_turn_fraction:
             earlier = generate_examples(1, rng.randrange(2**31), families)[0]
             history += _exchange(earlier, earlier.answer)
-        sft.append(history + _exchange(example, example.answer))
+        sloppy = rng.random() < error_rates.get(example.family, 0.0)
+        sft.append(history + _exchange(example, example.typical_mistake if sloppy else example.answer))
         chosen.append(history + _exchange(example, example.answer))
-        rejected.append(history + _exchange(example, example.wrong_answer))
+        wrong = example.typical_mistake if rejected_kind == "typical_mistake" else example.wrong_answer
+        rejected.append(history + _exchange(example, wrong))
         family.append(example.family)
         answer.append(example.answer)
     return {"sft": sft, "chosen": chosen, "rejected": rejected, "family": family, "answer": answer}
 
 
 def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, preference_dir: str | os.PathLike) -> None:
-    """Write the verifiable task family as two DatasetDicts (train/test) in the deita and dpo-mix forms."""
+    """Write the verifiable task family as two DatasetDicts in the deita and dpo-mix forms: splits
+    train, test (held out) and, with validation_rows, validation (for tuning; disjoint from both)."""
     families = spec.get("families") or FAMILY_NAMES
     seed, train_rows, test_rows = spec["seed"], spec["train_rows"], spec["test_rows"]
+    validation_rows = spec.get("validation_rows", 0)
+    unknown = sorted(set(spec.get("sft_error_rates") or {}) - set(FAMILY_NAMES))
+    if unknown:
+        raise DataError(f"config key 'datasets.generate.sft_error_rates': unknown task family '{unknown[0]}'")
     sft_train = generate_examples(train_rows, seed, families)
     preference_train = generate_examples(train_rows, seed + 1, families)
     seen = {example.prompt for example in sft_train + preference_train}
-    # Held-out prompts never occur in training; oversample, then drop repeats.
-    candidates = generate_examples(test_rows * 4, seed + 2, families)
-    test = [example for example in candidates if example.prompt not in seen][:test_rows]
-    test = list({example.prompt: example for example in test}.values())
-    rng = random.Random(seed)
-    fraction = spec["multi_turn_fraction"]
+
+    def held_out(rows: int, offset: int) -> list[TaskExample]:
+        """Prompts never seen before (in training or an earlier held-out split); oversample, drop repeats."""
+        candidates = generate_examples(rows * 4, seed + offset, families)
+        fresh = list({example.prompt: example for example in candidates if example.prompt not in seen}.values())[:rows]
+        seen.update(example.prompt for example in fresh)
+        return fresh
+
+    test = held_out(test_rows, 2)
     splits = {"train": (sft_train, preference_train), "test": (test, test)}
+    if validation_rows:
+        validation = held_out(validation_rows, 3)
+        splits["validation"] = (validation, validation)
+    rng = random.Random(seed)
+    fraction, error_rates = spec["multi_turn_fraction"], spec.get("sft_error_rates") or {}
+    rejected_kind = spec.get("rejected", "near_miss")
     sft_dict, preference_dict = {}, {}
     for split, (sft_examples, preference_examples) in splits.items():
-        sft_rows = _rows(sft_examples, families, fraction, rng)
-        preference_rows = _rows(preference_examples, families, fraction, rng)
+        # Held-out SFT rows stay correct: they measure the SFT loss, not the annotators' sloppiness.
+        rates = error_rates if split == "train" else {}
+        sft_rows = _rows(sft_examples, families, fraction, rng, rates, rejected_kind)
+        preference_rows = _rows(preference_examples, families, fraction, rng, rates, rejected_kind)
         sft_dict[split] = datasets.Dataset.from_dict(
             {"messages": sft_rows["sft"], "family": sft_rows["family"], "answer": sft_rows["answer"]}
         )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from adpa.data import load_preference
+from adpa.lm_head import dense_lm_head
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
@@ -28,6 +29,8 @@ def run_dpo(run: StageRun, model_reference: str) -> None:
         train_dataset=train_dataset,
         processing_class=tokenizer,
     )
+    dense_lm_head(trainer.model)
+    dense_lm_head(trainer.ref_model)
     # No trainer-side evaluation: rule evaluate scores every model on the held-out pairs (the
     # trainer's would run policy and reference over them again, ~20% of this stage on CPU).
     train_and_export(run, trainer, None)

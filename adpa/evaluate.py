@@ -30,13 +30,14 @@ ALPACA_EVAL_FILE = "alpaca_eval/model_outputs.json"
 Message = dict[str, str]
 
 
-def load_test_rows(dataset: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The held-out preference rows, normalized, with `family` and `answer` when the source has them."""
+def load_test_rows(dataset: Mapping[str, Any], split: str | None = None) -> list[dict[str, Any]]:
+    """The held-out preference rows (or `split`'s), normalized, with `family` and `answer` when the source has them."""
     from adpa.data import DataError, load_preference
 
-    if dataset["test_split"] is None:
+    split = split or dataset["test_split"]
+    if split is None:
         raise DataError(f"dataset '{dataset['path']}': evaluation needs a held-out split (datasets.preference.test_split)")
-    return load_preference(dataset, dataset["test_split"], keep=("family", "answer")).to_list()
+    return load_preference(dataset, split, keep=("family", "answer")).to_list()
 
 
 def judge(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[bool | None]:
@@ -102,7 +103,11 @@ def score_and_answer(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_ne
 
 def evaluate_model(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_tokens: int, batch_size: int
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics over the held-out rows, and one answer record per row."""
+    """Metrics over the held-out rows, and one answer record per row.
+
+    A record holds the row's greedy response, the verifier's verdict (`correct`, None without a task
+    family), and log pi(chosen), log pi(rejected) summed over their response tokens with the token counts.
+    """
     responses, chosen, chosen_tokens, rejected, rejected_tokens = score_and_answer(
         model, tokenizer, rows, max_new_tokens, batch_size
     )
@@ -118,9 +123,14 @@ def evaluate_model(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_
         "margin_per_token": per_token.mean().item(),
         "empty_answers": sum(not response for response in responses),
     }
+    # Per-row log-probs and token counts, so the summary can bootstrap every metric over rows.
+    scores = zip(chosen.tolist(), rejected.tolist(), chosen_tokens.tolist(), rejected_tokens.tolist())
     answers = [
-        {"row": index, "family": row.get("family"), "answer": row.get("answer"), "response": response, "correct": verdict}
-        for index, (row, response, verdict) in enumerate(zip(rows, responses, verdicts))
+        {"row": index, "family": row.get("family"), "answer": row.get("answer"), "response": response,
+         "correct": verdict, "chosen_logprob": chosen_sum, "rejected_logprob": rejected_sum,
+         "chosen_tokens": int(chosen_count), "rejected_tokens": int(rejected_count)}
+        for index, (row, response, verdict, (chosen_sum, rejected_sum, chosen_count, rejected_count))
+        in enumerate(zip(rows, responses, verdicts, scores, strict=True))
     ]
     return metrics, answers
 
@@ -167,14 +177,15 @@ def model_id(run_name: str, model_name: str) -> str:
 def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: str, run_name: str,
                  staging: Path, batch_size: int) -> dict[str, Any]:
     """Write metrics.json, answers.jsonl and the optional judge inputs into `staging`."""
-    from adpa.inference import load_for_inference
+    from adpa.inference import inference_autocast, load_for_inference
     from adpa.config import TEACHER_MODELS
 
     family = "teacher" if model_name in TEACHER_MODELS else "student"
     settings = params["evaluation"]
-    rows = load_test_rows(params["dataset"])
+    rows = load_test_rows(params["dataset"], settings.get("split"))
     model, tokenizer = load_for_inference(model_reference, params["precision"], params["trust_remote_code"][family])
-    metrics, answers = evaluate_model(model, tokenizer, rows, settings["max_new_tokens"], batch_size)
+    with inference_autocast(params["precision"]):
+        metrics, answers = evaluate_model(model, tokenizer, rows, settings["max_new_tokens"], batch_size)
     metrics = {"model": model_name, **metrics}
     with open(staging / ANSWERS_FILE, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(answer) + "\n" for answer in answers)
@@ -199,6 +210,7 @@ def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: st
 
 
 def read_evaluation(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """metrics.json and the answer records of one evaluation (older records lack the log-prob fields)."""
     directory = Path(directory)
     metrics = json.loads((directory / METRICS_FILE).read_text())
     answers = [json.loads(line) for line in (directory / ANSWERS_FILE).read_text().splitlines() if line]

@@ -143,6 +143,13 @@ def load_for_inference(reference: str, precision: str, trust_remote_code: bool):
     return model, tokenizer
 
 
+def inference_autocast(precision: str):
+    """The autocast that `precision` asks for on the inference device (precision: auto on an AMX CPU)."""
+    from adpa.precision import autocast, resolve
+
+    return autocast(resolve(precision), "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _load_for_inference(reference: str, params: Mapping[str, Any]):
     return load_for_inference(reference, params["precision"], params["trust_remote_code"])
 
@@ -157,7 +164,9 @@ def run_teacher_topk(params: Mapping[str, Any], model_reference: str, staging: P
     tokens = 0
     for column in ("chosen", "rejected"):
         exchanges = tokenize_rows(tokenizer, pairs["prompt"], pairs[column], params["max_length"], column)
-        write_teacher_topk(model, exchanges, pad_token_id(tokenizer), params["k"], staging / column, batch_size, metadata)
+        with inference_autocast(params["precision"]):
+            write_teacher_topk(model, exchanges, pad_token_id(tokenizer), params["k"], staging / column, batch_size,
+                               metadata)
         tokens += sum(exchange.response_length for exchange in exchanges)
     return {"rows": len(pairs), "response_tokens": tokens}
 
@@ -171,7 +180,8 @@ def run_student_generations(params: Mapping[str, Any], model_reference: str, sta
     dataset = params["dataset"]
     prompts = load_preference(dataset, dataset["train_split"])["prompt"]
     model, tokenizer = _load_for_inference(model_reference, params)
-    responses = greedy_responses(model, tokenizer, prompts, params["max_new_tokens"], batch_size)
+    with inference_autocast(params["precision"]):
+        responses = greedy_responses(model, tokenizer, prompts, params["max_new_tokens"], batch_size)
     datasets.Dataset.from_dict({"prompt": prompts, "response": responses}).save_to_disk(str(staging))
     return {"rows": len(responses), "empty_responses": sum(not response for response in responses)}
 
@@ -187,5 +197,7 @@ def run_advantage(params: Mapping[str, Any], dpo_reference: str, ref_reference: 
     responses = [[{"role": "assistant", "content": text}] for text in generations["response"]]
     exchanges = tokenize_rows(tokenizer, generations["prompt"], responses, params["max_length"], "own response")
     metadata = {"dpo_teacher": dpo_reference, "ref_teacher": ref_reference, "template": template_fingerprint(tokenizer)}
-    write_advantage(dpo_model, ref_model, exchanges, pad_token_id(tokenizer), params["k"], staging, batch_size, metadata)
+    with inference_autocast(params["precision"]):
+        write_advantage(dpo_model, ref_model, exchanges, pad_token_id(tokenizer), params["k"], staging, batch_size,
+                        metadata)
     return {"rows": len(exchanges), "response_tokens": sum(e.response_length for e in exchanges)}

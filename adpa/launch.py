@@ -17,7 +17,8 @@ import yaml
 
 from adpa.config import accelerate_config_path
 
-PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# auto is resolved by the stage itself, on the machine it runs on (adpa/precision.py).
+PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "no"}
 MULTI_NODE_PORT = 29500
 
 # Which scheduler group each rule belongs to (config `resources.<group>`).

@@ -41,10 +41,12 @@ def load_model(
 ):
     from transformers import AutoModelForCausalLM
 
+    from adpa.precision import resolve
+
     check_model_reference(reference)
     return AutoModelForCausalLM.from_pretrained(
         expand_path(reference),
-        dtype=DTYPES[precision],
+        dtype=DTYPES[resolve(precision).weights],
         trust_remote_code=trust_remote_code,
         revision=revision,
         use_safetensors=True,

@@ -27,7 +27,7 @@ from adpa.launch import gpus_per_machine
 
 # Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
 CHECKPOINT_BYTES_PER_PARAMETER = 14
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 4}  # auto: fp32 weights at worst
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 

@@ -1,26 +1,34 @@
-"""The results table and plots (rule summary): one row per model and seed, mean and spread over seeds.
+"""The results table and plots (rule summary): one row per model and seed, and 95% bootstrap intervals.
 
 Reads what the evaluate stage wrote under results/eval/<model>/ and the training loss history in
 each model's manifest. Win rate against student_sft (of the same seed; teachers against every
 seed's) counts a win where only this model's answer verifies, a tie where both or neither do.
+Every metric is also recomputed per held-out row from the answer records, so the Markdown table
+gives each model's mean with a percentile bootstrap interval (over rows, and over seeds where there
+are several), and a paired comparison of chosen models on the same rows and seeds (adpa.stats).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from adpa.artifacts import MANIFEST
 from adpa.evaluate import read_evaluation
+from adpa.stats import CONFIDENCE, RESAMPLES, Interval, bootstrap_mean, paired_difference, row_metrics, win_scores
 
+WIN_RATE = "win_rate_vs_student_sft"
+BASELINE = "student_sft"
 METRICS = (
     "accuracy",
-    "win_rate_vs_student_sft",
+    WIN_RATE,
     "preference_accuracy",
     "preference_accuracy_per_token",
     "margin",
@@ -29,12 +37,26 @@ METRICS = (
 # Shown in the Markdown table, in this order, with these headers.
 TABLE_COLUMNS = {
     "accuracy": "accuracy",
-    "win_rate_vs_student_sft": "win rate vs SFT",
+    WIN_RATE: "win rate vs SFT",
     "preference_accuracy": "pref. acc.",
     "preference_accuracy_per_token": "pref. acc./token",
     "margin": "margin",
     "margin_per_token": "margin/token",
 }
+# (model, baseline) pairs of the paired-differences table: model - baseline on the same rows and seeds.
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("student_dpo", BASELINE),
+    ("dckd", BASELINE),
+    ("adpa", BASELINE),
+    ("adpa_plus", BASELINE),
+    ("adpa", "dckd"),
+    ("adpa_plus", "dckd"),
+    ("adpa_plus", "student_dpo"),
+    ("dpo_teacher", "ref_teacher"),
+)
+Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]
+# One model's per-row values of one metric, by seed (None: a teacher; for a teacher's win rate, student_sft's seed).
+RowsBySeed = dict[int | None, np.ndarray]
 
 
 def split_model(model: str) -> tuple[str, int | None]:
@@ -55,10 +77,14 @@ def win_rate(verdicts: Sequence[bool | None], baseline: Sequence[bool | None]) -
     return (wins + ties / 2) / len(pairs)
 
 
-def collect(results: Path, models: Sequence[str], run_name: str, teacher_seed: int) -> pd.DataFrame:
-    """One row per evaluated model (students once per seed)."""
-    evaluations = {model: read_evaluation(results / "eval" / model) for model in models}
-    baselines = {model: answers for model, (_, answers) in evaluations.items() if split_model(model)[0] == "student_sft"}
+def read_evaluations(results: Path, models: Sequence[str]) -> dict[str, Evaluation]:
+    """metrics.json and answer records per evaluated model, in the given order."""
+    return {model: read_evaluation(results / "eval" / model) for model in models}
+
+
+def collect(results: Path, evaluations: Mapping[str, Evaluation], run_name: str, teacher_seed: int) -> pd.DataFrame:
+    """One row per evaluated model (students once per seed), with the held-out rows it was evaluated on."""
+    baselines = {model: answers for model, (_, answers) in evaluations.items() if split_model(model)[0] == BASELINE}
     rows = []
     for model, (metrics, answers) in evaluations.items():
         stage, seed = split_model(model)
@@ -66,15 +92,89 @@ def collect(results: Path, models: Sequence[str], run_name: str, teacher_seed: i
         if seed is None:
             rates = [win_rate(verdicts, [a["correct"] for a in base]) for base in baselines.values()]
         else:
-            base = baselines.get(f"seed{seed}/student_sft")
+            base = baselines.get(f"seed{seed}/{BASELINE}")
             rates = [win_rate(verdicts, [a["correct"] for a in base])] if base is not None else []
         rates = [rate for rate in rates if rate is not None]
-        row = {"config": run_name, "model": stage, "seed": teacher_seed if seed is None else seed}
-        row.update({key: metrics.get(key) for key in METRICS if key != "win_rate_vs_student_sft"})
-        row["win_rate_vs_student_sft"] = sum(rates) / len(rates) if rates else None
+        row = {"config": run_name, "model": stage, "seed": teacher_seed if seed is None else seed,
+               "rows": metrics.get("rows", len(answers)),
+               "judged_rows": sum(verdict is not None for verdict in verdicts)}
+        row.update({key: metrics.get(key) for key in METRICS if key != WIN_RATE})
+        row[WIN_RATE] = sum(rates) / len(rates) if rates else None
         row.update(training_losses(results / model))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def rows_by_stage(evaluations: Mapping[str, Evaluation]) -> dict[str, dict[str, RowsBySeed]]:
+    """stage -> metric -> seed -> [rows] per-row values, the input of every interval."""
+    baselines = {split_model(model)[1]: row_metrics(answers)["accuracy"]
+                 for model, (_, answers) in evaluations.items() if split_model(model)[0] == BASELINE}
+    stages: dict[str, dict[str, RowsBySeed]] = {}
+    for model, (_, answers) in evaluations.items():
+        stage, seed = split_model(model)
+        metrics = stages.setdefault(stage, {})
+        for name, values in row_metrics(answers).items():
+            metrics.setdefault(name, {})[seed] = values
+        # Teachers play every seed's student_sft, a student its own seed's.
+        if seed is None:
+            opponents = baselines
+        else:
+            opponents = {seed: baselines[seed]} if seed in baselines else {}
+        for opponent_seed, opponent in opponents.items():
+            metrics.setdefault(WIN_RATE, {})[opponent_seed] = win_scores(metrics["accuracy"][seed], opponent)
+    return stages
+
+
+def _stack(rows: RowsBySeed, seeds: Sequence[int | None]) -> np.ndarray:
+    """[seeds, rows] of the given seeds, in that order."""
+    return np.stack([rows[seed] for seed in seeds])
+
+
+def model_intervals(table: pd.DataFrame, stages: Mapping[str, Mapping[str, RowsBySeed]]) -> pd.DataFrame:
+    """Per model, in the order of `collect`'s table: seeds, held-out rows and, per metric, the mean with its interval.
+
+    Columns `seeds`, `rows`, and `<metric>`, `<metric>_low`, `<metric>_high`. Where the answer records lack a metric's
+    per-row values (older evaluations), the mean over seeds of the table comes without an interval.
+    student_sft's win rate against itself (0.5 by construction) is left out.
+    """
+    records = []
+    for model, runs in table.groupby("model", sort=False):
+        record: dict[str, Any] = {"model": model, "seeds": len(runs), "rows": int(runs["rows"].max())}
+        for metric in METRICS:
+            rows = stages.get(model, {}).get(metric, {})
+            interval = bootstrap_mean(_stack(rows, list(rows))) if rows else Interval.missing()
+            if model == BASELINE and metric == WIN_RATE:
+                interval = Interval.missing()
+            elif not interval.measured:
+                fallback = pd.to_numeric(runs[metric], errors="coerce").mean()
+                interval = Interval(float(fallback), math.nan, math.nan)
+            record.update({metric: interval.estimate, f"{metric}_low": interval.low, f"{metric}_high": interval.high})
+        records.append(record)
+    return pd.DataFrame(records).set_index("model")
+
+
+def paired_differences(stages: Mapping[str, Mapping[str, RowsBySeed]],
+                       comparisons: Sequence[tuple[str, str]] = COMPARISONS) -> pd.DataFrame:
+    """One row per comparison and metric: model - baseline on the seeds both have, with its paired interval.
+
+    Columns: model, baseline, metric, seeds, rows, difference, low, high, excludes_zero. Comparisons
+    naming a model that was not evaluated are left out.
+    """
+    records = []
+    for model, baseline in comparisons:
+        if model not in stages or baseline not in stages:
+            continue
+        for metric in METRICS:
+            values, reference = stages[model].get(metric, {}), stages[baseline].get(metric, {})
+            seeds = [seed for seed in values if seed in reference]
+            interval = (paired_difference(_stack(values, seeds), _stack(reference, seeds)) if seeds
+                        else Interval.missing())
+            records.append({"model": model, "baseline": baseline, "metric": metric, "seeds": len(seeds),
+                            "rows": len(values[seeds[0]]) if seeds else 0, "difference": interval.estimate,
+                            "low": interval.low, "high": interval.high,
+                            "excludes_zero": interval.measured and interval.excludes_zero})
+    columns = ["model", "baseline", "metric", "seeds", "rows", "difference", "low", "high", "excludes_zero"]
+    return pd.DataFrame(records, columns=columns)
 
 
 def training_losses(model_dir: Path) -> dict[str, Any]:
@@ -97,59 +197,118 @@ def loss_histories(results: Path, models: Sequence[str]) -> dict[str, list[tuple
     return histories
 
 
-def aggregate(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation and count over seeds, per model, in the table's model order."""
-    order = list(dict.fromkeys(table["model"]))
-    numeric = table[["model", *METRICS]].apply(lambda c: pd.to_numeric(c, errors="coerce") if c.name != "model" else c)
-    grouped = numeric.groupby("model", sort=False)
-    summary = grouped.agg(["mean", "std", "count"])
-    return summary.loc[order]
+def _number(value: float, signed: bool) -> str:
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _cell(mean: float, std: float, count: int, signed: bool) -> str:
-    if pd.isna(mean):
+def interval_cell(estimate: float, low: float, high: float, signed: bool = False, marked: bool = False) -> str:
+    """'mean [low, high]', the mean alone without an interval, '-' without a mean; bold when marked."""
+    if pd.isna(estimate):
         return "-"
-    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return f"{text} ± {std:.3f}" if count > 1 and not pd.isna(std) else text
+    text = _number(estimate, signed)
+    if not (pd.isna(low) or pd.isna(high)):
+        text += f" [{_number(low, signed)}, {_number(high, signed)}]"
+    return f"**{text}**" if marked else text
 
 
-def markdown(table: pd.DataFrame, run_name: str, seeds: Sequence[int]) -> str:
-    summary = aggregate(table)
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def model_table(intervals: pd.DataFrame) -> list[str]:
+    lines = [
+        "| model | seeds | rows | " + " | ".join(TABLE_COLUMNS.values()) + " |",
+        "|---|---|---|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    for model, values in intervals.iterrows():
+        cells = [interval_cell(values[key], values[f"{key}_low"], values[f"{key}_high"], key.startswith("margin"))
+                 for key in TABLE_COLUMNS]
+        lines.append(f"| {model} | {int(values['seeds'])} | {int(values['rows'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_table(paired: pd.DataFrame) -> list[str]:
+    lines = [
+        "| model − baseline | seeds | rows | " + " | ".join(TABLE_COLUMNS.values()) + " |",
+        "|---|---|---|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    for (model, baseline), comparison in paired.groupby(["model", "baseline"], sort=False):
+        by_metric = comparison.set_index("metric")
+        cells = [interval_cell(by_metric.at[key, "difference"], by_metric.at[key, "low"], by_metric.at[key, "high"],
+                               signed=True, marked=bool(by_metric.at[key, "excludes_zero"]))
+                 for key in TABLE_COLUMNS]
+        # The models' own seeds: a teacher's win rate is also paired over student_sft's seeds.
+        seeds, rows = by_metric.at["accuracy", "seeds"], by_metric.at["accuracy", "rows"]
+        lines.append(f"| {model} − {baseline} | {seeds} | {rows} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(intervals: pd.DataFrame, paired: pd.DataFrame, run_name: str, seeds: Sequence[int]) -> str:
+    """The results table (mean [interval] per model) and the paired-differences table."""
+    level = f"{CONFIDENCE:.0%}"
     lines = [
         f"# Results: {run_name}",
         "",
-        f"Held-out split of the preference dataset; students: mean ± standard deviation over seeds "
-        f"{', '.join(map(str, seeds))} ({len(seeds)} run{'s' if len(seeds) > 1 else ''}), teachers trained once.",
+        f"Held-out split of the preference dataset; students: seeds {', '.join(map(str, seeds))} "
+        f"({_plural(len(seeds), 'run')}), teachers trained once. Each cell: mean [{level} interval], a percentile "
+        f"bootstrap ({RESAMPLES} resamples) over held-out rows, and over seeds too where there are several "
+        "(the mean over seeds; every seed on the same resampled rows). Win rate against student_sft of the same "
+        "seed (teachers: against every seed's), a tie counting half.",
         "",
-        "| model | seeds | " + " | ".join(TABLE_COLUMNS.values()) + " |",
-        "|---|---|" + "---|" * len(TABLE_COLUMNS),
+        *model_table(intervals),
     ]
-    for model, values in summary.iterrows():
-        count = int(values[("preference_accuracy", "count")])
-        cells = [
-            _cell(values[(key, "mean")], values[(key, "std")], int(values[(key, "count")]), key.startswith("margin"))
-            for key in TABLE_COLUMNS
+    if not paired.empty:
+        lines += [
+            "",
+            "## Paired differences",
+            "",
+            f"Model − baseline on the same held-out rows and seeds: mean difference [{level} paired bootstrap "
+            "interval]; **bold** where the interval excludes 0. With a right/wrong verifier a difference in "
+            "win rate vs SFT is half the difference in accuracy (against student_sft: win rate − 0.5).",
+            "",
+            *paired_table(paired),
         ]
-        lines.append(f"| {model} | {count} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_metrics(table: pd.DataFrame, path: Path) -> None:
+def _error_bars(estimates: pd.Series, lows: pd.Series, highs: pd.Series) -> np.ndarray:
+    """[2, n] distances from each estimate down to its low and up to its high bound; 0 without an interval."""
+    return np.nan_to_num(np.stack([estimates - lows, highs - estimates]), nan=0.0)
+
+
+def plot_metrics(intervals: pd.DataFrame, paired: pd.DataFrame, path: Path) -> None:
+    """Top row: each model's mean per metric with its interval. Bottom row: the paired differences."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = aggregate(table)
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.6), constrained_layout=True)
-    for axis, key in zip(axes, METRICS):
-        means, stds = summary[(key, "mean")], summary[(key, "std")].fillna(0.0)
-        axis.bar(range(len(means)), means.fillna(0.0), yerr=stds, capsize=3,
+    rows = 1 if paired.empty else 2
+    figure, axes = plt.subplots(rows, len(METRICS), figsize=(3.2 * len(METRICS), 3.6 * rows), squeeze=False,
+                                constrained_layout=True)
+    for axis, key in zip(axes[0], METRICS):
+        means = intervals[key]
+        axis.bar(range(len(means)), means.fillna(0.0), capsize=3,
+                 yerr=_error_bars(means, intervals[f"{key}_low"], intervals[f"{key}_high"]),
                  color=["#8c8c8c" if "teacher" in model else "#1f77b4" for model in means.index])
         axis.set_xticks(range(len(means)), means.index, rotation=60, ha="right", fontsize=8)
-        axis.set_title(TABLE_COLUMNS[key], fontsize=9)
+        axis.set_title(f"{TABLE_COLUMNS[key]} ({CONFIDENCE:.0%} interval)", fontsize=9)
         if key.startswith("margin"):
             axis.axhline(0.0, color="black", linewidth=0.6)
+    if rows == 2:
+        pairs = zip(paired["model"], paired["baseline"])
+        labels = list(dict.fromkeys(f"{model} − {baseline}" for model, baseline in pairs))
+        for column, (axis, key) in enumerate(zip(axes[1], METRICS)):
+            differences = paired[paired["metric"] == key]
+            colors = ["#d62728" if marked else "#7f7f7f" for marked in differences["excludes_zero"]]
+            errors = _error_bars(differences["difference"], differences["low"], differences["high"])
+            positions = np.arange(len(differences))[::-1]
+            for position, value, low, high, color in zip(positions, differences["difference"], *errors, colors):
+                axis.errorbar(value, position, xerr=[[low], [high]], fmt="o", color=color, capsize=3, markersize=4)
+            axis.axvline(0.0, color="black", linewidth=0.6)
+            axis.set_yticks(positions, labels if column == 0 else [""] * len(labels), fontsize=8)
+            axis.set_ylim(-0.5, len(labels) - 0.5)
+            axis.set_title(f"Δ {TABLE_COLUMNS[key]} (red: excludes 0)", fontsize=9)
     figure.savefig(path)
     plt.close(figure)
 
@@ -162,7 +321,7 @@ def plot_losses(histories: Mapping[str, list[tuple[int, float]]], path: Path) ->
 
     stages = list(dict.fromkeys(split_model(model)[0] for model in histories))
     columns = min(4, max(1, len(stages)))
-    rows = (len(stages) + columns - 1) // columns
+    rows = max(1, (len(stages) + columns - 1) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False, constrained_layout=True)
     for axis in axes.flat[len(stages):]:
         axis.set_visible(False)
@@ -183,15 +342,20 @@ def plot_losses(histories: Mapping[str, list[tuple[int, float]]], path: Path) ->
 
 def write_summary(results: str | os.PathLike, models: Sequence[str], run_name: str, teacher_seed: int,
                   seeds: Sequence[int], csv_path: Path, markdown_path: Path, metrics_plot: Path,
-                  loss_plot: Path) -> str:
-    """Write the CSV, the Markdown table and both plots; return the Markdown table."""
+                  loss_plot: Path, paired_csv: Path | None = None) -> str:
+    """Write the CSV, the Markdown tables, both plots and optionally the paired differences; return the Markdown."""
     results = Path(results)
-    table = collect(results, models, run_name, teacher_seed)
-    text = markdown(table, run_name, seeds)
-    for path in (csv_path, markdown_path, metrics_plot, loss_plot):
+    evaluations = read_evaluations(results, models)
+    table = collect(results, evaluations, run_name, teacher_seed)
+    stages = rows_by_stage(evaluations)
+    intervals, paired = model_intervals(table, stages), paired_differences(stages)
+    text = markdown(intervals, paired, run_name, seeds)
+    for path in (csv_path, markdown_path, metrics_plot, loss_plot, *([paired_csv] if paired_csv else [])):
         path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv_path, index=False)
+    if paired_csv is not None:
+        paired.to_csv(paired_csv, index=False)
     markdown_path.write_text(text)
-    plot_metrics(table, metrics_plot)
+    plot_metrics(intervals, paired, metrics_plot)
     plot_losses(loss_histories(results, models), loss_plot)
     return text

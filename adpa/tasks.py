@@ -1,7 +1,9 @@
 """Seeded, verifiable tiny instruction tasks for training and evaluating small language models.
 
-Each `TaskExample` carries a short prompt, its canonical answer and a plausible wrong answer
-(the "rejected" side of a preference pair). `verify` judges a free-text response by its
+Each `TaskExample` carries a short prompt, its canonical answer, a plausible wrong answer and the
+family's typical mistake: the error a sloppy annotator makes (the uppercase word only capitalized,
+the day repeated instead of the next one). Mixed-quality SFT data and the rejected side of
+preference pairs are built from it (adpa/data.py). `verify` judges a free-text response by its
 *final* answer candidate: the last number, the last list of numbers or the last word.
 """
 
@@ -16,12 +18,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class TaskExample:
-    """One task instance: the user prompt, the canonical answer and a plausible wrong answer."""
+    """One task instance: the user prompt, the canonical answer, a plausible wrong answer and the
+    family's typical mistake (always wrong too)."""
 
     family: str
     prompt: str
     answer: str
     wrong_answer: str
+    typical_mistake: str = ""
 
 
 FAMILY_NAMES: tuple[str, ...] = (
@@ -34,12 +38,19 @@ FAMILY_NAMES: tuple[str, ...] = (
     "sort_numbers",
     "next_letter",
     "next_day",
+    "first_letter",
+    "small_addition",
+    "last_letter",
+    "lowercase_word",
+    "capitalize_word",
+    "plural_word",
 )
 
-_NUMERIC_FAMILIES = frozenset({"addition", "subtraction", "multiplication", "count_letter"})
+_NUMERIC_FAMILIES = frozenset({"addition", "subtraction", "multiplication", "count_letter", "small_addition"})
 _LIST_FAMILIES = frozenset({"sort_numbers"})
-_CASELESS_WORD_FAMILIES = frozenset({"reverse_word", "next_letter", "next_day"})
-_CASED_WORD_FAMILIES = frozenset({"uppercase_word"})
+_CASELESS_WORD_FAMILIES = frozenset({"reverse_word", "next_letter", "next_day", "first_letter", "last_letter"})
+_CASED_WORD_FAMILIES = frozenset({"uppercase_word", "lowercase_word", "capitalize_word"})
+_PLAIN_WORD_FAMILIES = frozenset({"plural_word"})  # the whole word, case-blind
 
 _WORDS: tuple[str, ...] = (
     "cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "lamp",
@@ -58,6 +69,54 @@ _COUNT_WORDS: tuple[str, ...] = (
     "kitten", "mirror", "giraffe", "strawberry", "committee", "parrot", "tennis", "happy", "sleep",
 )
 
+# Common words for the word families with many prompts (held-out prompts need a large space).
+_MANY_WORDS: tuple[str, ...] = tuple(dict.fromkeys((
+    "able", "acid", "aged", "also", "area", "army", "away", "baby", "back", "ball", "band", "bank", "base",
+    "bath", "bear", "beat", "bell", "belt", "best", "bill", "bird", "blow", "blue", "boat", "body", "bone",
+    "book", "boot", "born", "boss", "both", "bowl", "bulk", "burn", "bush", "busy", "cake", "call", "calm",
+    "came", "camp", "card", "care", "case", "cash", "cast", "cell", "chat", "chip", "city", "club", "coal",
+    "coat", "code", "cold", "come", "cook", "cool", "cope", "copy", "core", "corn", "cost", "crew", "crop",
+    "dark", "data", "date", "dawn", "deal", "dear", "debt", "deep", "deny", "desk", "dial", "diet", "dirt",
+    "dish", "disk", "door", "dose", "down", "draw", "drop", "drug", "dust", "duty", "each", "earn", "ease",
+    "east", "easy", "edge", "else", "even", "ever", "exit", "face", "fact", "fail", "fair", "fall", "farm",
+    "fast", "fate", "fear", "feel", "file", "fill", "film", "find", "fine", "fire", "firm", "fish", "flag",
+    "flat", "flow", "food", "foot", "form", "fort", "four", "free", "from", "fuel", "full", "fund", "gain",
+    "game", "gate", "gave", "gear", "gift", "girl", "give", "glad", "goal", "gold", "golf", "good", "grew",
+    "grey", "grow", "hair", "half", "hall", "hand", "hang", "hard", "harm", "hate", "have", "head", "hear",
+    "heat", "held", "hell", "help", "here", "hero", "high", "hill", "hire", "hold", "hole", "holy", "home",
+    "hope", "host", "hour", "huge", "hung", "hunt", "hurt", "idea", "inch", "into", "iron", "item", "jack",
+    "jail", "join", "joke", "jump", "jury", "just", "keen", "keep", "kept", "kick", "kind", "king", "kiss",
+    "knee", "knew", "know", "lack", "lady", "laid", "lake", "land", "lane", "last", "late", "lead", "left",
+    "lend", "less", "life", "lift", "like", "line", "link", "list", "live", "load", "loan", "lock", "logo",
+    "long", "look", "lord", "lose", "loss", "lost", "love", "luck", "made", "mail", "main", "make", "male",
+    "mall", "many", "mark", "mass", "meal", "mean", "meat", "meet", "menu", "mere", "mile", "milk", "mind",
+    "mine", "miss", "mode", "mood", "moon", "more", "most", "move", "much", "must", "name", "navy", "near",
+    "neck", "need", "news", "next", "nice", "nine", "none", "nose", "note", "okay", "once", "only", "open",
+    "oral", "over", "pace", "pack", "page", "paid", "pain", "pair", "palm", "park", "part", "pass", "past",
+    "path", "peak", "pick", "pink", "pipe", "plan", "play", "plot", "plus", "poem", "poet", "pole", "pool",
+    "poor", "port", "post", "pour", "pull", "pure", "push", "race", "rain", "rank", "rare", "rate", "read",
+    "real", "rely", "rent", "rest", "rice", "rich", "ride", "ring", "rise", "risk", "road", "rock", "role",
+    "roll", "roof", "room", "root", "rose", "rule", "rush", "safe", "sale", "salt", "same", "sand", "save",
+    "seat", "seed", "seek", "seem", "seen", "self", "sell", "send", "ship", "shop", "shot", "show", "shut",
+    "sick", "side", "sign", "silk", "sing", "sink", "site", "size", "skin", "slip", "slow", "snow", "soft",
+    "soil", "sold", "sole", "song", "soon", "sort", "soul", "spot", "star", "stay", "step", "stop", "such",
+    "suit", "sure", "take", "tale", "talk", "tall", "tank", "tape", "task", "team", "tech", "tell", "tend",
+    "term", "test", "text", "than", "that", "them", "then", "they", "thin", "this", "thus", "tied", "time",
+    "tiny", "told", "tone", "took", "tool", "tour", "town", "tree", "trip", "true", "tune", "turn", "type",
+    "unit", "upon", "used", "user", "vary", "vast", "very", "view", "vote", "wage", "wait", "wake", "walk",
+    "wall", "want", "warm", "wash", "wave", "ways", "weak", "wear", "week", "well", "went", "west", "what",
+    "when", "whom", "wide", "wife", "wild", "will", "wind", "wine", "wing", "wire", "wise", "wish", "with",
+    "wood", "word", "wore", "work", "yard", "yeah", "year", "your", "zero", "zone", "apple", "beach", "bread",
+    "brick", "cabin", "candy", "chair", "chess", "child", "cloud", "coast", "crown", "dance", "dream", "drink",
+    "eagle", "earth", "field", "flame", "flour", "frame", "fruit", "glass", "grape", "grass", "green", "heart",
+    "horse", "house", "juice", "knife", "lemon", "light", "lunch", "magic", "maple", "metal", "money", "mouse",
+    "music", "night", "ocean", "olive", "onion", "paint", "paper", "party", "peace", "pearl", "piano", "pilot",
+    "pizza", "plane", "plant", "plate", "queen", "quiet", "radio", "river", "robot", "salad", "sauce", "scarf",
+    "sheep", "shirt", "shoes", "skirt", "smile", "snake", "space", "spoon", "sport", "stamp", "steam", "stone",
+    "storm", "sugar", "table", "tiger", "toast", "tooth", "tower", "train", "truck", "uncle", "video", "voice",
+    "water", "whale", "wheat", "wheel", "woman", "world", "yacht",
+)))
+
 _DAYS: tuple[str, ...] = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _LETTERS = string.ascii_lowercase
 
@@ -70,8 +129,8 @@ _WORD_RE = re.compile(r"[A-Za-z]+")
 
 _NUMBER_ONLY = "Answer with the number only."
 
-# Returns (prompt, canonical answer, wrong-answer candidates).
-_Generator = Callable[[random.Random], tuple[str, str, list[str]]]
+# Returns (prompt, canonical answer, wrong-answer candidates, typical mistake).
+_Generator = Callable[[random.Random], tuple[str, str, list[str], str]]
 
 
 def _swap_last_digits(value: int) -> int | None:
@@ -90,29 +149,32 @@ def _numeric_misses(value: int, offsets: Sequence[int], swap: bool = True) -> li
     return [str(c) for c in candidates if c >= 0 and c != value]
 
 
-def _gen_addition(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_addition(rng: random.Random) -> tuple[str, str, list[str], str]:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     total = a + b
     # +-10 is the dropped/extra carry mistake.
-    return f"What is {a} + {b}? {_NUMBER_ONLY}", str(total), _numeric_misses(total, (-1, 1, -10, 10))
+    # The dropped carry is the typical mistake (or an extra one when there is none to drop).
+    mistake = total - 10 if (a % 10) + (b % 10) >= 10 else total + 10
+    return f"What is {a} + {b}? {_NUMBER_ONLY}", str(total), _numeric_misses(total, (-1, 1, -10, 10)), str(mistake)
 
 
-def _gen_subtraction(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_subtraction(rng: random.Random) -> tuple[str, str, list[str], str]:
     a = rng.randint(11, 99)
     b = rng.randint(10, a - 1)
     diff = a - b
     # +10 is the "forgot to borrow" mistake.
-    return f"What is {a} - {b}? {_NUMBER_ONLY}", str(diff), _numeric_misses(diff, (-1, 1, 10, -10))
+    return f"What is {a} - {b}? {_NUMBER_ONLY}", str(diff), _numeric_misses(diff, (-1, 1, 10, -10)), str(diff + 10)
 
 
-def _gen_multiplication(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_multiplication(rng: random.Random) -> tuple[str, str, list[str], str]:
     a, b = rng.randint(2, 9), rng.randint(2, 19)
     product = a * b
     # +-a is "one row of the times table off".
-    return f"What is {a} * {b}? {_NUMBER_ONLY}", str(product), _numeric_misses(product, (-1, 1, -a, a))
+    misses = _numeric_misses(product, (-1, 1, -a, a))
+    return f"What is {a} * {b}? {_NUMBER_ONLY}", str(product), misses, str(product + a)
 
 
-def _gen_reverse_word(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_reverse_word(rng: random.Random) -> tuple[str, str, list[str], str]:
     word = rng.choice(_REVERSIBLE_WORDS)
     answer = word[::-1]
     misses = [
@@ -123,11 +185,11 @@ def _gen_reverse_word(rng: random.Random) -> tuple[str, str, list[str]]:
     i = rng.randrange(len(answer))
     replacement = rng.choice([c for c in _LETTERS if c != answer[i]])
     misses.append(answer[:i] + replacement + answer[i + 1 :])
-    return f"Reverse the word '{word}'. Answer with the reversed word only.", answer, misses
+    return f"Reverse the word '{word}'. Answer with the reversed word only.", answer, misses, word
 
 
-def _gen_uppercase_word(rng: random.Random) -> tuple[str, str, list[str]]:
-    word = rng.choice(_WORDS)
+def _gen_uppercase_word(rng: random.Random) -> tuple[str, str, list[str], str]:
+    word = rng.choice(_MANY_WORDS)
     answer = word.upper()
     i = rng.randrange(len(word))
     replacement = rng.choice([c for c in _LETTERS if c != word[i]]).upper()
@@ -136,22 +198,49 @@ def _gen_uppercase_word(rng: random.Random) -> tuple[str, str, list[str]]:
         answer[:i] + word[i] + answer[i + 1 :],  # one letter left lower case
         answer[:i] + replacement + answer[i + 1 :],
     ]
-    return f"Write the word '{word}' in uppercase letters. Answer with the word only.", answer, misses
+    return f"Write the word '{word}' in uppercase letters. Answer with the word only.", answer, misses, misses[0]
 
 
-def _gen_count_letter(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_lowercase_word(rng: random.Random) -> tuple[str, str, list[str], str]:
+    word = rng.choice(_MANY_WORDS)
+    i = rng.randrange(len(word))
+    misses = [word.capitalize(), word.upper(), word[:i] + word[i].upper() + word[i + 1 :]]
+    return f"Write the word '{word.upper()}' in lowercase letters. Answer with the word only.", word, misses, misses[0]
+
+
+def _gen_capitalize_word(rng: random.Random) -> tuple[str, str, list[str], str]:
+    word = rng.choice(_MANY_WORDS)
+    misses = [word, word.upper(), word[0] + word[1:].capitalize()]
+    prompt = f"Capitalize the first letter of the word '{word}'. Answer with the word only."
+    return prompt, word.capitalize(), misses, word
+
+
+# Nouns whose plural only adds an s (no -s/-x/-z/-ch/-sh/-y/-o/-f endings).
+_PLURAL_WORDS: tuple[str, ...] = tuple(
+    w for w in _MANY_WORDS if not w.endswith(("s", "x", "z", "ch", "sh", "y", "o", "f", "fe"))
+)
+
+
+def _gen_plural_word(rng: random.Random) -> tuple[str, str, list[str], str]:
+    word = rng.choice(_PLURAL_WORDS)
+    misses = [word, word + "es", word + "ss"]
+    prompt = f"What is the plural of the word '{word}'? Answer with the word only."
+    return prompt, word + "s", misses, word
+
+
+def _gen_count_letter(rng: random.Random) -> tuple[str, str, list[str], str]:
     word = rng.choice(_COUNT_WORDS)
     letter = rng.choice(word)  # by position, so repeated letters are asked about more often
     count = word.count(letter)
     prompt = f"How many times does the letter '{letter}' appear in '{word}'? {_NUMBER_ONLY}"
-    return prompt, str(count), _numeric_misses(count, (-1, 1), swap=False)
+    return prompt, str(count), _numeric_misses(count, (-1, 1), swap=False), str(count + 1)
 
 
 def _format_list(values: Sequence[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def _gen_sort_numbers(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_sort_numbers(rng: random.Random) -> tuple[str, str, list[str], str]:
     ordered = sorted(rng.sample(range(1, 50), rng.randint(3, 5)))
     shown = list(ordered)
     while shown == ordered:
@@ -162,22 +251,46 @@ def _gen_sort_numbers(rng: random.Random) -> tuple[str, str, list[str]]:
         near[i], near[j] = near[j], near[i]
         misses.append(_format_list(near))
     prompt = f"Sort these numbers in ascending order: {_format_list(shown)}. Answer with the numbers only."
-    return prompt, _format_list(ordered), misses
+    return prompt, _format_list(ordered), misses, _format_list(shown)
 
 
-def _gen_next_letter(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_next_letter(rng: random.Random) -> tuple[str, str, list[str], str]:
     index = rng.randrange(len(_LETTERS) - 1)  # never 'z'
     letter = _LETTERS[index]
     misses = [_LETTERS[i] for i in (index - 1, index + 2, index) if 0 <= i < len(_LETTERS)]
     prompt = f"Which letter comes right after '{letter}' in the alphabet? Answer with the letter only."
-    return prompt, _LETTERS[index + 1], misses
+    return prompt, _LETTERS[index + 1], misses, letter
 
 
-def _gen_next_day(rng: random.Random) -> tuple[str, str, list[str]]:
+def _gen_next_day(rng: random.Random) -> tuple[str, str, list[str], str]:
     index = rng.randrange(len(_DAYS))
     misses = [_DAYS[(index + offset) % len(_DAYS)] for offset in (-1, 2, 0)]
     prompt = f"What day of the week comes after {_DAYS[index]}? Answer with the day only."
-    return prompt, _DAYS[(index + 1) % len(_DAYS)], misses
+    return prompt, _DAYS[(index + 1) % len(_DAYS)], misses, _DAYS[index]
+
+
+# Words whose last letter differs from the first: each is the other's typical mistake.
+_FIRST_LETTER_WORDS: tuple[str, ...] = tuple(w for w in _MANY_WORDS if w[0] != w[-1])
+
+
+def _gen_first_letter(rng: random.Random) -> tuple[str, str, list[str], str]:
+    word = rng.choice(_FIRST_LETTER_WORDS)
+    misses = [word[1], word[-1], rng.choice([c for c in _LETTERS if c != word[0]])]
+    prompt = f"What is the first letter of the word '{word}'? Answer with the letter only."
+    return prompt, word[0], misses, word[-1]
+
+
+def _gen_last_letter(rng: random.Random) -> tuple[str, str, list[str], str]:
+    word = rng.choice(_FIRST_LETTER_WORDS)
+    misses = [word[-2], word[0], rng.choice([c for c in _LETTERS if c != word[-1]])]
+    prompt = f"What is the last letter of the word '{word}'? Answer with the letter only."
+    return prompt, word[-1], misses, word[0]
+
+
+def _gen_small_addition(rng: random.Random) -> tuple[str, str, list[str], str]:
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    total = a + b
+    return f"What is {a} + {b}? {_NUMBER_ONLY}", str(total), _numeric_misses(total, (-2, -1, 1, 2), swap=False), str(total + 1)
 
 
 _GENERATORS: dict[str, _Generator] = {
@@ -190,6 +303,12 @@ _GENERATORS: dict[str, _Generator] = {
     "sort_numbers": _gen_sort_numbers,
     "next_letter": _gen_next_letter,
     "next_day": _gen_next_day,
+    "first_letter": _gen_first_letter,
+    "small_addition": _gen_small_addition,
+    "last_letter": _gen_last_letter,
+    "lowercase_word": _gen_lowercase_word,
+    "capitalize_word": _gen_capitalize_word,
+    "plural_word": _gen_plural_word,
 }
 assert tuple(_GENERATORS) == FAMILY_NAMES
 
@@ -209,11 +328,11 @@ def _final_candidate(family: str, text: str) -> Hashable | None:
         if not lists:
             return None
         return tuple(int(v) for v in _INT_RE.findall(lists[-1].group()))
-    if family in _CASELESS_WORD_FAMILIES or family in _CASED_WORD_FAMILIES:
+    if family in _CASELESS_WORD_FAMILIES or family in _CASED_WORD_FAMILIES or family in _PLAIN_WORD_FAMILIES:
         words = _WORD_RE.findall(text)
         if not words:
             return None
-        return words[-1].lower() if family in _CASELESS_WORD_FAMILIES else words[-1]
+        return words[-1] if family in _CASED_WORD_FAMILIES else words[-1].lower()
     raise ValueError(f"unknown task family {family!r} (expected one of {', '.join(FAMILY_NAMES)})")
 
 
@@ -225,12 +344,12 @@ def verify(example: TaskExample, response: str) -> bool:
 
 
 def _make_example(family: str, rng: random.Random) -> TaskExample:
-    prompt, answer, candidates = _GENERATORS[family](rng)
+    prompt, answer, candidates, mistake = _GENERATORS[family](rng)
     expected = _final_candidate(family, answer)
     wrong = [c for c in dict.fromkeys(candidates) if _final_candidate(family, c) not in (None, expected)]
-    if not wrong:  # every generator always yields at least one valid miss
+    if not wrong or _final_candidate(family, mistake) in (None, expected):  # generators always give both
         raise RuntimeError(f"no wrong answer for {family!r} prompt {prompt!r}")
-    return TaskExample(family, prompt, answer, rng.choice(wrong))
+    return TaskExample(family, prompt, answer, rng.choice(wrong), mistake)
 
 
 def generate_examples(n: int, seed: int, families: Sequence[str] = FAMILY_NAMES) -> list[TaskExample]:

@@ -14,6 +14,11 @@ from typing import Any
 
 from adpa import artifacts, provenance
 from adpa.config import accumulation_steps
+from adpa.precision import resolve
+
+# TensorBoard event files: the Trainer writes them under the work folder's runs/ (one folder per
+# launch, so a resume adds one), published inside the model folder: `tensorboard --logdir results`.
+TENSORBOARD_DIR = "runs"
 
 log = logging.getLogger("adpa")
 
@@ -63,7 +68,7 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
     import torch
 
     training = run.params["training"]
-    precision = run.params["precision"]
+    precision = resolve(run.params["precision"])
     return {
         "output_dir": str(run.work_dir),
         "num_train_epochs": training["epochs"],
@@ -76,8 +81,8 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
         "weight_decay": training["weight_decay"],
         "max_grad_norm": training["max_grad_norm"],
         "max_length": training["max_length"],
-        "bf16": precision == "bf16",
-        "fp16": precision == "fp16",
+        "bf16": precision.mixed == "bf16",
+        "fp16": precision.mixed == "fp16",
         "use_cpu": not torch.cuda.is_available(),
         "activation_checkpointing": run.launch.gradient_checkpointing,
         "logging_steps": run.launch.logging_steps,
@@ -91,7 +96,7 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
         "include_num_input_tokens_seen": "all",
         "seed": run.params["seed"],
         "data_seed": run.params["seed"],
-        "report_to": [],
+        "report_to": ["tensorboard"],
         "disable_tqdm": False,
     }
 
@@ -132,6 +137,7 @@ def launch_facts(trainer) -> dict[str, Any]:
         "zero_stage": plugin.zero_stage if plugin is not None else None,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "device": str(accelerator.device.type),
+        "mixed_precision": str(accelerator.mixed_precision),
     }
 
 
@@ -189,8 +195,11 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
     if accelerator.is_main_process:
         # The trainer also pickles its arguments there; a published model holds no pickle.
         (staging / "training_args.bin").unlink(missing_ok=True)
+        if (run.work_dir / TENSORBOARD_DIR).is_dir():
+            shutil.copytree(run.work_dir / TENSORBOARD_DIR, staging / TENSORBOARD_DIR)
         trainer.processing_class.save_pretrained(str(staging))
         metrics = final_metrics(trainer, eval_metrics, launch_throughput)
+        metrics["precision"] = resolve(run.params["precision"]).label
         # Every logged training loss, for the results' loss plot.
         history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
         artifacts.write_manifest(

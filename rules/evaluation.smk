@@ -36,6 +36,7 @@ rule summary:
     output:
         csv=report(f"{RESULTS}/summary.csv", caption="report/summary.rst", category="Results"),
         markdown=f"{RESULTS}/summary.md",
+        paired=report(f"{RESULTS}/summary_paired.csv", caption="report/summary_paired.rst", category="Results"),
         metrics=report(f"{RESULTS}/plots/metrics.svg", caption="report/metrics.rst", category="Results"),
         losses=report(f"{RESULTS}/plots/training_loss.svg", caption="report/training_loss.rst", category="Training"),
     params:
@@ -53,4 +54,5 @@ rule summary:
     shell:
         "{params.adpa} summary --params {params.stage:q} --results {params.results:q} --csv {output.csv:q}"
         " --markdown {output.markdown:q} --metrics-plot {output.metrics:q} --loss-plot {output.losses:q}"
+        " --paired-csv {output.paired:q}"
         " 2>&1 | tee {log:q}"

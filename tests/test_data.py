@@ -147,3 +147,59 @@ def test_generated_data_has_both_forms_and_a_disjoint_held_out_split(tmp_path):
     assert datasets.load_from_disk(str(tmp_path / "sft2"))["train"].to_list() == datasets.load_from_disk(
         str(tmp_path / "sft")
     )["train"].to_list()
+
+
+def test_mixed_quality_sft_data_validation_split_and_typical_mistakes(tmp_path):
+    families = ["uppercase_word", "first_letter"]
+    spec = {"seed": 1, "train_rows": 400, "test_rows": 30, "validation_rows": 30, "multi_turn_fraction": 0.0,
+            "families": families, "sft_error_rates": {"uppercase_word": 0.6}, "rejected": "typical_mistake"}
+    generate_datasets(spec, tmp_path / "sft", tmp_path / "preference")
+    sft_splits = datasets.load_from_disk(str(tmp_path / "sft"))
+    preference_splits = datasets.load_from_disk(str(tmp_path / "preference"))
+    assert set(preference_splits) == {"train", "validation", "test"} and len(preference_splits["validation"]) == 30
+
+    def prompts(rows, column):
+        return {row[column][-2]["content"] for row in rows}
+
+    train = prompts(sft_splits["train"], "messages") | prompts(preference_splits["train"], "chosen")
+    validation, test = prompts(preference_splits["validation"], "chosen"), prompts(preference_splits["test"], "chosen")
+    assert not train & validation and not train & test and not validation & test
+
+    def correct_share(rows, family):
+        verdicts = [verify(TaskExample(family, "", row["answer"], ""), row["messages"][-1]["content"])
+                    for row in rows if row["family"] == family]
+        return sum(verdicts) / len(verdicts)
+
+    # The listed family's SFT answers are mostly its typical mistake; the other family's all correct.
+    assert 0.3 < correct_share(sft_splits["train"], "uppercase_word") < 0.5
+    assert correct_share(sft_splits["train"], "first_letter") == 1.0
+    assert correct_share(sft_splits["test"], "uppercase_word") == 1.0, "held-out SFT answers stay correct"
+    for row in preference_splits["train"]:
+        example = TaskExample(row["family"], row["chosen"][-2]["content"], row["answer"], "")
+        assert verify(example, row["chosen"][-1]["content"]) and not verify(example, row["rejected"][-1]["content"])
+        if row["family"] == "uppercase_word":  # the typical mistake: only capitalized
+            assert row["rejected"][-1]["content"] == row["answer"].capitalize()
+
+
+def test_unknown_family_in_error_rates_is_refused(tmp_path):
+    spec = {"seed": 1, "train_rows": 4, "test_rows": 2, "multi_turn_fraction": 0.0, "families": None,
+            "sft_error_rates": {"uppercase": 0.5}}
+    with pytest.raises(DataError, match="sft_error_rates': unknown task family 'uppercase'"):
+        generate_datasets(spec, tmp_path / "sft", tmp_path / "preference")
+
+
+def test_max_train_rows_cuts_the_training_split_only(tmp_path):
+    rows = [{"chosen": [USER_1, ANSWER_1], "rejected": [USER_1, {"role": "assistant", "content": "5"}]}] * 10
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(str(tmp_path / "pairs"))
+    spec = {"path": str(tmp_path / "pairs"), "train_split": "train", "test_split": "test", "max_train_rows": 2}
+    assert len(load_preference(spec, "train")) == 2
+    assert len(load_preference(spec, "test")) == 10, "held-out results must not depend on a training setting"
+
+
+def test_prompt_completion_form_keeps_the_last_assistant_turn_as_completion():
+    from adpa.data import to_prompt_completion
+
+    row = {"messages": [{"role": "system", "content": "s"}, USER_1, ANSWER_1]}
+    converted = to_prompt_completion(datasets.Dataset.from_list([row]))
+    assert converted[0] == {"prompt": [{"role": "system", "content": "s"}, USER_1], "completion": [ANSWER_1]}

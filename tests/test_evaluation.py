@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from adpa.config import InputError
+from adpa import evaluate
 from adpa.evaluate import judge
 from adpa.judges import check_judge_inputs, read_records
-from adpa.summary import aggregate, markdown, split_model, win_rate, write_summary
+from adpa.summary import markdown, model_intervals, paired_differences, split_model, win_rate, write_summary
 
 
 def row(family, answer, prompt="What is 2 + 3? Answer with the number only."):
@@ -45,25 +47,39 @@ def test_split_model():
     assert split_model("dpo_teacher") == ("dpo_teacher", None)
 
 
-def test_markdown_reports_mean_and_spread_over_seeds():
+def test_answer_records_carry_each_rows_log_probs(monkeypatch):
+    rows = [row("addition", "5"), {"prompt": [{"role": "user", "content": "hi"}], "family": None, "answer": None}]
+    scores = (["5", "hello"], torch.tensor([-2.0, -9.0]), torch.tensor([2.0, 3.0]), torch.tensor([-4.0, -6.0]),
+              torch.tensor([4.0, 2.0]))
+    monkeypatch.setattr(evaluate, "score_and_answer", lambda *args: scores)
+    metrics, records = evaluate.evaluate_model(None, None, rows, max_new_tokens=4, batch_size=2)
+    assert metrics["preference_accuracy"] == 0.5 and metrics["margin"] == pytest.approx(-0.5)
+    assert [r["correct"] for r in records] == [True, None]
+    fields = ("chosen_logprob", "rejected_logprob", "chosen_tokens", "rejected_tokens")
+    assert [tuple(r[field] for field in fields) for r in records] == [(-2.0, -4.0, 2, 4), (-9.0, -6.0, 3, 2)]
+    assert all(isinstance(r["chosen_tokens"], int) for r in records)
+    json.dumps(records)
+
+
+def test_markdown_shows_the_table_mean_where_answers_lack_per_row_values():
+    """Answer records from before the log-prob fields: the metrics.json values, without an interval."""
     table = pd.DataFrame(
         [
-            {"model": "dpo_teacher", "accuracy": 0.5, "win_rate_vs_student_sft": 0.6, "preference_accuracy": 0.9,
-             "preference_accuracy_per_token": 0.8, "margin": 1.0, "margin_per_token": 0.1},
-            {"model": "adpa", "accuracy": 0.2, "win_rate_vs_student_sft": 0.5, "preference_accuracy": 0.7,
+            {"model": "dpo_teacher", "rows": 4, "accuracy": 0.5, "win_rate_vs_student_sft": 0.6,
+             "preference_accuracy": 0.9, "preference_accuracy_per_token": 0.8, "margin": 1.0, "margin_per_token": 0.1},
+            {"model": "adpa", "rows": 4, "accuracy": 0.2, "win_rate_vs_student_sft": 0.5, "preference_accuracy": 0.7,
              "preference_accuracy_per_token": 0.6, "margin": -0.5, "margin_per_token": -0.05},
-            {"model": "adpa", "accuracy": 0.4, "win_rate_vs_student_sft": 0.7, "preference_accuracy": 0.9,
+            {"model": "adpa", "rows": 4, "accuracy": 0.4, "win_rate_vs_student_sft": 0.7, "preference_accuracy": 0.9,
              "preference_accuracy_per_token": 0.8, "margin": 0.5, "margin_per_token": 0.05},
         ]
     )
-    summary = aggregate(table)
-    assert list(summary.index) == ["dpo_teacher", "adpa"]
-    assert summary.loc["adpa", ("accuracy", "mean")] == pytest.approx(0.3)
-    text = markdown(table, "demo", [1, 2])
+    intervals = model_intervals(table, {})
+    assert list(intervals.index) == ["dpo_teacher", "adpa"]
+    assert intervals.loc["adpa", "accuracy"] == pytest.approx(0.3) and intervals.loc["adpa", "seeds"] == 2
+    text = markdown(intervals, paired_differences({}), "demo", [1, 2])
+    assert "seeds 1, 2 (2 runs)" in text and "Paired differences" not in text
     adpa_line = next(line for line in text.splitlines() if line.startswith("| adpa "))
-    assert "| 2 |" in adpa_line and "0.300 ± 0.141" in adpa_line and "+0.000 ± 0.707" in adpa_line
-    teacher_line = next(line for line in text.splitlines() if line.startswith("| dpo_teacher "))
-    assert "0.500" in teacher_line and "±" not in teacher_line
+    assert adpa_line == "| adpa | 2 | 4 | 0.300 | 0.600 | 0.800 | 0.700 | +0.000 | +0.000 |"
 
 
 def _write_eval(results: Path, model: str, verdicts: list[bool], accuracy: float) -> None:
@@ -99,7 +115,12 @@ def test_summary_holds_every_model_with_config_and_seed(tmp_path):
     assert table.loc[0, "win_rate_vs_student_sft"] == pytest.approx(0.625)
     assert table.loc[1, "train_loss_last"] != table.loc[1, "train_loss_last"]  # NaN: no manifest
     assert table.loc[2, "train_loss_last"] == 1.0
-    assert "| adpa | 2 | 0.750 ± 0.354 | 0.500 ± 0.354 |" in text
+    # accuracy and win rate from the per-row verdicts, with intervals; the rest from metrics.json, without
+    # (the worst resample: seed 2 twice, on row 0 twice)
+    assert "| adpa | 2 | 2 | 0.750 [0.000, 1.000] | 0.500 [0.000, 1.000] | 0.500 | 0.500 | +0.000 | +0.000 |" in text
+    assert "| dpo_teacher | 1 | 2 | 1.000 [1.000, 1.000] | 0.625 [0.500, 1.000] |" in text
+    paired = "| adpa − student_sft | 2 | 2 | +0.000 [-1.000, +1.000] | +0.000 [-0.500, +0.500] | - | - | - | - |"
+    assert paired in text
     for plot in outputs[2:]:
         assert plot.read_text().lstrip().startswith("<?xml")
 

@@ -21,6 +21,8 @@ def solve(prompt: str) -> str:
         return m[1][::-1]
     if m := re.fullmatch(r"Write the word '([a-z]+)' in uppercase letters\. .*", prompt):
         return m[1].upper()
+    if m := re.fullmatch(r"Write the word '([A-Z]+)' in lowercase letters\. .*", prompt):
+        return m[1].lower()
     if m := re.fullmatch(r"How many times does the letter '([a-z])' appear in '([a-z]+)'\? .*", prompt):
         return str(m[2].count(m[1]))
     if m := re.fullmatch(r"Sort these numbers in ascending order: ([\d, ]+)\. .*", prompt):
@@ -29,6 +31,14 @@ def solve(prompt: str) -> str:
         return chr(ord(m[1]) + 1)
     if m := re.fullmatch(r"What day of the week comes after (\w+)\? .*", prompt):
         return DAYS[(DAYS.index(m[1]) + 1) % 7]
+    if m := re.fullmatch(r"What is the first letter of the word '([a-z]+)'\? .*", prompt):
+        return m[1][0]
+    if m := re.fullmatch(r"What is the last letter of the word '([a-z]+)'\? .*", prompt):
+        return m[1][-1]
+    if m := re.fullmatch(r"Capitalize the first letter of the word '([a-z]+)'\. .*", prompt):
+        return m[1].capitalize()
+    if m := re.fullmatch(r"What is the plural of the word '([a-z]+)'\? .*", prompt):
+        return m[1] + "s"
     raise AssertionError(f"unrecognised prompt: {prompt!r}")
 
 
@@ -37,9 +47,9 @@ def many() -> list[TaskExample]:
     return generate_examples(900, seed=1234)
 
 
-def test_family_names_are_unique_and_about_eight() -> None:
+def test_family_names_are_unique_and_about_ten() -> None:
     assert len(set(FAMILY_NAMES)) == len(FAMILY_NAMES)
-    assert 8 <= len(FAMILY_NAMES) <= 10
+    assert 8 <= len(FAMILY_NAMES) <= 16
 
 
 def test_same_seed_same_list_and_different_seed_different_list() -> None:
@@ -109,7 +119,7 @@ def test_prompts_and_answers_are_short(many: list[TaskExample]) -> None:
 def test_wrong_answers_are_plausible_near_misses(many: list[TaskExample]) -> None:
     for ex in many:
         right, wrong = ex.answer, ex.wrong_answer
-        if ex.family in {"addition", "subtraction", "multiplication", "count_letter"}:
+        if ex.family in {"addition", "subtraction", "multiplication", "count_letter", "small_addition"}:
             assert wrong.isdigit() and not wrong.startswith("0") or wrong == "0", ex
             swapped = int(right[:-2] + right[-1] + right[-2]) if len(right) >= 2 else None
             assert abs(int(wrong) - int(right)) <= 10 or int(wrong) == swapped, ex
@@ -119,14 +129,18 @@ def test_wrong_answers_are_plausible_near_misses(many: list[TaskExample]) -> Non
         elif ex.family == "reverse_word":
             assert len(wrong) == len(right) and wrong.islower(), ex
             assert 1 <= sum(a != b for a, b in zip(right, wrong)) <= 2, ex
-        elif ex.family == "uppercase_word":
+        elif ex.family in ("uppercase_word", "lowercase_word", "capitalize_word"):
             assert len(wrong) == len(right), ex
             differing = sum(a != b for a, b in zip(right, wrong))
-            assert wrong.upper() == right or differing == 1, ex
+            assert wrong.upper() == right.upper() or differing == 1, ex
         elif ex.family == "next_letter":
             assert len(wrong) == 1 and abs(ord(wrong) - ord(right)) <= 2, ex
         elif ex.family == "next_day":
             assert wrong in DAYS, ex
+        elif ex.family == "plural_word":
+            assert wrong.startswith(right[:-1]) and len(wrong) - len(right) in (-1, 1), ex
+        elif ex.family in ("first_letter", "last_letter"):
+            assert len(wrong) == 1 and wrong.islower(), ex
         else:
             raise AssertionError(ex.family)
 
@@ -178,6 +192,13 @@ ACCEPTED: list[tuple[str, str, str]] = [
     ("next_day", "Tuesday", "Tuesday"),
     ("next_day", "Tuesday", "tuesday"),
     ("next_day", "Tuesday", "The day after Monday is TUESDAY."),
+    ("first_letter", "g", "g"),
+    ("first_letter", "g", "The first letter is G."),
+    ("last_letter", "n", "n"),
+    ("lowercase_word", "garden", "garden"),
+    ("capitalize_word", "Garden", "Garden"),
+    ("plural_word", "gardens", "The plural is gardens."),
+    ("small_addition", "12", "5 + 7 = 12"),
 ]
 
 REJECTED: list[tuple[str, str, str]] = [
@@ -214,7 +235,24 @@ REJECTED: list[tuple[str, str, str]] = [
     ("next_day", "Tuesday", "Wednesday"),
     ("next_day", "Tuesday", "Tuesday, no, Monday"),
     ("next_day", "Tuesday", ""),
+    ("first_letter", "g", "n"),
+    ("last_letter", "n", "g"),
+    ("lowercase_word", "garden", "Garden"),
+    ("capitalize_word", "Garden", "garden"),
+    ("plural_word", "gardens", "garden"),
+    ("first_letter", "g", "garden"),
+    ("small_addition", "12", "13"),
 ]
+
+
+def test_typical_mistake_is_wrong_and_the_family_error(many: list[TaskExample]) -> None:
+    for ex in many:
+        assert ex.typical_mistake and not verify(ex, ex.typical_mistake), ex
+    by_family = {ex.family: ex for ex in many}
+    assert by_family["uppercase_word"].typical_mistake == by_family["uppercase_word"].answer.capitalize()
+    assert by_family["next_day"].typical_mistake in by_family["next_day"].prompt  # the day asked about
+    assert by_family["small_addition"].typical_mistake == str(int(by_family["small_addition"].answer) + 1)
+    assert by_family["plural_word"].typical_mistake + "s" == by_family["plural_word"].answer
 
 
 @pytest.mark.parametrize(("family", "answer", "response"), ACCEPTED)

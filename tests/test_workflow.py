@@ -78,6 +78,21 @@ def test_teachers_are_loadable_models_with_manifests(tiny):
     assert not list((tiny / "results").glob("**/.*partial")), "no staging folders left behind"
 
 
+def test_every_training_stage_publishes_tensorboard_curves(tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage in TRAINED:
+        events = list((stage_dir(tiny, stage) / "runs").rglob("events.out.tfevents.*"))
+        assert events, stage
+        accumulator = EventAccumulator(str(events[0].parent))
+        accumulator.Reload()
+        tags = set(accumulator.Tags()["scalars"])
+        assert {"train/loss", "train/learning_rate"} <= tags, (stage, tags)
+        assert len(accumulator.Scalars("train/loss")) >= 2
+        if stage in ("dpo_teacher", "student_dpo"):
+            assert "train/rewards/margins" in tags, tags
+
+
 def test_training_went_through_two_deepspeed_zero3_processes(tiny):
     for stage in TRAINED:
         metrics = json.loads((stage_dir(tiny, stage) / "adpa_manifest.json").read_text())["metrics"]
@@ -267,7 +282,11 @@ def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
     assert table[["preference_accuracy", "margin", "win_rate_vs_student_sft"]].notna().all().all()
     assert table.loc[table["model"] == "student_sft", "win_rate_vs_student_sft"].item() == 0.5
     markdown = (tiny / "results" / "summary.md").read_text()
-    assert markdown.count("\n| ") == 1 + len(EVALUATED) and "| adpa_plus | 1 |" in markdown
+    models_table, paired_table = markdown.split("## Paired differences")
+    assert models_table.count("\n| ") == 1 + len(EVALUATED) and "| adpa_plus | 1 |" in models_table
+    assert "| adpa_plus − student_sft |" in paired_table and "| dpo_teacher − ref_teacher |" in paired_table
+    paired = pd.read_csv(tiny / "results" / "summary_paired.csv")
+    assert {"model", "baseline", "metric", "difference", "low", "high", "excludes_zero"} <= set(paired.columns)
     assert "| adpa_plus | 1 |" in (tiny / "logs" / "summary.log").read_text(), "the summary prints its table"
     for plot in ("metrics.svg", "training_loss.svg"):
         assert "<svg" in (tiny / "results" / "plots" / plot).read_text()
@@ -436,6 +455,6 @@ def test_two_seeds_share_the_teachers_and_the_table_reports_their_spread(tiny):
     markdown = (tiny / "results" / "summary.md").read_text()
     assert "seeds 0, 5 (2 runs)" in markdown
     adpa_line = next(line for line in markdown.splitlines() if line.startswith("| adpa |"))
-    assert adpa_line.startswith("| adpa | 2 |") and "±" in adpa_line
+    assert adpa_line.startswith("| adpa | 2 |") and "[" in adpa_line  # mean [95% interval over seeds and rows]
     teacher_line = next(line for line in markdown.splitlines() if line.startswith("| dpo_teacher |"))
-    assert teacher_line.startswith("| dpo_teacher | 1 |") and "±" not in teacher_line
+    assert teacher_line.startswith("| dpo_teacher | 1 |")

@@ -1,0 +1,67 @@
+"""Numeric precision: what `precision: auto` becomes on this machine, and the autocast it needs.
+
+`auto` is resolved where the stage runs (a Slurm login node may differ from its compute nodes):
+bf16 where a GPU supports it; on a CPU with AMX-BF16 (Sapphire Rapids or newer) fp32 weights under
+bf16 autocast, 2.5x faster than fp32 there; fp32 elsewhere, where CPU bf16 is 4-5x slower.
+The config's word stays the rerun trigger; each manifest records what really ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """weights: dtype the model is loaded in; mixed: the Trainer's mixed precision (autocast), or "no"."""
+
+    weights: str
+    mixed: str
+
+    @property
+    def label(self) -> str:
+        if self.mixed == "no":
+            return self.weights
+        return self.weights if self.weights == self.mixed else f"{self.weights}+{self.mixed}-autocast"
+
+
+FIXED = {
+    "fp32": Precision("fp32", "no"),
+    "bf16": Precision("bf16", "bf16"),
+    "fp16": Precision("fp16", "fp16"),
+}
+
+
+def cpu_has_amx_bf16(cpuinfo: Path | None = None) -> bool:
+    """True when the CPU flags list amx_bf16 (bf16 matrix tiles: autocast pays off)."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+
+
+def resolve(precision: str, cpuinfo: Path | None = None) -> Precision:
+    """The weights dtype and mixed precision a stage runs with for the config's `precision`."""
+    if precision in FIXED:
+        return FIXED[precision]
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r} (expected auto, {', '.join(FIXED)})")
+    import torch
+
+    if torch.cuda.is_available():
+        return FIXED["bf16"] if torch.cuda.is_bf16_supported() else FIXED["fp32"]
+    return Precision("fp32", "bf16") if cpu_has_amx_bf16(cpuinfo) else FIXED["fp32"]
+
+
+def autocast(precision: Precision, device_type: str):
+    """The autocast context for inference with `precision` (a no-op without mixed precision)."""
+    import torch
+
+    if precision.mixed == "no" or precision.weights == precision.mixed:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision.mixed])

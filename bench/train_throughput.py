@@ -1,0 +1,90 @@
+"""Each training stage's tokens/s against a plain PyTorch loop on the same model and batch shape.
+
+Usage (after a run, with nothing else on the cores):  python bench/train_throughput.py [--workdir .] [--steps 3]
+
+For every trained model under results/ it reads the stage's own throughput from its manifest
+(train tokens incl. padding / train seconds, as the Trainer counted them) and times a plain loop
+on the published model: forward with the model's own loss, backward, AdamW step, at the batch
+shape the stage trained with (sequences per step x mean tokens per sequence) and under the same
+precision (adpa/precision.py). DPO's loop also runs the frozen reference forward; DCKD/ADPA's
+batch holds both sequences of each pair. The ratio says how much the trainer loses to data
+collation, logging, metrics and its loss beyond the model's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+PAIRED = ("dpo_teacher", "student_dpo", "dckd", "adpa", "adpa_plus")  # two sequences per example
+DPO = ("dpo_teacher", "student_dpo")
+
+
+def trained_models(results: Path) -> list[Path]:
+    manifests = sorted(results.glob("*/adpa_manifest.json")) + sorted(results.glob("seed*/*/adpa_manifest.json"))
+    return [path.parent for path in manifests if "train_seconds" in json.loads(path.read_text())["metrics"]]
+
+
+def plain_loop_tokens_per_second(model_dir: Path, precision: str, sequences: int, length: int, steps: int,
+                                 reference: bool) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from adpa.precision import autocast, resolve
+
+    resolved = resolve(precision)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if resolved.weights == "fp32"
+                                                 else torch.bfloat16)
+    model.config.use_cache = False
+    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype).eval() if reference else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    ids = torch.randint(0, model.config.vocab_size, (sequences, length))
+
+    def step() -> None:
+        with autocast(resolved, "cpu") if resolved.mixed != "no" else torch.autocast("cpu", enabled=False):
+            if frozen is not None:
+                with torch.no_grad():
+                    frozen(input_ids=ids)
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # warm-up: allocator, kernels
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return sequences * length * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("."))
+    parser.add_argument("--steps", type=int, default=3, help="timed plain-loop steps per stage (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| stage | precision | steps | sequences x tokens per step | stage tok/s | plain loop tok/s | stage / plain |")
+    print("|---|---|---|---|---|---|---|")
+    for model_dir in trained_models(args.workdir / "results"):
+        manifest = json.loads((model_dir / "adpa_manifest.json").read_text())
+        stage, metrics, params = manifest["stage"], manifest["metrics"], manifest["params"]
+        training = params["training"]
+        sequences = training["per_device_batch_size"] * metrics["gradient_accumulation_steps"]
+        sequences *= 2 if stage in PAIRED else 1
+        tokens_per_step = metrics["train_tokens_incl_padding"] / metrics["global_step"]
+        length = max(8, round(tokens_per_step / sequences))
+        stage_rate = metrics["train_tokens_incl_padding"] / metrics["train_seconds"]
+        plain_rate = plain_loop_tokens_per_second(model_dir, params["precision"], sequences, length, args.steps,
+                                                  reference=stage in DPO)
+        name = str(model_dir.relative_to(args.workdir / "results"))
+        print(f"| {name} | {metrics.get('precision', params['precision'])} | {metrics['global_step']} |"
+              f" {sequences} x {length} | {stage_rate:.0f} | {plain_rate:.0f} | {stage_rate / plain_rate:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
