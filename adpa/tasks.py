@@ -215,9 +215,14 @@ def _gen_capitalize_word(rng: random.Random) -> tuple[str, str, list[str], str]:
     return prompt, word.capitalize(), misses, word
 
 
+# Irregular or uncountable nouns: no plural by adding an s.
+_NO_S_PLURAL = frozenset({
+    "woman", "child", "sheep", "tooth", "mouse", "foot", "data", "news", "money", "music", "milk", "rice", "sand",
+    "salt", "wheat", "flour", "sugar", "water", "juice", "peace", "advice", "dirt", "dust", "fuel", "gold", "silk",
+})
 # Nouns whose plural only adds an s (no -s/-x/-z/-ch/-sh/-y/-o/-f endings).
 _PLURAL_WORDS: tuple[str, ...] = tuple(
-    w for w in _MANY_WORDS if not w.endswith(("s", "x", "z", "ch", "sh", "y", "o", "f", "fe"))
+    w for w in _MANY_WORDS if not w.endswith(("s", "x", "z", "ch", "sh", "y", "o", "f", "fe")) and w not in _NO_S_PLURAL
 )
 
 
@@ -287,10 +292,18 @@ def _gen_last_letter(rng: random.Random) -> tuple[str, str, list[str], str]:
     return prompt, word[-1], misses, word[0]
 
 
+# Several wordings: 81 one-digit sums would leave no unseen prompts for a held-out split.
+_SMALL_ADDITION_PROMPTS: tuple[str, ...] = (
+    "What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What is the sum of {a} and {b}?",
+    "How much is {a} plus {b}?",
+)
+
+
 def _gen_small_addition(rng: random.Random) -> tuple[str, str, list[str], str]:
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     total = a + b
-    return f"What is {a} + {b}? {_NUMBER_ONLY}", str(total), _numeric_misses(total, (-2, -1, 1, 2), swap=False), str(total + 1)
+    prompt = f"{rng.choice(_SMALL_ADDITION_PROMPTS).format(a=a, b=b)} {_NUMBER_ONLY}"
+    return prompt, str(total), _numeric_misses(total, (-2, -1, 1, 2), swap=False), str(total + 1)
 
 
 _GENERATORS: dict[str, _Generator] = {

@@ -6,9 +6,10 @@ For every trained model under results/ it reads the stage's own throughput from 
 (train tokens incl. padding / train seconds, as the Trainer counted them) and times a plain loop
 on the published model: forward with the model's own loss, backward, AdamW step, at the batch
 shape the stage trained with (sequences per step x mean tokens per sequence) and under the same
-precision (adpa/precision.py). DPO's loop also runs the frozen reference forward; DCKD/ADPA's
-batch holds both sequences of each pair. The ratio says how much the trainer loses to data
-collation, logging, metrics and its loss beyond the model's own.
+precision (adpa/precision.py), and once more in fp32 (what a CPU without AMX-BF16 runs). DPO's
+loop also runs the frozen reference forward; DCKD/ADPA's batch holds both sequences of each pair.
+The ratio says how much the trainer loses to data collation, logging, metrics and its loss
+beyond the model's own.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| stage | precision | steps | sequences x tokens per step | stage tok/s | plain loop tok/s | stage / plain |")
-    print("|---|---|---|---|---|---|---|")
+    print("| stage | precision | steps | sequences x tokens per step | stage tok/s | plain loop tok/s | stage / plain"
+          " | plain loop fp32 tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for model_dir in trained_models(args.workdir / "results"):
         manifest = json.loads((model_dir / "adpa_manifest.json").read_text())
         stage, metrics, params = manifest["stage"], manifest["metrics"], manifest["params"]
@@ -80,10 +82,12 @@ def main() -> None:
         stage_rate = metrics["train_tokens_incl_padding"] / metrics["train_seconds"]
         plain_rate = plain_loop_tokens_per_second(model_dir, params["precision"], sequences, length, args.steps,
                                                   reference=stage in DPO)
+        fp32_rate = plain_loop_tokens_per_second(model_dir, "fp32", sequences, length, args.steps,
+                                                 reference=stage in DPO)
         name = str(model_dir.relative_to(args.workdir / "results"))
         print(f"| {name} | {metrics.get('precision', params['precision'])} | {metrics['global_step']} |"
-              f" {sequences} x {length} | {stage_rate:.0f} | {plain_rate:.0f} | {stage_rate / plain_rate:.2f} |",
-              flush=True)
+              f" {sequences} x {length} | {stage_rate:.0f} | {plain_rate:.0f} | {stage_rate / plain_rate:.2f} |"
+              f" {fp32_rate:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,15 @@ def test_wrong_type_or_range_is_named(section, key, value, message):
     with pytest.raises(ConfigError) as error:
         adpa_config.validate_config(config)
     assert str(error.value) == f"config key {message}"
+
+
+def test_showcase_overlay_adds_student_seeds_only():
+    main = adpa_config.load_config(REPO / "config" / "config.yaml")
+    showcase = adpa_config.load_config([REPO / "config" / "config.yaml", REPO / "config" / "showcase.yaml"])
+    assert showcase["seeds"] == [42, 1, 2] and main["seeds"] == [42]
+    assert {key: value for key, value in showcase.items() if key != "seeds"} == {
+        key: value for key, value in main.items() if key != "seeds"
+    }
+    # The teachers' settings are untouched: the overlay reuses the main job's teachers.
+    for stage in ("ref_teacher", "dpo_teacher", "teacher_topk", "base_student"):
+        assert adpa_config.stage_params(showcase, stage) == adpa_config.stage_params(main, stage)

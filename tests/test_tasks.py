@@ -31,6 +31,10 @@ def solve(prompt: str) -> str:
         return chr(ord(m[1]) + 1)
     if m := re.fullmatch(r"What day of the week comes after (\w+)\? .*", prompt):
         return DAYS[(DAYS.index(m[1]) + 1) % 7]
+    if m := re.fullmatch(r"(?:Add|What is the sum of|How much is) (\d) (?:and|plus) (\d)[.?] Answer with the number only\.", prompt):
+        return str(int(m[1]) + int(m[2]))
+    if m := re.fullmatch(r"Compute (\d) \+ (\d)\. Answer with the number only\.", prompt):
+        return str(int(m[1]) + int(m[2]))
     if m := re.fullmatch(r"What is the first letter of the word '([a-z]+)'\? .*", prompt):
         return m[1][0]
     if m := re.fullmatch(r"What is the last letter of the word '([a-z]+)'\? .*", prompt):
