@@ -26,8 +26,12 @@ def dense_lm_head(model) -> bool:
     """Patch `model.forward` so `fused_lm_head=True` returns TRL's FusedCausalLMOutput from one dense
     projection of the positions whose label is not -100. Returns False (nothing patched) for heads
     that transform their logits."""
+    from transformers import PreTrainedModel
     from trl.trainer.utils import FusedCausalLMOutput
 
+    # Under DeepSpeed the DPO reference arrives wrapped in its engine, which calls the module's forward.
+    while not isinstance(model, PreTrainedModel) and hasattr(model, "module"):
+        model = model.module
     if not supports_dense_head(model):
         return False
     original_forward = type(model).forward

@@ -60,3 +60,18 @@ def test_heads_that_transform_logits_keep_trl(model):
     capped.config.final_logit_softcapping = 30.0
     forward = capped.forward
     assert not dense_lm_head(capped) and capped.forward == forward
+
+
+def test_a_wrapped_model_is_patched_inside_its_wrapper(model):
+    """DPOTrainer hands the reference over inside DeepSpeed's engine, whose `config` is a dict."""
+    from adpa.lm_head import dense_lm_head
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"zero_optimization": {"stage": 3}}
+
+    inner = copy.deepcopy(model)
+    assert dense_lm_head(Engine(inner))
+    ids = torch.randint(0, 300, (1, 6))
+    assert inner(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.shape == (1, 5)

@@ -391,7 +391,7 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     gathered = logprobs.gather(-1, batch["topk_ids"])[mask]
     assert torch.allclose(gathered, batch["topk_values"][mask], atol=2e-2)
     kl = topk_forward_kl(logits, batch["topk_ids"], batch["topk_values"], batch["topk_rest"], mask)
-    assert 0 <= kl.item() < 1e-3
+    assert -1e-5 < kl.item() < 1e-3  # zero up to the rounding of the fp16-stored log-probs
 
 
 def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
