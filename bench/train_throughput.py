@@ -32,20 +32,17 @@ def trained_models(results: Path) -> list[Path]:
 
 def plain_loop_tokens_per_second(model_dir: Path, precision: str, sequences: int, length: int, steps: int,
                                  reference: bool) -> float:
-    from transformers import AutoModelForCausalLM
-
+    from adpa.models import load_model
     from adpa.precision import autocast, resolve
 
-    resolved = resolve(precision)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if resolved.weights == "fp32"
-                                                 else torch.bfloat16)
+    model = load_model(str(model_dir), precision)
     model.config.use_cache = False
-    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype).eval() if reference else None
+    frozen = load_model(str(model_dir), precision).eval() if reference else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     ids = torch.randint(0, model.config.vocab_size, (sequences, length))
 
     def step() -> None:
-        with autocast(resolved, "cpu") if resolved.mixed != "no" else torch.autocast("cpu", enabled=False):
+        with autocast(resolve(precision), "cpu"):
             if frozen is not None:
                 with torch.no_grad():
                     frozen(input_ids=ids)
