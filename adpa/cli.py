@@ -48,6 +48,11 @@ HELP = {
 }
 
 
+def _expanded_path(value: str) -> Path:
+    """A path from the config reaches the CLI quoted, so the shell never expands its ~: expand it here."""
+    return Path(configuration.expand_path(value))
+
+
 def _stage_parser(sub, stage: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(stage, help=HELP[stage])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -77,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         if stage in INFERENCE:
             parser_.add_argument("--batch-size", type=int, default=8)
         else:
-            parser_.add_argument("--work-dir", type=Path, default=Path("work"), help="resumable checkpoints go here")
+            parser_.add_argument("--work-dir", type=_expanded_path, default=Path("work"),
+                                 help="resumable checkpoints go here (~ is expanded)")
             parser_.add_argument("--save-steps", type=int, default=50)
             parser_.add_argument("--save-total-limit", type=int, default=2)
             parser_.add_argument("--logging-steps", type=int, default=1)
@@ -252,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
             params, params_json = _params(args)
             _publish("base_student", params, params_json, args.output, lambda staging: cut_student_from_teacher(
-                args.teacher, params["model"]["teacher_layers"], staging, params["teacher"]["trust_remote_code"]))
+                args.teacher, params["model"]["teacher_layers"], staging, params["teacher"]["trust_remote_code"],
+                params["teacher"].get("revision")))
         elif args.command == "evaluate":
             from adpa.evaluate import run_evaluate
 

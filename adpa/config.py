@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,26 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 # libyaml's loader when present: the schema is read on every Snakemake start (`snakemake -n` latency).
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _DuplicateKeyError(yaml.MarkedYAMLError):
+    pass
+
+
+class StrictLoader(YAML_LOADER):  # type: ignore[misc, valid-type]
+    """YAML's safe loader, except that a key written twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKeyError(
+                    problem=f"key '{key}' written twice (the second would silently replace the first)",
+                    problem_mark=key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 # Stages trained through accelerate launch; each has a config section of training settings.
 TRAINING_STAGES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "student_dpo")
@@ -92,7 +113,23 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"config key '{full}': unknown key{hint}"
     if error.validator == "oneOf" and key.startswith("models"):
         return f"config key '{key}': give exactly one of 'path' (hub id or local folder) or 'gguf'"
+    if error.validator == "pattern":
+        return f"config key '{key}': {error.instance!r} must be a plain name (letters, digits, '.', '_', '-')"
+    if error.validator == "required" and not error.absolute_path:
+        return f"config: {error.message} (a config file must name its models and datasets)"
     return f"config key '{key}': {error.message}"
+
+
+def _check_finite(value: Any, key: str = "") -> None:
+    """YAML's .nan and .inf pass every numeric bound of the schema; no setting means them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': must be a finite number, got {value}")
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
 
 
 def validate_config(config: dict, schema: Mapping | None = None) -> dict:
@@ -102,6 +139,7 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), e.path))
     if errors:
         raise ConfigError(_describe(errors[0]))
+    _check_finite(config)
     for stage in TRAINING_STAGES:
         gradient_accumulation_steps(config, stage)
     return config
@@ -115,14 +153,43 @@ def load_config(
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(item) for item in path]
     config: dict = {}
     for one in paths:
-        try:
-            with open(one, encoding="utf-8") as handle:
-                _merge(config, yaml.load(handle, Loader=YAML_LOADER) or {})
-        except OSError as err:
-            raise ConfigError(f"config file '{one}': {err.strerror}") from err
+        _merge(config, read_config_file(one))
     if overrides:
         _merge(config, overrides)
     return validate_config(config)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """One config file as a mapping; unreadable text, YAML errors and duplicate keys are one ConfigError line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.load(handle, Loader=StrictLoader)
+    except OSError as err:
+        raise ConfigError(f"config file '{path}': {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}': not UTF-8 text (byte {err.start}: {err.reason})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}': invalid YAML: {_yaml_problem(err)}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        kind = "list" if isinstance(loaded, list) else "single value"
+        raise ConfigError(f"config file '{path}': expected a mapping of config keys, got a {kind} ({loaded!r:.40})")
+    return loaded
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return f"{where}{error.problem or error.context}"
+    return str(error).splitlines()[0]
+
+
+def check_config_files(paths: Sequence[str | os.PathLike]) -> None:
+    """Snakemake reads --configfile itself (a duplicate key silently wins): read them again, strictly."""
+    for path in paths:
+        read_config_file(path)
 
 
 def _merge(base: dict, update: Mapping) -> None:
@@ -180,6 +247,9 @@ def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEM
     accelerate = accelerate_config_path(config, workflow_dir)
     if not accelerate.is_file():
         raise ConfigError(f"config key 'launch.accelerate_config': no such file: {accelerate}")
+    work_dir = Path(workflow_dir, expand_path(config["work_dir"]))
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ConfigError(f"config key 'work_dir': {work_dir} is a file, not a folder")
     produced = produced_paths(config)
     sources = [(f"models.{name}.path", config["models"][name].get("path")) for name in ("base_teacher", "base_student")]
     sources += [(f"datasets.{name}.path", config["datasets"][name]["path"]) for name in ("sft", "preference")]
@@ -217,15 +287,25 @@ def stage_params(config: Mapping, stage: str, seed: int | None = None) -> dict[s
     common = {"seed": seed if stage in STUDENT_STAGES else config["seed"], "precision": config["precision"]}
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
     preference = config["datasets"]["preference"]
-    if stage in ("ref_teacher", "student_sft"):
-        base = teacher if stage == "ref_teacher" else student
+    if stage == "ref_teacher":
         return {
             **common,
             "training": config[stage],
-            "base_model": base,
+            "base_model": teacher,
             "dataset": config["datasets"]["sft"],
             "chat_template": config["chat_template"],
-            "trust_remote_code": base["trust_remote_code"],
+            "trust_remote_code": teacher["trust_remote_code"],
+        }
+    if stage == "student_sft":
+        # The student trains with the base teacher's tokenizer: loaded as the teacher is.
+        return {
+            **common,
+            "training": config[stage],
+            "base_model": student,
+            "tokenizer": {"revision": teacher.get("revision"), "trust_remote_code": teacher["trust_remote_code"]},
+            "dataset": config["datasets"]["sft"],
+            "chat_template": config["chat_template"],
+            "trust_remote_code": student["trust_remote_code"],
         }
     if stage in ("dpo_teacher", "student_dpo"):
         base = teacher if stage == "dpo_teacher" else student
@@ -267,6 +347,7 @@ def stage_params(config: Mapping, stage: str, seed: int | None = None) -> dict[s
             "precision": config["precision"],
             "dataset": preference,
             "evaluation": config["evaluation"],
+            "base_teacher_revision": teacher.get("revision"),
             # Per model family: the teachers' flag never extends to the students, nor back.
             "trust_remote_code": {"teacher": teacher["trust_remote_code"], "student": student["trust_remote_code"]},
         }

@@ -7,10 +7,12 @@ naming the source and row before any training starts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,10 @@ def normalize_preference_row(row: Mapping[str, Any], where: str) -> dict[str, li
             prompt = _conversation(raw_prompt, f"{where} (prompt)")
         chosen = _assistant_turn(row["chosen"], f"{where} (chosen)")
         rejected = _assistant_turn(row["rejected"], f"{where} (rejected)")
+        for column, response in (("chosen", chosen), ("rejected", rejected)):
+            # A full conversation next to a prompt column must continue that prompt.
+            if len(response) > 1 and response[:-1] != prompt:
+                raise DataError(f"{where}: the '{column}' conversation does not start with the row's 'prompt'")
     else:
         full_chosen = _assistant_turn(row["chosen"], f"{where} (chosen)")
         full_rejected = _assistant_turn(row["rejected"], f"{where} (rejected)")
@@ -97,27 +103,136 @@ def normalize_preference_row(row: Mapping[str, Any], where: str) -> dict[str, li
         chosen, rejected = full_chosen[-1:], full_rejected[-1:]
     if not prompt or prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt must end with a user message")
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+        raise DataError(f"{where}: chosen and rejected responses are identical (no preference to learn)")
     return {"prompt": prompt, "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def load_split(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+@dataclass
+class RawSplit:
+    """The rows of one split as read, and how to name row i in an error (e.g. 'row 3' or 'file.jsonl line 5')."""
+
+    rows: Sequence[Mapping[str, Any]]
+    labels: Sequence[str] | None = None
+
+    def label(self, index: int) -> str:
+        return f"row {index} ({self.labels[index]})" if self.labels is not None else f"row {index}"
+
+    def head(self, limit: int | None) -> RawSplit:
+        if not limit or limit >= len(self.rows):
+            return self
+        rows = self.rows.select(range(limit)) if isinstance(self.rows, datasets.Dataset) else self.rows[:limit]
+        return RawSplit(rows, self.labels[:limit] if self.labels is not None else None)
+
+
+JSON_SUFFIXES = (".json", ".jsonl")
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def read_json_rows(path: Path, reference: str, in_folder: bool = False) -> RawSplit:
+    """A JSON list or JSON lines, read as text: every row keeps the types it was written with (no
+    column-wide type inference), and a line that is not JSON is named."""
+    prefix = f"{path.name} " if in_folder else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"dataset '{reference}': {path.name} is not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise DataError(f"dataset '{reference}': cannot read {path}: {err.strerror or err}") from err
+    if not text.strip():
+        raise DataError(f"dataset '{reference}': {path.name} is empty")
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON list of rows
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"dataset '{reference}': {path.name} line {err.lineno}: invalid JSON ({err.msg})") from err
+        if not isinstance(loaded, list):
+            raise DataError(f"dataset '{reference}': {path.name} holds JSON but not a list of rows")
+        rows, labels = loaded, [f"{prefix}item {index}" for index in range(len(loaded))]
+    else:  # JSON lines; blank lines are skipped
+        rows, labels = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"dataset '{reference}': {path.name} line {number}: invalid JSON ({err.msg})") from err
+            labels.append(f"{prefix}line {number}")
+    for row, label in zip(rows, labels):
+        if not isinstance(row, dict):
+            raise DataError(f"dataset '{reference}': {label}: expected a JSON object per row, got {type(row).__name__}")
+    return RawSplit(rows, labels)
+
+
+def _read_failure(reference: str, error: Exception) -> DataError:
+    first_line = (str(error).strip().splitlines() or [""])[0][:200]
+    return DataError(f"dataset '{reference}': cannot be read ({type(error).__name__}: {first_line})")
+
+
+def _folder_splits(path: Path, reference: str) -> dict[str, list[Path]]:
+    """Split name -> data files of a folder, by the `datasets` library's naming rules (train.jsonl, test-*.parquet, ...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(path))
+        files = DataFilesDict.from_patterns(patterns, base_path=str(path))
+    except Exception as err:  # EmptyDatasetError and friends
+        raise DataError(f"dataset '{reference}': no data files (.jsonl, .json, .parquet, ...) in folder {path}") from err
+    return {split: [Path(file) for file in found] for split, found in files.items()}
+
+
+def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
     """Load one split from a hub id, a save_to_disk folder, a data-file folder or a single file."""
     reference = spec["path"]
     path = Path(expand_path(reference))
-    if is_local(reference):
-        if not path.exists():
-            raise DataError(f"dataset '{reference}': no such file or directory: {path}")
-        if path.is_file():
-            kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix)
-            if kind is None:
-                raise DataError(f"dataset '{reference}': unsupported file type '{path.suffix}'")
-            loaded = datasets.load_dataset(kind, data_files=str(path))
-        elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+    if not is_local(reference):
+        try:
+            loaded = datasets.load_dataset(reference)
+        except ConnectionError:
+            raise
+        except Exception as err:
+            raise _read_failure(reference, err) from err
+        return RawSplit(_split_of(loaded, reference, split))
+    if not path.exists():
+        raise DataError(f"dataset '{reference}': no such file or directory: {path}")
+    if path.is_file():
+        kind = DATA_SUFFIXES.get(path.suffix)
+        if kind is None:
+            raise DataError(f"dataset '{reference}': unsupported file type '{path.suffix}' (.json, .jsonl, .parquet)")
+        if split != "train":
+            raise DataError(f"dataset '{reference}': a single file holds only the split 'train', not '{split}'")
+        if kind == "json":
+            return read_json_rows(path, reference)
+        return RawSplit(_split_of(_load(reference, "parquet", data_files=str(path)), reference, split))
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        try:
             loaded = datasets.load_from_disk(str(path))
-        else:
-            loaded = datasets.load_dataset(str(path))
-    else:
-        loaded = datasets.load_dataset(reference)
+        except Exception as err:
+            raise _read_failure(reference, err) from err
+        return RawSplit(_split_of(loaded, reference, split))
+    splits = _folder_splits(path, reference)
+    if split not in splits:
+        raise DataError(f"dataset '{reference}': no split '{split}' (have: {', '.join(splits)})")
+    files = splits[split]
+    kinds = sorted({"".join(file.suffixes) for file in files})
+    if len(kinds) > 1:  # `datasets` would silently read one kind and ignore the rest
+        raise DataError(f"dataset '{reference}': split '{split}' mixes data file types ({', '.join(kinds)}) in {path}; keep one")
+    if all(file.suffix in JSON_SUFFIXES for file in files):
+        parts = [read_json_rows(file, reference, in_folder=True) for file in files]
+        return RawSplit([row for part in parts for row in part.rows], [label for part in parts for label in part.labels])
+    return RawSplit(_split_of(_load(reference, str(path)), reference, split))
+
+
+def _load(reference: str, *args: Any, **kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # malformed files: pyarrow, datasets and OS errors alike
+        raise _read_failure(reference, err) from err
+
+
+def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, reference: str, split: str) -> datasets.Dataset:
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if split not in loaded:
@@ -129,31 +244,31 @@ def load_split(spec: Mapping[str, Any], split: str) -> datasets.Dataset:
 LISTED_BAD_ROWS = 3
 
 
-def _normalized(dataset: datasets.Dataset, normalize, where: str, drop_bad_rows: bool = False) -> datasets.Dataset:
+def _normalized(raw: RawSplit, normalize, where: str, drop_bad_rows: bool = False) -> datasets.Dataset:
     """Validate every row up front (cheap), so a bad row stops the run before training.
 
     Bad rows are an error naming them, unless the config drops them explicitly (then logged)."""
     rows, bad = [], []
-    for index, row in enumerate(dataset):
+    for index, row in enumerate(raw.rows):
         try:
-            rows.append(normalize(row, f"row {index}"))
+            rows.append(normalize(row, raw.label(index)))
         except DataError as err:
             bad.append(str(err))
+    total = len(raw.rows)
     if bad and not drop_bad_rows:
         listed = "; ".join(bad[:LISTED_BAD_ROWS]) + (f"; and {len(bad) - LISTED_BAD_ROWS} more" if len(bad) > LISTED_BAD_ROWS else "")
         count = f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}"
-        raise DataError(f"{where}: {count} of {len(dataset)}: {listed} (drop_bad_rows: true drops them)")
+        raise DataError(f"{where}: {count} of {total}: {listed} (drop_bad_rows: true drops them)")
     if bad:
-        log.warning("%s: dropped %d bad rows of %d (drop_bad_rows), first: %s", where, len(bad), len(dataset), bad[0])
+        log.warning("%s: dropped %d bad rows of %d (drop_bad_rows), first: %s", where, len(bad), total, bad[0])
     if not rows:
         raise DataError(f"{where}: no usable rows")
     return datasets.Dataset.from_list(rows)
 
 
-def _take(dataset: datasets.Dataset, spec: Mapping[str, Any], split: str) -> datasets.Dataset:
+def _take(raw: RawSplit, spec: Mapping[str, Any], split: str) -> RawSplit:
     """max_train_rows cuts the training split only: held-out results never depend on a training setting."""
-    limit = spec.get("max_train_rows") if split == spec.get("train_split", "train") else None
-    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+    return raw.head(spec.get("max_train_rows") if split == spec.get("train_split", "train") else None)
 
 
 def load_sft(spec: Mapping[str, Any], split: str) -> datasets.Dataset:

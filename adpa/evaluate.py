@@ -183,7 +183,11 @@ def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: st
     family = "teacher" if model_name in TEACHER_MODELS else "student"
     settings = params["evaluation"]
     rows = load_test_rows(params["dataset"], settings.get("split"))
-    model, tokenizer = load_for_inference(model_reference, params["precision"], params["trust_remote_code"][family])
+    # Only the base teacher can be a hub id (every other model is a folder under results/).
+    revision = params.get("base_teacher_revision") if model_name == "base_teacher" else None
+    model, tokenizer = load_for_inference(
+        model_reference, params["precision"], params["trust_remote_code"][family], revision
+    )
     with inference_autocast(params["precision"]):
         metrics, answers = evaluate_model(model, tokenizer, rows, settings["max_new_tokens"], batch_size)
     metrics = {"model": model_name, **metrics}

@@ -134,12 +134,12 @@ def greedy_responses(model, tokenizer, prompts: Sequence[list[Message]], max_new
     return [response.strip() for response in responses]
 
 
-def load_for_inference(reference: str, precision: str, trust_remote_code: bool):
+def load_for_inference(reference: str, precision: str, trust_remote_code: bool, revision: str | None = None):
     from adpa.models import check_model_reference, load_model, load_tokenizer
 
     check_model_reference(reference)
-    tokenizer = load_tokenizer(reference, trust_remote_code)
-    model = load_model(reference, precision, trust_remote_code).to(inference_device()).eval()
+    tokenizer = load_tokenizer(reference, trust_remote_code, revision)
+    model = load_model(reference, precision, trust_remote_code, revision).to(inference_device()).eval()
     return model, tokenizer
 
 

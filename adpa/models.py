@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,18 +20,51 @@ class ModelSourceError(InputError):
     """A model reference that cannot be loaded; the message names it."""
 
 
-def check_model_reference(reference: str) -> None:
-    """A local model folder must exist and hold a config; hub ids are resolved by transformers."""
-    if is_local(reference):
-        path = Path(expand_path(reference))
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(f"model '{reference}': no model folder with config.json at {path}")
+def check_model_reference(reference: str, weights: bool = True) -> None:
+    """A local model folder holds a readable config.json and, to load a model, safetensors weights;
+    hub ids are resolved by transformers."""
+    if not is_local(reference):
+        return
+    path = Path(expand_path(reference))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"model '{reference}': no model folder with config.json at {path}")
+    try:
+        model_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelSourceError(f"model '{reference}': {config_file} is not readable JSON ({err})") from err
+    if not isinstance(model_config, dict):
+        raise ModelSourceError(f"model '{reference}': {config_file} is not a JSON object")
+    if not weights:
+        return
+    if "model_type" not in model_config:
+        raise ModelSourceError(f"model '{reference}': {config_file} has no 'model_type' (not a transformers model config)")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(file.name for pattern in ("*.bin", "*.pt", "*.pth") for file in path.glob(pattern))
+        if pickled:
+            raise ModelSourceError(
+                f"model '{reference}': only pickle weights ({pickled[0]}) in {path}; weights load as safetensors only "
+                "(convert them, e.g. save_pretrained(..., safe_serialization=True))"
+            )
+        raise ModelSourceError(f"model '{reference}': no weights (*.safetensors) in {path}")
+
+
+def check_safetensors_headers(reference: str) -> None:
+    """Every safetensors file of a local folder opens (a truncated download fails here, not after hours)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(expand_path(reference)).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types for every corruption
+            raise ModelSourceError(f"model '{reference}': {file.name} is not a readable safetensors file ({err})") from err
 
 
 def load_tokenizer(reference: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    check_model_reference(reference)
+    check_model_reference(reference, weights=False)
     return AutoTokenizer.from_pretrained(
         expand_path(reference), trust_remote_code=trust_remote_code, revision=revision
     )
@@ -100,10 +134,14 @@ def materialize_base_model(spec: Mapping[str, Any], chat_template: str | None, o
 
 
 def cut_student_from_teacher(
-    teacher_reference: str, layers: int | list[int], output_dir: str | os.PathLike, trust_remote_code: bool = False
+    teacher_reference: str,
+    layers: int | list[int],
+    output_dir: str | os.PathLike,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> dict:
     """A student of the teacher's embeddings, final norm, head and a subset of its blocks (first N, or listed)."""
-    teacher = load_model(teacher_reference, "fp32", trust_remote_code)
+    teacher = load_model(teacher_reference, "fp32", trust_remote_code, revision)
     total = teacher.config.num_hidden_layers
     keep = list(range(layers)) if isinstance(layers, int) else sorted(layers)
     if len(keep) >= total or keep[-1] >= total:
@@ -115,13 +153,15 @@ def cut_student_from_teacher(
     if getattr(teacher.config, "layer_types", None):
         teacher.config.layer_types = [teacher.config.layer_types[index] for index in keep]
     teacher.save_pretrained(output_dir, safe_serialization=True)
-    load_tokenizer(teacher_reference, trust_remote_code).save_pretrained(output_dir)
+    load_tokenizer(teacher_reference, trust_remote_code, revision).save_pretrained(output_dir)
     return {"parameters": sum(p.numel() for p in teacher.parameters()), "layers": keep, "teacher_layers": total}
 
 
-def check_same_vocabulary(teacher_tokenizer, student_reference: str, trust_remote_code: bool = False) -> None:
+def check_same_vocabulary(
+    teacher_tokenizer, student_reference: str, trust_remote_code: bool = False, revision: str | None = None
+) -> None:
     """Distillation gathers the student's logits at the teacher's token ids: the vocabularies must match."""
-    student_tokenizer = load_tokenizer(student_reference, trust_remote_code)
+    student_tokenizer = load_tokenizer(student_reference, trust_remote_code, revision)
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise ModelSourceError(
             f"teacher and student vocabularies differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} "

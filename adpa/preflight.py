@@ -1,16 +1,20 @@
 """Checks that read more than the config text: models, dataset rows, vocabularies, devices, disk.
 
-Run by `python -m adpa check --configfile ...` and, before the first job, by the workflow
-(`onstart`). The first problem found is raised as one InputError line naming the key, file or row.
-The config-text checks (schema, local paths, judge files) run earlier, when the workflow is parsed.
+Run by `python -m adpa check --configfile ...` (every stage) and, before the first job, by the
+workflow (`onstart`, only what the planned jobs read). The first problem found is raised as one
+InputError line naming the key, file or row. The config-text checks (schema, local paths, judge
+files) run earlier, when the workflow is parsed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,74 +27,277 @@ from adpa.config import (
     produced_paths,
     student_seeds,
 )
-from adpa.launch import gpus_per_machine
+from adpa.launch import TRAINING_RULES, gpus_per_machine
 
 # Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
 CHECKPOINT_BYTES_PER_PARAMETER = 14
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 4}  # auto: fp32 weights at worst
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_TIMEOUT_S = 10
+PRE_DOWNLOAD = "download it first (`hf download {repo}{kind}` where the hub is reachable, then HF_HUB_OFFLINE=1) or point to a local copy"
+
+# Which rules read each source (beyond results/): the base teacher's own folder or hub id is read
+# by the REF teacher, the student cut, the student's tokenizer and its own evaluation.
+TEACHER_READERS = ("ref_teacher", "base_student", "student_sft")
+SFT_DATA_READERS = ("ref_teacher", "student_sft")
+PREFERENCE_DATA_READERS = ("dpo_teacher", "student_dpo", "teacher_topk", "student_generations", "dckd", "adpa", "adpa_plus")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The jobs about to run: their rules, and the models whose evaluate job runs."""
+
+    rules: frozenset[str] = frozenset()
+    evaluated: frozenset[str] = frozenset()
+    everything: bool = False
+
+    @classmethod
+    def all(cls) -> Plan:
+        return cls(everything=True)
+
+    @classmethod
+    def of_jobs(cls, jobs: Iterable[tuple[str, Mapping[str, str]]]) -> Plan:
+        """From (rule name, wildcards) of each job Snakemake is about to run."""
+        jobs = list(jobs)
+        evaluated = {wildcards["model"] for rule, wildcards in jobs if rule == "evaluate" and "model" in wildcards}
+        return cls(frozenset(rule for rule, _ in jobs), frozenset(evaluated))
+
+    def runs(self, *rules: str) -> bool:
+        return self.everything or not self.rules.isdisjoint(rules)
+
+    def evaluates(self, model: str) -> bool:
+        return self.everything or model in self.evaluated
 
 
 def _offline() -> bool:
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in OFFLINE_VARIABLES)
 
 
-def _model_sources(config: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    """The models the config names by `path` (GGUF and teacher cuts are made by the workflow)."""
-    return [(name, spec) for name, spec in config["models"].items() if "path" in spec]
+def models_read(config: Mapping[str, Any], plan: Plan) -> list[str]:
+    """The configured models (base_teacher, base_student) that the planned jobs load."""
+    teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
+    names = []
+    if "gguf" in teacher:
+        reads_teacher = plan.runs("base_teacher")
+    else:
+        reads_teacher = plan.runs(*TEACHER_READERS) or plan.evaluates("base_teacher")
+    if reads_teacher:
+        names.append("base_teacher")
+    if "path" in student and plan.runs("student_sft"):
+        names.append("base_student")
+    return names
 
 
-def check_models(config: Mapping[str, Any]) -> None:
-    """Local folders hold a config.json; hub ids are in the cache when the hub is offline."""
-    for name, spec in _model_sources(config):
-        reference = spec["path"]
+def _model_sources(config: Mapping[str, Any], names: Iterable[str]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Those of `names` given by `path` (GGUF models and teacher cuts are made by the workflow)."""
+    return [(name, config["models"][name]) for name in names if "path" in config["models"][name]]
+
+
+def check_hub_model(key: str, repo: str, revision: str | None) -> Path | None:
+    """A hub id is usable if its config is cached, or if the hub answers for it; returns the cached config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if _offline():
+        raise ConfigError(
+            f"config key '{key}': hub id '{repo}' is not in the local cache and the hub is offline "
+            f"(HF_HUB_OFFLINE); {PRE_DOWNLOAD.format(repo=repo, kind='')}"
+        )
+    _ask_hub(key, repo, revision, "model")
+    return None
+
+
+def _ask_hub(key: str, repo: str, revision: str | None, kind: str) -> None:
+    """One request, no retries: a missing repo, a missing revision or an unreachable hub is one line."""
+    from huggingface_hub import dataset_info, model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    local = Path(expand_path(repo)).absolute()
+    try:
+        (model_info if kind == "model" else dataset_info)(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError as err:
+        raise ConfigError(f"config key '{key}': the hub {kind} '{repo}' has no revision '{revision}'") from err
+    except GatedRepoError as err:
+        raise ConfigError(f"config key '{key}': the hub {kind} '{repo}' is gated: log in (`hf auth login`) "
+                          "with an account that was granted access") from err
+    except RepositoryNotFoundError as err:
+        raise ConfigError(f"config key '{key}': '{repo}' is neither a local folder (no such folder: {local}) "
+                          f"nor a {kind} on the hub") from err
+    except Exception as err:  # DNS, proxy, timeout: whatever the transport raises
+        repo_type = "" if kind == "model" else " --repo-type dataset"
+        raise ConfigError(
+            f"config key '{key}': '{repo}' is not a local folder (no such folder: {local}) and the hub cannot be "
+            f"reached ({type(err).__name__}); {PRE_DOWNLOAD.format(repo=repo, kind=repo_type)}"
+        ) from err
+
+
+def check_models(config: Mapping[str, Any], plan: Plan | None = None) -> None:
+    """Local folders are complete model folders; hub ids are cached or answered by the hub."""
+    for name, spec in _model_sources(config, models_read(config, plan or Plan.all())):
+        reference, key = spec["path"], f"models.{name}.path"
         if is_local(reference):
-            from adpa.models import check_model_reference
+            from adpa.models import check_model_reference, check_safetensors_headers
 
             try:
                 check_model_reference(reference)
+                check_safetensors_headers(reference)
             except InputError as err:
-                raise ConfigError(f"config key 'models.{name}.path': {err}") from err
-        elif _offline():
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(reference, "config.json", revision=spec.get("revision"))
-            if not isinstance(cached, str):
-                raise ConfigError(
-                    f"config key 'models.{name}.path': hub id '{reference}' is not in the local cache and the hub "
-                    "is offline (HF_HUB_OFFLINE); download it first or point to a local folder"
-                )
+                raise ConfigError(f"config key '{key}': {err}") from err
+        else:
+            check_hub_model(key, reference, spec.get("revision"))
 
 
-def check_datasets(config: Mapping[str, Any]) -> None:
-    """Every row of the training (and held-out) splits the stages will read is valid."""
+def check_gguf(config: Mapping[str, Any], plan: Plan) -> None:
+    """A GGUF base teacher needs the `gguf` package and the file in its package; random sizes must fit."""
+    spec = config["models"]["base_teacher"]
+    if "gguf" not in spec or not plan.runs("base_teacher"):
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("config key 'models.base_teacher.gguf': reading GGUF files needs the 'gguf' package "
+                          "(pip install gguf; see README install)")
+    from adpa.models import gguf_location
+
+    try:
+        gguf_location(spec["gguf"])
+    except InputError as err:
+        raise ConfigError(f"config key 'models.base_teacher.gguf': {err}") from err
+    sizes = spec.get("random_init")
+    if sizes:
+        hidden, heads, kv_heads = sizes["hidden_size"], sizes["num_attention_heads"], sizes["num_key_value_heads"]
+        if hidden % heads:
+            raise ConfigError(f"config key 'models.base_teacher.random_init.num_attention_heads': {heads} heads do "
+                              f"not divide hidden_size {hidden}")
+        if heads % kv_heads:
+            raise ConfigError(f"config key 'models.base_teacher.random_init.num_key_value_heads': {kv_heads} do not "
+                              f"divide num_attention_heads {heads}")
+
+
+def teacher_shape(config: Mapping[str, Any]) -> dict[str, int]:
+    """The base teacher's vocabulary size and depth, from what is on disk (empty when unknown)."""
+    spec = config["models"]["base_teacher"]
+    if "gguf" in spec:
+        shape = _gguf_shape(spec["gguf"])
+        if spec.get("random_init"):
+            shape["num_hidden_layers"] = spec["random_init"]["num_hidden_layers"]
+        return shape
+    reference = spec["path"]
+    if is_local(reference):
+        config_file: Path | None = Path(expand_path(reference)) / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(reference, "config.json", revision=spec.get("revision"))
+        config_file = Path(cached) if isinstance(cached, str) else None
+    if config_file is None or not config_file.is_file():
+        return {}
+    model_config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_config = {**model_config.get("text_config", {}), **model_config}
+    return {key: model_config[key] for key in ("vocab_size", "num_hidden_layers") if isinstance(model_config.get(key), int)}
+
+
+def _gguf_shape(gguf: Mapping[str, str]) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    from adpa.models import gguf_location
+
+    folder, file = gguf_location(gguf)
+    fields = GGUFReader(str(folder / file)).fields
+    architecture = bytes(fields["general.architecture"].parts[-1]).decode()
+    shape = {}
+    if "tokenizer.ggml.tokens" in fields:
+        shape["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
+    if f"{architecture}.block_count" in fields:
+        shape["num_hidden_layers"] = int(fields[f"{architecture}.block_count"].parts[-1][0])
+    return shape
+
+
+def check_teacher_shape(config: Mapping[str, Any], plan: Plan) -> None:
+    """Settings that depend on the teacher's size: the student cut's layers, the top-k of the store."""
+    cut = config["models"]["base_student"].get("teacher_layers")
+    checks_cut = cut is not None and plan.runs("base_student")
+    checks_k = plan.runs("teacher_topk", "advantage")
+    if not (checks_cut or checks_k):
+        return
+    shape = teacher_shape(config)
+    layers, vocabulary = shape.get("num_hidden_layers"), shape.get("vocab_size")
+    if checks_cut and layers is not None:
+        keep = list(range(cut)) if isinstance(cut, int) else sorted(cut)
+        if len(keep) >= layers or keep[-1] >= layers:
+            raise ConfigError(f"config key 'models.base_student.teacher_layers': {cut} must select fewer than the "
+                              f"teacher's {layers} layers (indices 0..{layers - 1})")
+    k = config["teacher_topk"]["k"]
+    if checks_k and vocabulary is not None and k > vocabulary:
+        raise ConfigError(f"config key 'teacher_topk.k': {k} is more than the teacher's vocabulary of {vocabulary} tokens")
+
+
+def evaluation_split(config: Mapping[str, Any]) -> str | None:
+    return config["evaluation"]["split"] or config["datasets"]["preference"]["test_split"]
+
+
+def dataset_splits(config: Mapping[str, Any], plan: Plan) -> dict[str, list[tuple[str, str]]]:
+    """Per dataset, the (config key, split) pairs the planned jobs read."""
+    sft, preference = config["datasets"]["sft"], config["datasets"]["preference"]
+    read: dict[str, list[tuple[str, str]]] = {"sft": [], "preference": []}
+    if plan.runs(*SFT_DATA_READERS):
+        read["sft"].append(("datasets.sft.train_split", sft["train_split"]))
+        if sft["test_split"] is not None:
+            read["sft"].append(("datasets.sft.test_split", sft["test_split"]))
+    if plan.runs(*PREFERENCE_DATA_READERS):
+        read["preference"].append(("datasets.preference.train_split", preference["train_split"]))
+    if plan.runs("evaluate"):
+        split = evaluation_split(config)
+        if split is None:
+            raise ConfigError("config key 'datasets.preference.test_split': null, but evaluation needs a held-out "
+                              "split (name it, or set evaluation.split)")
+        key = "evaluation.split" if config["evaluation"]["split"] else "datasets.preference.test_split"
+        read["preference"].append((key, split))
+    return read
+
+
+def _generated_splits(config: Mapping[str, Any]) -> set[str]:
+    generate = config["datasets"]["generate"]
+    return {"train", "test"} | ({"validation"} if generate.get("validation_rows") else set())
+
+
+def check_datasets(config: Mapping[str, Any], plan: Plan | None = None) -> None:
+    """Every row of the splits the planned jobs read is valid (generated splits: their names exist)."""
     produced = produced_paths(config)
-    for name in ("sft", "preference"):
+    for name, splits in dataset_splits(config, plan or Plan.all()).items():
         spec = config["datasets"][name]
         if spec["path"] in produced:
-            continue  # written by generate_data, from the task generator
+            for key, split in splits:
+                if split not in _generated_splits(config):
+                    raise ConfigError(f"config key '{key}': the generated dataset has no split '{split}' "
+                                      f"(it has: {', '.join(sorted(_generated_splits(config)))})")
+            continue
+        if not splits:
+            continue
         from adpa import data
 
+        if not is_local(spec["path"]) and not _offline():
+            _ask_hub(f"datasets.{name}.path", spec["path"], None, "dataset")
         load = data.load_sft if name == "sft" else data.load_preference
-        for split in (spec["train_split"], spec["test_split"]):
-            if split is None:
-                continue
+        for _, split in splits:
             try:
                 load(spec, split)
             except ConnectionError as error:  # a hub dataset while the hub cannot be reached
-                raise ConfigError(f"config key 'datasets.{name}.path': {error}; download it first or point to a local copy") from error
+                raise ConfigError(f"config key 'datasets.{name}.path': {error}; "
+                                  f"{PRE_DOWNLOAD.format(repo=spec['path'], kind=' --repo-type dataset')}") from error
 
 
-def check_vocabularies(config: Mapping[str, Any]) -> None:
+def check_vocabularies(config: Mapping[str, Any], plan: Plan | None = None) -> None:
     """Distillation needs one vocabulary: compare teacher and student tokenizers when both are named."""
-    sources = dict(_model_sources(config))
-    if "base_teacher" not in sources or "base_student" not in sources:
+    plan = plan or Plan.all()
+    sources = dict(_model_sources(config, ("base_teacher", "base_student")))
+    if "base_teacher" not in sources or "base_student" not in sources or not plan.runs("student_sft"):
         return  # a GGUF teacher, or a student cut from the teacher: the same tokenizer by construction
     from adpa.models import check_same_vocabulary, load_tokenizer
 
     teacher, student = sources["base_teacher"], sources["base_student"]
     teacher_tokenizer = load_tokenizer(teacher["path"], teacher["trust_remote_code"], teacher.get("revision"))
-    check_same_vocabulary(teacher_tokenizer, student["path"], student["trust_remote_code"])
+    check_same_vocabulary(teacher_tokenizer, student["path"], student["trust_remote_code"], student.get("revision"))
 
 
 def check_devices(config: Mapping[str, Any], workflow_dir: str | os.PathLike, available: int | None = None) -> None:
@@ -116,9 +323,12 @@ def parameter_count(reference: str) -> int | None:
 
         total = 0
         for file in Path(expand_path(reference)).glob("*.safetensors"):
-            with safe_open(str(file), "pt") as handle:
-                for key in handle.keys():
-                    total += math.prod(handle.get_slice(key).get_shape())
+            try:
+                with safe_open(str(file), "pt") as handle:
+                    for key in handle.keys():
+                        total += math.prod(handle.get_slice(key).get_shape())
+            except Exception:  # unreadable: check_models names the file; no estimate here
+                return None
         return total or None
     if _offline():
         return None
@@ -146,8 +356,11 @@ def required_disk_bytes(config: Mapping[str, Any], parameters: Mapping[str, int 
     return checkpoints + finals
 
 
-def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> None:
-    parameters = {name: parameter_count(spec["path"]) for name, spec in _model_sources(config)}
+def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan: Plan | None = None) -> None:
+    plan = plan or Plan.all()
+    if not plan.runs(*TRAINING_RULES):
+        return
+    parameters = {name: parameter_count(spec["path"]) for name, spec in _model_sources(config, models_read(config, plan))}
     needed = required_disk_bytes(config, parameters)
     if not needed:
         return
@@ -162,12 +375,19 @@ def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> No
         )
 
 
-def run_preflight(config: Mapping[str, Any], workflow_dir: str | os.PathLike, local_jobs: bool = True) -> None:
-    """Cheap checks first: a typo is reported before a dataset is read. The GPU count is only
-    checked when jobs run on this machine (not when Slurm places them on GPU nodes)."""
-    if local_jobs:
+def run_preflight(
+    config: Mapping[str, Any], workflow_dir: str | os.PathLike, local_jobs: bool = True, plan: Plan | None = None
+) -> None:
+    """Cheap checks first: a typo is reported before a dataset is read. Only what the planned jobs
+    read is checked (all of it by default). The GPU count is only checked when training jobs run
+    on this machine (not when Slurm places them on GPU nodes)."""
+    plan = plan or Plan.all()
+    if local_jobs and plan.runs(*TRAINING_RULES):
         check_devices(config, workflow_dir)
-    check_models(config)
-    check_disk(config, workflow_dir)
-    check_datasets(config)
-    check_vocabularies(config)
+    check_gguf(config, plan)
+    dataset_splits(config, plan)  # a missing held-out split, before anything is read
+    check_models(config, plan)
+    check_teacher_shape(config, plan)
+    check_disk(config, workflow_dir, plan)
+    check_datasets(config, plan)
+    check_vocabularies(config, plan)

@@ -18,9 +18,12 @@ def run_sft(run: StageRun, model_reference: str, tokenizer_reference: str | None
     params, dataset = run.params, run.params["dataset"]
     check_model_reference(model_reference)  # cheap checks first: fail before reading data
     trust, revision = params["trust_remote_code"], params["base_model"].get("revision")
-    tokenizer = load_tokenizer(tokenizer_reference or model_reference, trust, revision if not tokenizer_reference else None)
-    if tokenizer_reference:
-        check_same_vocabulary(tokenizer, model_reference, trust)
+    if tokenizer_reference:  # student_sft: the base teacher's tokenizer, loaded as the teacher is
+        source = params["tokenizer"]
+        tokenizer = load_tokenizer(tokenizer_reference, source["trust_remote_code"], source["revision"])
+        check_same_vocabulary(tokenizer, model_reference, trust, revision)
+    else:
+        tokenizer = load_tokenizer(model_reference, trust, revision)
     if params.get("chat_template"):
         tokenizer.chat_template = params["chat_template"]
     train_dataset = load_sft(dataset, dataset["train_split"])

@@ -11,6 +11,7 @@ from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
 
 try:
+    adpa_config.check_config_files(workflow.configfiles)
     adpa_config.validate_config(config, adpa_config.load_schema(Path(workflow.basedir, "config/schema.yaml")))
     adpa_config.check_local_sources(config, workflow.basedir)
     check_judge_inputs(config)
@@ -20,10 +21,13 @@ except adpa_config.InputError as error:
 
 
 def preflight(config):
-    from adpa.preflight import run_preflight
+    """Checks what the jobs about to run will read (a target that needs only the teachers never
+    reads the student's model)."""
+    from adpa.preflight import Plan, run_preflight
 
+    jobs = [(job.rule.name, dict(job.wildcards_dict)) for job in workflow.dag.needrun_jobs()]
     try:
-        run_preflight(config, workflow.basedir, local_jobs=workflow.local_exec)
+        run_preflight(config, workflow.basedir, local_jobs=workflow.local_exec, plan=Plan.of_jobs(jobs))
     except adpa_config.InputError as error:
         sys.exit(f"error: {error}")
 

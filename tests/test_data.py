@@ -107,7 +107,7 @@ def test_a_bad_row_deep_in_a_file_is_reported_with_its_index(tmp_path):
     rows = [{"messages": [USER_1, ANSWER_1]}] * 5 + [{"messages": [{"role": "bot", "content": "x"}]}]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(DataError, match=r"sft.jsonl' split 'train': 1 bad row of 6: row 5: unknown role 'bot'"):
+    with pytest.raises(DataError, match=r"sft.jsonl' split 'train': 1 bad row of 6: row 5 \(line 6\): unknown role 'bot'"):
         load_sft({"path": str(path)}, "train")
 
 
@@ -119,8 +119,9 @@ def test_bad_rows_are_listed_and_dropped_only_when_the_config_says_so(tmp_path, 
     with pytest.raises(DataError) as error:
         load_sft({"path": str(path)}, "train")
     message = str(error.value)
-    assert "\n" not in message and "4 bad rows of 6: row 1: " in message and "row 3: expected a non-empty list" in message
-    assert "row 4: no non-empty assistant turn" in message and "and 1 more" in message and "row 5" not in message
+    assert "\n" not in message and "4 bad rows of 6: row 1 (line 2): " in message
+    assert "row 3 (line 4): missing column 'messages'" in message
+    assert "row 4 (line 5): no non-empty assistant turn" in message and "and 1 more" in message and "row 5" not in message
     kept = load_sft({"path": str(path), "drop_bad_rows": True}, "train")
     assert len(kept) == 2
     assert "dropped 4 bad rows of 6" in caplog.text

@@ -119,11 +119,12 @@ def test_workflow_stops_on_a_bad_row_before_any_job(tmp_path):
         "sft": {"path": str(data / "sft.jsonl"), "test_split": None},
         "preference": {"path": str(data / "pairs.jsonl"), "test_split": None},
     }
+    config.setdefault("evaluation", {})["split"] = "train"  # a single file holds one split
     (workdir / "config" / "bad rows.yaml").write_text(yaml.safe_dump(config))
     result = run_snakemake(workdir, "--configfile", "config/bad rows.yaml", check=False)
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
-    assert lines == [f"error: dataset '{data / 'sft.jsonl'}' split 'train': 1 bad row of 3: row 2: no non-empty "
+    assert lines == [f"error: dataset '{data / 'sft.jsonl'}' split 'train': 1 bad row of 3: row 2 (line 3): no non-empty "
                      "assistant turn (drop_bad_rows: true drops them)"]
     assert not (workdir / "results").exists() and not (workdir / "logs").exists(), "no job ran"
 
@@ -154,3 +155,76 @@ def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
     run_snakemake(workdir, "results/seed0/student_sft", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)})
     manifest = json.loads((workdir / "results" / "seed0" / "student_sft" / "adpa_manifest.json").read_text())
     assert manifest["params"]["base_model"]["path"] == "~/my models/student"
+
+
+def model_folder(path) -> str:
+    """A loadable-looking local model folder: a config and one small safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "llama", "vocab_size": 4, "num_hidden_layers": 2}')
+    save_file({"weight": torch.zeros(2, 2)}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_preflight_checks_only_what_the_planned_jobs_read(tmp_path, monkeypatch):
+    """The seed guide's `results/dpo_teacher` with a local teacher reads neither the student nor
+    the held-out split; the whole DAG does, and an unreachable hub id is one line."""
+    from adpa.preflight import Plan, run_preflight
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    config = tiny()
+    config["models"]["base_teacher"] = {"path": model_folder(tmp_path / "teacher"), "trust_remote_code": False}
+    config["models"]["base_student"] = {"path": "someorg/not-downloaded-student", "trust_remote_code": False}
+    config["datasets"]["preference"]["test_split"] = None
+    teachers = Plan.of_jobs([("generate_data", {}), ("ref_teacher", {}), ("dpo_teacher", {})])
+    run_preflight(config, REPO, local_jobs=False, plan=teachers)
+    with pytest.raises(ConfigError, match=r"'models.base_student.path': 'someorg/not-downloaded-student' is not a local "
+                                          r"folder .* and the hub cannot be reached .*hf download someorg/not-downloaded-student"):
+        run_preflight(config, REPO, local_jobs=False, plan=Plan.of_jobs([("student_sft", {"seed": "0"})]))
+    with pytest.raises(ConfigError, match=r"'datasets.preference.test_split': null, but evaluation needs a held-out split"):
+        run_preflight(config, REPO, local_jobs=False, plan=Plan.of_jobs([("evaluate", {"model": "dpo_teacher"})]))
+    config["datasets"]["preference"]["test_split"] = "test"
+    with pytest.raises(ConfigError, match=r"'models.base_student.path'"):
+        run_preflight(config, REPO, local_jobs=False)  # `python -m adpa check`: everything
+
+
+def test_cached_hub_model_passes_offline_and_online(tmp_path, monkeypatch):
+    """A hub id whose config is in the local cache needs no network (a cluster node without internet)."""
+    from adpa.preflight import check_models
+
+    snapshot = tmp_path / "cache" / "models--someorg--cached-model" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    config = tiny()
+    config["models"]["base_student"] = {"path": "someorg/cached-model", "trust_remote_code": False}
+    for offline in ("1", "0"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        check_models(config)
+    config["models"]["base_student"]["revision"] = "b" * 40  # a pinned revision that was never downloaded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="hub id 'someorg/cached-model' is not in the local cache"):
+        check_models(config)
+
+
+@pytest.mark.workflow
+def test_workflow_preflight_follows_the_targets(tmp_path):
+    """An unreachable student hub id does not stop a run whose targets never read it."""
+    workdir = copy_workflow(tmp_path / "targets project")
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["models"]["base_student"] = {"path": "someorg/not-downloaded-student"}
+    (workdir / "config" / "hub student.yaml").write_text(yaml.safe_dump(config))
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty cache"), "HF_HUB_OFFLINE": "1"}
+    run_snakemake(workdir, "--cores", "1", "results/base_teacher", "--configfile", "config/hub student.yaml", env=env)
+    assert (workdir / "results" / "base_teacher" / "adpa_manifest.json").is_file()
+    result = run_snakemake(workdir, "--cores", "1", "results/seed0/student_sft", "--configfile", "config/hub student.yaml",
+                           env=env, check=False)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(lines) == 1 and "'models.base_student.path': hub id 'someorg/not-downloaded-student'" in lines[0]
+    assert not (workdir / "logs" / "ref_teacher.log").exists(), "no job ran after the refusal"

@@ -16,7 +16,8 @@ def test_models_load_without_remote_code_and_as_safetensors_only(tmp_path, monke
 
     from adpa.models import load_model, load_tokenizer
 
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")  # never opened: from_pretrained is replaced
     calls = []
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: calls.append(kw))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path, **kw: calls.append(kw))
@@ -30,15 +31,20 @@ def test_models_load_without_remote_code_and_as_safetensors_only(tmp_path, monke
 
 def test_config_values_reach_the_shell_quoted(tmp_path):
     workdir = copy_workflow(tmp_path / "quoting project")
-    name = "run's $HOME `id`"
-    work = "my work; rm -rf x"
-    result = run_snakemake(workdir, "-n", "-p", "--configfile", "config/tiny.yaml",
-                           "--config", f"run_name={name}", f"work_dir={work}")
+    work = "my work; rm -rf x $HOME `id`"
+    result = run_snakemake(workdir, "-n", "-p", "--configfile", "config/tiny.yaml", "--config", f"work_dir={work}")
     commands = [line for line in result.stdout.splitlines() if "python -m adpa" in line]
-    evaluate = next(line for line in commands if " evaluate " in line)
-    assert shlex.split(evaluate)[shlex.split(evaluate).index("--run-name") + 1] == name
     train = next(line for line in commands if "ref_teacher --params" in line)
     assert shlex.split(train.split("2>&1")[0])[shlex.split(train.split("2>&1")[0]).index("--work-dir") + 1] == work
+
+
+def test_run_name_must_be_a_plain_name(tmp_path):
+    """It becomes part of file names (judge answers): nothing may point outside results/."""
+    workdir = copy_workflow(tmp_path / "run name project")
+    for name in ("../../x/y", "a/b", ".hidden", "run's $HOME"):
+        result = run_snakemake(workdir, "-n", "--configfile", "config/tiny.yaml", "--config", f"run_name={name}", check=False)
+        assert result.returncode != 0
+        assert f"error: config key 'run_name': {name!r} must be a plain name" in result.stderr
 
 
 def test_a_finished_model_is_never_replaced(tmp_path):
