@@ -43,3 +43,12 @@ def test_missing_model_path_is_named_before_training(tmp_path):
         f"error: model '{missing}': no model folder with config.json at {missing}"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_work_dir_tilde_is_expanded_by_the_stage_cli(monkeypatch, tmp_path):
+    """The rule passes work_dir quoted (no shell expansion): `~/ckpts` must not become a literal `~` folder."""
+    from adpa.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["ref_teacher", "--params", "{}", "--model", "m", "--output", "o", "--work-dir", "~/ckpts"])
+    assert args.work_dir == tmp_path / "ckpts"

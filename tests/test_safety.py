@@ -8,7 +8,9 @@ import shlex
 import pytest
 
 from adpa import artifacts
-from conftest import copy_workflow, run_snakemake
+from conftest import REPO, copy_workflow, run_snakemake
+
+REPO_CONFIG = REPO / "config" / "tiny.yaml"
 
 
 def test_models_load_without_remote_code_and_as_safetensors_only(tmp_path, monkeypatch):
@@ -56,3 +58,51 @@ def test_a_finished_model_is_never_replaced(tmp_path):
     with pytest.raises(FileExistsError, match="refusing to overwrite finished output"):
         artifacts.publish(staging, finished)
     assert (finished / "model.safetensors").read_text() == "trained for days"
+
+
+class _Loaded(Exception):
+    """Raised by the recording loaders: the test needs the call, not a model."""
+
+
+def test_a_pinned_revision_reaches_every_load_of_a_hub_model(tmp_path, monkeypatch):
+    """Reproducible runs: the config's `revision` of a hub id reaches the student cut, the student's
+    tokenizer (the teacher's), the vocabulary check and the base teacher's evaluation."""
+    from types import SimpleNamespace
+
+    from adpa import evaluate, inference, models, sft
+    from adpa.config import load_config, stage_params
+    from adpa.data import generate_datasets
+
+    generate_datasets({"seed": 0, "train_rows": 4, "test_rows": 2, "multi_turn_fraction": 0.0, "families": None},
+                      tmp_path / "sft", tmp_path / "preference")
+    config = load_config(REPO_CONFIG)
+    config["models"]["base_teacher"] = {"path": "someorg/teacher", "revision": "teacher-rev", "trust_remote_code": False}
+    config["models"]["base_student"] = {"path": "someorg/student", "revision": "student-rev", "trust_remote_code": False}
+    config["datasets"]["preference"]["path"] = str(tmp_path / "preference")
+    calls: list[tuple[str, str | None]] = []
+
+    def record(reference, *args, **kwargs):
+        calls.append((reference, kwargs.get("revision", args[-1] if args else None)))
+        raise _Loaded
+
+    for module in (models, inference, sft):
+        for name in ("load_model", "load_tokenizer"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, record)
+    expected = {
+        "base_student cut": (lambda: models.cut_student_from_teacher("someorg/teacher", 1, tmp_path / "cut", False,
+                                                                      stage_params(config, "base_student")["teacher"].get("revision")),
+                             ("someorg/teacher", "teacher-rev")),
+        "student tokenizer": (lambda: sft.run_sft(SimpleNamespace(params=stage_params(config, "student_sft")),
+                                                  "someorg/student", "someorg/teacher"), ("someorg/teacher", "teacher-rev")),
+        "base teacher evaluation": (lambda: evaluate.run_evaluate(stage_params(config, "evaluate"), "someorg/teacher",
+                                                                  "base_teacher", "tiny", tmp_path, 1), ("someorg/teacher", "teacher-rev")),
+        "vocabulary check": (lambda: models.check_same_vocabulary(None, "someorg/student", False,
+                                                                  config["models"]["base_student"]["revision"]),
+                             ("someorg/student", "student-rev")),
+    }
+    for name, (call, wanted) in expected.items():
+        calls.clear()
+        with pytest.raises(_Loaded):
+            call()
+        assert calls == [wanted], name
