@@ -77,3 +77,15 @@ def publish(staging: str | os.PathLike, output: str | os.PathLike) -> None:
         raise FileExistsError(f"refusing to overwrite finished output '{output}'")
     output.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, output)
+
+
+def discard(folder: str | os.PathLike) -> None:
+    """Delete a folder so that a kill midway leaves none of it under its own name: a half-deleted
+    work folder could hold a checkpoint whose trainer_state.json survived its weights, which a
+    rerun would take as complete. Remains of an earlier cut-off discard go too."""
+    folder = Path(folder)
+    doomed = folder.with_name(f".{folder.name}.discarded")
+    shutil.rmtree(doomed, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

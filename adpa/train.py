@@ -207,6 +207,6 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
             extra={"loss_history": history},
         )
         artifacts.publish(staging, run.output)
-        shutil.rmtree(run.work_dir, ignore_errors=True)
+        artifacts.discard(run.work_dir)
         log.warning("%s: wrote %s  %s", run.stage, run.output, json.dumps(metrics))
     accelerator.wait_for_everyone()

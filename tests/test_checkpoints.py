@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
+from adpa import artifacts
 from adpa.train import last_checkpoint
 
 
@@ -33,3 +38,29 @@ def test_no_work_folder_or_no_complete_checkpoint_means_a_fresh_start(tmp_path):
     assert last_checkpoint(tmp_path / "missing") is None
     make(tmp_path, 2, state=None)
     assert last_checkpoint(tmp_path) is None
+
+
+def test_a_work_folder_removal_cut_off_midway_leaves_nothing_to_resume(tmp_path, monkeypatch):
+    """Published, then killed while its checkpoints were being deleted: a checkpoint whose
+    trainer_state.json outlived its weights must not be resumed from."""
+
+    class Killed(BaseException):
+        pass
+
+    work = tmp_path / "dpo_teacher" / "key"
+    make(work, 2)
+    make(work, 4)
+    unlink = os.unlink
+
+    def killed_at_a_trainer_state(path, *args, **kwargs):
+        if os.path.basename(path) == "trainer_state.json":
+            raise Killed
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", killed_at_a_trainer_state)
+    with pytest.raises(Killed):
+        artifacts.discard(work)
+    monkeypatch.undo()
+    assert last_checkpoint(work) is None
+    artifacts.discard(work)  # the stage's next publish removes the remains
+    assert list(work.parent.iterdir()) == []
