@@ -5,7 +5,10 @@ munge key and socket, state, logs) lives under one folder. One thing is system-w
 Slurm node: /etc/slurm/slurm.conf, a link to the folder's config, because the Slurm executor
 clears SLURM_CONF before its in-job `srun`. It is made only where none exists and removed on
 stop. Accounting is off (no slurmdbd), so the workflow queries job status with squeue;
-MinJobAge keeps finished jobs visible to it.
+MinJobAge keeps finished jobs visible to it. The node declares GPUS (2) stand-in GPUs (GRES gpu):
+Slurm schedules, allocates and records them like real ones, while what runs in a job still
+computes on the CPUs. Slurm drops GPUs without a device file, so each one's File is a link to
+/dev/null in the folder.
 
     python tests/slurm_cluster.py start /tmp/slurm   # prints the SLURM_CONF line to export
     python tests/slurm_cluster.py stop /tmp/slurm
@@ -25,6 +28,7 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 PACKAGES = "slurm-wlm munge"
+GPUS = 2
 
 
 def free_port() -> int:
@@ -42,7 +46,14 @@ def node_line(hostname: str) -> str:
     probe = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
     fields = dict(item.split("=", 1) for item in probe.split()[:8] if "=" in item)
     memory = int(int(fields.get("RealMemory", "4096")) * 0.9)
-    return f"NodeName={hostname} CPUs={fields.get('CPUs', os.cpu_count())} RealMemory={memory} State=UNKNOWN"
+    cpus = fields.get("CPUs", os.cpu_count())
+    return f"NodeName={hostname} CPUs={cpus} RealMemory={memory} Gres=gpu:{GPUS} State=UNKNOWN"
+
+
+def gres_conf(folder: Path, hostname: str) -> str:
+    """The node's stand-in GPUs (no detection by NVML): one line per device file."""
+    lines = [f"NodeName={hostname} Name=gpu File={folder / f'gpu{index}'}" for index in range(GPUS)]
+    return "\n".join(["AutoDetect=off", *lines, ""])
 
 
 def slurm_conf(folder: Path, hostname: str) -> str:
@@ -68,6 +79,7 @@ def slurm_conf(folder: Path, hostname: str) -> str:
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
+            "GresTypes=gpu",
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
@@ -101,6 +113,11 @@ def start(folder: Path, timeout: float = 60.0) -> dict[str, str]:
         (folder / sub).mkdir(parents=True, exist_ok=True)
     hostname = socket.gethostname().split(".")[0]
     (folder / "slurm.conf").write_text(slurm_conf(folder, hostname))
+    (folder / "gres.conf").write_text(gres_conf(folder, hostname))
+    for index in range(GPUS):  # slurmd wants a character device behind each GPU
+        device = folder / f"gpu{index}"
+        if not device.is_symlink():
+            device.symlink_to("/dev/null")
     SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
     if not SYSTEM_CONF.is_symlink():
         SYSTEM_CONF.symlink_to(folder / "slurm.conf")

@@ -1,20 +1,24 @@
 """The teacher stages of config/tiny.yaml through a real one-node Slurm cluster (profiles/slurm).
 
-The cluster (munged, slurmctld, slurmd; cons_tres; accounting off) is started in a scratch
-folder for this module and stopped after it. Snakemake submits every job with sbatch through
-snakemake-executor-plugin-slurm; the checks read Slurm's own records of those jobs.
+The cluster (munged, slurmctld, slurmd; cons_tres; accounting off; 2 stand-in GPUs) is started
+in a scratch folder for this module and stopped after it. Snakemake submits every job with sbatch
+through snakemake-executor-plugin-slurm; the checks read Slurm's own records of those jobs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
 import slurm_cluster
-from conftest import copy_workflow, run_snakemake
+from adpa import config as adpa_config
+from adpa import launch
+from conftest import REPO, copy_workflow, run_snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 TEACHER_JOBS = ("base_teacher", "generate_data", "ref_teacher", "dpo_teacher")
@@ -36,17 +40,25 @@ def cluster(tmp_path_factory):
     assert not slurm_cluster.SYSTEM_CONF.is_symlink()
 
 
-def slurm_jobs() -> dict[str, dict[str, str]]:
-    """Slurm's record of every job, by the rule named in its comment (the executor writes rule_<name>)."""
-    fields = "%i|%k|%T|%m|%l|%C|%b|%D"
+def slurm_records(workdir: Path) -> list[dict[str, str]]:
+    """Slurm's record of every job submitted from this project folder (the executor passes -D),
+    with the rule named in its comment (the executor writes rule_<name>)."""
+    fields = "%i|%k|%T|%m|%l|%C|%b|%D|%Z"
     lines = subprocess.run(["squeue", "-h", "-t", "all", "-o", fields], capture_output=True, text=True, check=True).stdout
-    jobs = {}
+    records = []
     for line in lines.splitlines():
-        job_id, comment, state, memory, limit, cpus, gres, nodes = line.split("|")
-        jobs[comment.removeprefix("rule_")] = {
-            "id": job_id, "state": state, "memory": memory, "limit": limit, "cpus": cpus, "gres": gres, "nodes": nodes,
-        }
-    return jobs
+        job_id, comment, state, memory, limit, cpus, gres, nodes, folder = line.split("|")
+        if Path(folder).resolve() == workdir.resolve():
+            records.append({
+                "id": job_id, "rule": comment.removeprefix("rule_"), "state": state, "memory": memory,
+                "limit": limit, "cpus": cpus, "gres": gres, "nodes": nodes,
+            })
+    return records
+
+
+def slurm_jobs(workdir: Path) -> dict[str, dict[str, str]]:
+    """The records by rule (one job per rule in the runs that read it)."""
+    return {record["rule"]: record for record in slurm_records(workdir)}
 
 
 def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
@@ -59,7 +71,7 @@ def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
     )
     assert "has been submitted with SLURM jobid" in result.stdout + result.stderr
 
-    jobs = slurm_jobs()
+    jobs = slurm_jobs(workdir)
     assert set(TEACHER_JOBS) <= set(jobs), jobs
     for rule in TEACHER_JOBS:
         assert jobs[rule]["state"] == "COMPLETED", (rule, jobs[rule])
@@ -89,3 +101,61 @@ def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
 
     again = run_snakemake(workdir, "results/dpo_teacher", "-n", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml", *NO_ACCOUNTING)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+GPU_RECIPE = "config/accelerate/deepspeed_zero3.yaml"  # the recipes' accelerate config: GPUs
+NO_GPUS_HERE = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_training_job_gets_two_gpus_in_one_slurm_job(cluster, tmp_path):
+    """A 2-GPU training request becomes one Slurm job holding 2 GPUs, in which one accelerate
+    launch starts 2 processes (not jobs or steps of one GPU each: the Slurm executor's issues
+    #316 and #459). The GPU count of a recipe is checked on this machine only when jobs run here."""
+    workdir = copy_workflow(tmp_path / "slurm gpu project")
+    # tiny.yaml on GPUs, 4 per training job (effective batch 8 = 2 per device x 4 processes).
+    four_gpus = "launch={accelerate_config: %s, num_processes: 4}" % GPU_RECIPE
+    here = run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tiny.yaml", "--config", four_gpus, env=NO_GPUS_HERE, check=False)
+    assert here.returncode != 0 and "4 GPUs requested" in here.stdout + here.stderr, here.stderr[-3000:]
+    # Through Slurm this machine's GPUs do not matter: the inputs are made in Slurm jobs, and it is
+    # Slurm that refuses the training job, as no node of the test cluster has 4 GPUs.
+    refused = run_snakemake(
+        workdir, "results/ref_teacher", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml",
+        *NO_ACCOUNTING, *QUICK_POLLING, "--config", four_gpus, env=NO_GPUS_HERE, check=False,
+    )
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "GPUs requested" not in output, output[-3000:]
+    assert "SLURM sbatch failed" in output and "--gpus=4" in output and "rule_ref_teacher" in output, output[-3000:]
+    refusal = {record["rule"]: record["state"] for record in slurm_records(workdir)}
+    assert refusal == {"base_teacher": "COMPLETED", "generate_data": "COMPLETED", "ref_teacher": "FAILED"}, refusal
+    refused_ids = {record["id"] for record in slurm_records(workdir)}
+
+    # The node's GPUs are stand-ins, so the model trains with tiny.yaml's 2 CPU processes (gloo;
+    # the GPU config there would start 2 unconnected processes). For a CPU accelerate config
+    # job_resources asks for no GPU, so the test sets the rule's `gpu` resource to what it gives
+    # the 2-GPU recipe: the same request reaches the executor and Slurm.
+    gpu_recipe = adpa_config.load_config(REPO / "config" / "tiny.yaml", {"launch": {"accelerate_config": GPU_RECIPE}})
+    gpus = launch.job_resources(gpu_recipe, REPO, "ref_teacher")["gpu"]
+    assert gpus == slurm_cluster.GPUS == 2
+    run_snakemake(
+        workdir, "results/ref_teacher", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml",
+        *NO_ACCOUNTING, *QUICK_POLLING, "--set-resources", f"ref_teacher:gpu={gpus}",
+        "--config", "resources={training: {mem_mb: 3000, runtime: 30}}",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+
+    training = [record for record in slurm_records(workdir) if record["id"] not in refused_ids]
+    assert len(training) == 1 and training[0]["rule"] == "ref_teacher" and training[0]["state"] == "COMPLETED", training
+    job_id = training[0]["id"]
+    record = subprocess.run(["scontrol", "-d", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    # Slurm's record: the job asked for 2 GPUs, was given them on its one node, and ran one task.
+    assert re.search(r"TresPerJob=gres[:/]gpu:2\b", record) and "JOB_GRES=gpu:2" in record, record
+    assert "NumNodes=1 " in record and "NumTasks=1 " in record, record
+
+    # One accelerate launch in the job, of 2 processes that form one world: the main process logs
+    # the launch once, to the job's output (a second copy of the stage would log there too).
+    slurm_log = (workdir / "logs" / "slurm" / "rule_ref_teacher" / f"{job_id}.log").read_text()
+    launches = [line for line in slurm_log.splitlines() if "ref_teacher: launch {" in line]
+    assert len(launches) == 1 and '"processes": 2, "distributed_type": "DEEPSPEED"' in launches[0], slurm_log[-3000:]
+    manifest = json.loads((workdir / "results" / "ref_teacher" / "adpa_manifest.json").read_text())
+    assert manifest["slurm"]["job_id"] == job_id
+    assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["device"] == "cpu"
