@@ -30,6 +30,6 @@ onstart:
 
 # Everything: both teachers, the students of every seed, their evaluation, the table and plots.
 rule all:
+    default_target: True
     input:
         rules.summary.output,
-    default_target: True

@@ -66,10 +66,6 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(directory, MANIFEST).read_text())
-
-
 def publish(staging: str | os.PathLike, output: str | os.PathLike) -> None:
     """Move a complete staging folder into place; refuses to replace an existing output."""
     output = Path(output)

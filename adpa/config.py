@@ -19,6 +19,11 @@ from typing import Any
 import jsonschema
 import yaml
 
+from adpa.batching import accumulation_steps
+from adpa.errors import ConfigError
+from adpa.paths import expand_path, is_local
+from adpa.stages import STAGES, TEACHER_MODELS, Stage, of_kind, student_models
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 # libyaml's loader when present: the schema is read on every Snakemake start (`snakemake -n` latency).
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -43,17 +48,9 @@ class StrictLoader(YAML_LOADER):  # type: ignore[misc, valid-type]
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+
 # Stages trained through accelerate launch; each has a config section of training settings.
-TRAINING_STAGES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "student_dpo")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class InputError(ValueError):
-    """Bad input found before training; the message is one line naming the key, file or row."""
-
-
-class ConfigError(InputError):
-    """A config that cannot run."""
+TRAINING_STAGES = of_kind("training")
 
 
 def _coerce_scalar(value: str, expected: str | list | None) -> Any:
@@ -140,14 +137,17 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_finite(config)
+    if "vanilla_kd" in config["methods"] and config["vanilla_kd"]["max_length"] != config["dckd"]["max_length"]:
+        raise ConfigError(
+            f"config key 'vanilla_kd.max_length': {config['vanilla_kd']['max_length']} must equal dckd.max_length "
+            f"({config['dckd']['max_length']}): both read the teacher's top-k store, which is cut at dckd's length"
+        )
     for stage in TRAINING_STAGES:
         gradient_accumulation_steps(config, stage)
     return config
 
 
-def load_config(
-    path: str | os.PathLike | Sequence[str | os.PathLike], overrides: Mapping | None = None
-) -> dict:
+def load_config(path: str | os.PathLike | Sequence[str | os.PathLike], overrides: Mapping | None = None) -> dict:
     """Read YAML config files (later ones overlay earlier ones, nested, like several
     `snakemake --configfile`), merge overrides (like --config), validate."""
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(item) for item in path]
@@ -205,31 +205,9 @@ def world_size(config: Mapping) -> int:
     return launch["num_processes"] * launch["num_machines"]
 
 
-def accumulation_steps(training: Mapping, processes: int, key: str) -> int:
-    """effective_batch_size / (per_device_batch_size x processes); refuses a remainder."""
-    per_step = training["per_device_batch_size"] * processes
-    steps, remainder = divmod(training["effective_batch_size"], per_step)
-    if remainder or steps == 0:
-        raise ConfigError(
-            f"config key '{key}.effective_batch_size': {training['effective_batch_size']} is not a "
-            f"multiple of per_device_batch_size x processes = "
-            f"{training['per_device_batch_size']} x {processes} = {per_step}"
-        )
-    return steps
-
-
 def gradient_accumulation_steps(config: Mapping, stage: str) -> int:
-    return accumulation_steps(config[stage], world_size(config), stage)
-
-
-def expand_path(path: str) -> str:
-    return os.path.expanduser(path)
-
-
-def is_local(reference: str) -> bool:
-    """A hub id looks like `org/name` and does not exist on disk; everything else is a path."""
-    expanded = expand_path(reference)
-    return os.path.exists(expanded) or not _HUB_ID.match(reference)
+    section = STAGES[stage].section
+    return accumulation_steps(config[section], world_size(config), section)
 
 
 def produced_paths(config: Mapping) -> set[str]:
@@ -251,7 +229,9 @@ def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEM
     if work_dir.exists() and not work_dir.is_dir():
         raise ConfigError(f"config key 'work_dir': {work_dir} is a file, not a folder")
     produced = produced_paths(config)
-    sources = [(f"models.{name}.path", config["models"][name].get("path")) for name in ("base_teacher", "base_student")]
+    sources = [
+        (f"models.{name}.path", config["models"][name].get("path")) for name in ("base_teacher", "base_student")
+    ]
     sources += [(f"datasets.{name}.path", config["datasets"][name]["path"]) for name in ("sft", "preference")]
     sources += [(f"evaluation.{name}", config["evaluation"][name]) for name in ("alpaca_eval", "mt_bench")]
     for key, reference in sources:
@@ -266,95 +246,91 @@ def student_seeds(config: Mapping) -> list[int]:
     return list(config["seeds"] or [config["seed"]])
 
 
-# Stages run once per student seed, into results/seed<N>/<stage>.
-STUDENT_STAGES = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", "student_dpo")
-TEACHER_MODELS = ("base_teacher", "ref_teacher", "dpo_teacher")
-STUDENT_MODELS = ("student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")
-
-
 def evaluated_models(config: Mapping) -> list[str]:
     """Every model the results table holds, as paths under results/ (students per seed)."""
-    students = [f"seed{seed}/{model}" for seed in student_seeds(config) for model in STUDENT_MODELS]
+    students = [f"seed{seed}/{model}" for seed in student_seeds(config) for model in student_models(config["methods"])]
     return [*TEACHER_MODELS, *students]
+
+
+def _training(config: Mapping, stage: Stage, common: dict[str, Any]) -> dict[str, Any]:
+    """A trained stage: its section's settings, its data and how its model is loaded."""
+    teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
+    base = teacher if stage.name in ("ref_teacher", "dpo_teacher") else student
+    params = {**common, "training": config[stage.section], "trust_remote_code": base["trust_remote_code"]}
+    if "sft_data" in stage.reads:
+        params.update(dataset=config["datasets"]["sft"], chat_template=config["chat_template"], base_model=base)
+    if "preference_data" in stage.reads:
+        params["dataset"] = config["datasets"]["preference"]
+    if stage.name == "student_sft":
+        # The student trains with the base teacher's tokenizer: loaded as the teacher is.
+        params["tokenizer"] = {"revision": teacher.get("revision"), "trust_remote_code": teacher["trust_remote_code"]}
+    return params
+
+
+def _inference(config: Mapping, stage: Stage) -> dict[str, Any]:
+    teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
+    preference = config["datasets"]["preference"]
+    params: dict[str, Any] = {"precision": config["precision"]}
+    if stage.name == "teacher_topk":
+        # The store is aligned to the tokens the distillation stages train on: they share its max_length.
+        return {
+            **params,
+            "k": config["teacher_topk"]["k"],
+            "max_length": config["dckd"]["max_length"],
+            "dataset": preference,
+            "trust_remote_code": teacher["trust_remote_code"],
+        }
+    if stage.name in ("teacher_generations", "student_generations"):
+        source = teacher if stage.name == "teacher_generations" else student
+        return {
+            **params,
+            "max_new_tokens": config[stage.section]["max_new_tokens"],
+            "dataset": preference,
+            "trust_remote_code": source["trust_remote_code"],
+        }
+    if stage.name == "advantage":
+        return {
+            **params,
+            "k": config["teacher_topk"]["k"],
+            "max_length": config["adpa"]["max_length"],
+            "trust_remote_code": teacher["trust_remote_code"],
+        }
+    # evaluate: per model family, the teachers' trust_remote_code never extends to the students, nor back.
+    return {
+        **params,
+        "dataset": preference,
+        "evaluation": config["evaluation"],
+        "base_teacher_revision": teacher.get("revision"),
+        "teachers": list(TEACHER_MODELS),
+        "trust_remote_code": {"teacher": teacher["trust_remote_code"], "student": student["trust_remote_code"]},
+    }
 
 
 def stage_params(config: Mapping, stage: str, seed: int | None = None) -> dict[str, Any]:
     """Exactly the settings a stage's result depends on: its rerun trigger and its input.
 
     `seed` is the student seed of a per-seed stage (default: the first of `seeds`)."""
-    if seed is None:
-        seed = student_seeds(config)[0] if stage in STUDENT_STAGES else config["seed"]
-    common = {"seed": seed if stage in STUDENT_STAGES else config["seed"], "precision": config["precision"]}
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'")
+    entry = STAGES[stage]
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
-    preference = config["datasets"]["preference"]
-    if stage == "ref_teacher":
-        return {
-            **common,
-            "training": config[stage],
-            "base_model": teacher,
-            "dataset": config["datasets"]["sft"],
-            "chat_template": config["chat_template"],
-            "trust_remote_code": teacher["trust_remote_code"],
-        }
-    if stage == "student_sft":
-        # The student trains with the base teacher's tokenizer: loaded as the teacher is.
-        return {
-            **common,
-            "training": config[stage],
-            "base_model": student,
-            "tokenizer": {"revision": teacher.get("revision"), "trust_remote_code": teacher["trust_remote_code"]},
-            "dataset": config["datasets"]["sft"],
-            "chat_template": config["chat_template"],
-            "trust_remote_code": student["trust_remote_code"],
-        }
-    if stage in ("dpo_teacher", "student_dpo"):
-        base = teacher if stage == "dpo_teacher" else student
-        return {**common, "training": config[stage], "dataset": preference, "trust_remote_code": base["trust_remote_code"]}
-    if stage == "teacher_topk":
-        # The store is aligned to the tokens DCKD trains on, so it shares DCKD's max_length.
-        return {
-            "precision": config["precision"],
-            "k": config["teacher_topk"]["k"],
-            "max_length": config["dckd"]["max_length"],
-            "dataset": preference,
-            "trust_remote_code": teacher["trust_remote_code"],
-        }
-    if stage == "student_generations":
-        return {
-            "precision": config["precision"],
-            "max_new_tokens": config["student_generations"]["max_new_tokens"],
-            "dataset": preference,
-            "trust_remote_code": student["trust_remote_code"],
-        }
-    if stage == "advantage":
-        return {
-            "precision": config["precision"],
-            "k": config["teacher_topk"]["k"],
-            "max_length": config["adpa"]["max_length"],
-            "trust_remote_code": teacher["trust_remote_code"],
-        }
-    if stage in ("dckd", "adpa", "adpa_plus"):
-        section = config["adpa" if stage == "adpa_plus" else stage]
-        return {**common, "training": section, "dataset": preference, "trust_remote_code": student["trust_remote_code"]}
+    if entry.kind == "training":
+        seed = (student_seeds(config)[0] if seed is None else seed) if entry.per_seed else config["seed"]
+        return _training(config, entry, {"seed": seed, "precision": config["precision"]})
+    if entry.kind == "inference":
+        return _inference(config, entry)
     if stage == "base_teacher":
         return {"model": teacher, "chat_template": config["chat_template"]}
     if stage == "base_student":
         return {"model": student, "teacher": teacher}
     if stage == "generate_data":
         return {"generate": config["datasets"]["generate"]}
-    if stage == "evaluate":
-        return {
-            "precision": config["precision"],
-            "dataset": preference,
-            "evaluation": config["evaluation"],
-            "base_teacher_revision": teacher.get("revision"),
-            # Per model family: the teachers' flag never extends to the students, nor back.
-            "trust_remote_code": {"teacher": teacher["trust_remote_code"], "student": student["trust_remote_code"]},
-        }
-    if stage == "summary":
-        return {"run_name": config["run_name"], "seed": config["seed"], "seeds": student_seeds(config),
-                "models": evaluated_models(config)}
-    raise ConfigError(f"unknown stage '{stage}'")
+    return {
+        "run_name": config["run_name"],
+        "seed": config["seed"],
+        "seeds": student_seeds(config),
+        "models": evaluated_models(config),
+    }
 
 
 def params_json(params: Mapping) -> str:

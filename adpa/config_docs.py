@@ -36,7 +36,12 @@ def _rows(properties: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
         notes = [" ".join(str(sub.get("description", "")).split()).rstrip(".")]
         if "enum" in sub:
             notes.append("one of " + ", ".join("null" if value is None else str(value) for value in sub["enum"]))
-        for keyword, word in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
+        for keyword, word in (
+            ("minimum", "≥"),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "≤"),
+            ("exclusiveMaximum", "<"),
+        ):
             if keyword in sub:
                 notes.append(f"{word} {sub[keyword]}")
         yield f"| `{key}` | {kind} | {default} | {'; '.join(filter(None, notes))} |"

@@ -1,4 +1,4 @@
-"""Datasets: loading from any source, normalizing both dataset forms once, generating the embedded task.
+"""Datasets: loading from any source and normalizing both dataset forms once (generation: adpa/datagen.py).
 
 SFT rows become `{"messages": [...]}`; preference rows become TRL's conversational form
 `{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}`. Bad rows raise a DataError
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +16,10 @@ from typing import Any
 
 import datasets
 
-from adpa.config import InputError, expand_path, is_local
-from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples
+from adpa.errors import InputError
+from adpa.paths import expand_path, is_local
 
 ROLES = ("system", "user", "assistant")
-# A short system turn: replaces chat templates' long default system prompts (fewer tokens on CPU).
-GENERATED_SYSTEM_PROMPT = "You are a concise assistant."
 Message = dict[str, str]
 log = logging.getLogger("adpa")
 
@@ -162,7 +158,9 @@ def read_json_rows(path: Path, reference: str, in_folder: bool = False) -> RawSp
             labels.append(f"{prefix}line {number}")
     for row, label in zip(rows, labels):
         if not isinstance(row, dict):
-            raise DataError(f"dataset '{reference}': {label}: expected a JSON object per row, got {type(row).__name__}")
+            raise DataError(
+                f"dataset '{reference}': {label}: expected a JSON object per row, got {type(row).__name__}"
+            )
     return RawSplit(rows, labels)
 
 
@@ -179,7 +177,9 @@ def _folder_splits(path: Path, reference: str) -> dict[str, list[Path]]:
         patterns = get_data_patterns(str(path))
         files = DataFilesDict.from_patterns(patterns, base_path=str(path))
     except Exception as err:  # EmptyDatasetError and friends
-        raise DataError(f"dataset '{reference}': no data files (.jsonl, .json, .parquet, ...) in folder {path}") from err
+        raise DataError(
+            f"dataset '{reference}': no data files (.jsonl, .json, .parquet, ...) in folder {path}"
+        ) from err
     return {split: [Path(file) for file in found] for split, found in files.items()}
 
 
@@ -218,10 +218,14 @@ def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
     files = splits[split]
     kinds = sorted({"".join(file.suffixes) for file in files})
     if len(kinds) > 1:  # `datasets` would silently read one kind and ignore the rest
-        raise DataError(f"dataset '{reference}': split '{split}' mixes data file types ({', '.join(kinds)}) in {path}; keep one")
+        raise DataError(
+            f"dataset '{reference}': split '{split}' mixes data file types ({', '.join(kinds)}) in {path}; keep one"
+        )
     if all(file.suffix in JSON_SUFFIXES for file in files):
         parts = [read_json_rows(file, reference, in_folder=True) for file in files]
-        return RawSplit([row for part in parts for row in part.rows], [label for part in parts for label in part.labels])
+        return RawSplit(
+            [row for part in parts for row in part.rows], [label for part in parts for label in part.labels]
+        )
     return RawSplit(_split_of(_load(reference, str(path)), reference, split))
 
 
@@ -256,7 +260,9 @@ def _normalized(raw: RawSplit, normalize, where: str, drop_bad_rows: bool = Fals
             bad.append(str(err))
     total = len(raw.rows)
     if bad and not drop_bad_rows:
-        listed = "; ".join(bad[:LISTED_BAD_ROWS]) + (f"; and {len(bad) - LISTED_BAD_ROWS} more" if len(bad) > LISTED_BAD_ROWS else "")
+        listed = "; ".join(bad[:LISTED_BAD_ROWS]) + (
+            f"; and {len(bad) - LISTED_BAD_ROWS} more" if len(bad) > LISTED_BAD_ROWS else ""
+        )
         count = f"{len(bad)} bad row{'s' if len(bad) > 1 else ''}"
         raise DataError(f"{where}: {count} of {total}: {listed} (drop_bad_rows: true drops them)")
     if bad:
@@ -294,75 +300,3 @@ def load_preference(spec: Mapping[str, Any], split: str, keep: Sequence[str] = (
         return {**normalize_preference_row(row, row_where), **{column: row.get(column) for column in keep}}
 
     return _normalized(raw, normalize, where, spec.get("drop_bad_rows", False))
-
-
-def _exchange(example: TaskExample, answer: str) -> list[Message]:
-    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": answer}]
-
-
-def _rows(
-    examples: list[TaskExample], families: Sequence[str], multi_turn_fraction: float, rng: random.Random,
-    error_rates: Mapping[str, float], rejected_kind: str,
-) -> dict[str, list]:
-    """Both dataset forms; a fraction of rows carries an earlier, answered exchange as context.
-
-    The SFT answer is the family's typical mistake with the family's error rate (mixed-quality SFT
-    data, as in the paper's setting); the preference pair always prefers the correct answer."""
-    sft, chosen, rejected, family, answer = [], [], [], [], []
-    for example in examples:
-        history: list[Message] = [{"role": "system", "content": GENERATED_SYSTEM_PROMPT}]
-        if rng.random() < multi_turn_fraction:
-            earlier = generate_examples(1, rng.randrange(2**31), families)[0]
-            history += _exchange(earlier, earlier.answer)
-        sloppy = rng.random() < error_rates.get(example.family, 0.0)
-        sft.append(history + _exchange(example, example.typical_mistake if sloppy else example.answer))
-        chosen.append(history + _exchange(example, example.answer))
-        wrong = example.typical_mistake if rejected_kind == "typical_mistake" else example.wrong_answer
-        rejected.append(history + _exchange(example, wrong))
-        family.append(example.family)
-        answer.append(example.answer)
-    return {"sft": sft, "chosen": chosen, "rejected": rejected, "family": family, "answer": answer}
-
-
-def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, preference_dir: str | os.PathLike) -> None:
-    """Write the verifiable task family as two DatasetDicts in the deita and dpo-mix forms: splits
-    train, test (held out) and, with validation_rows, validation (for tuning; disjoint from both)."""
-    families = spec.get("families") or FAMILY_NAMES
-    seed, train_rows, test_rows = spec["seed"], spec["train_rows"], spec["test_rows"]
-    validation_rows = spec.get("validation_rows", 0)
-    unknown = sorted(set(spec.get("sft_error_rates") or {}) - set(FAMILY_NAMES))
-    if unknown:
-        raise DataError(f"config key 'datasets.generate.sft_error_rates': unknown task family '{unknown[0]}'")
-    sft_train = generate_examples(train_rows, seed, families)
-    preference_train = generate_examples(train_rows, seed + 1, families)
-    seen = {example.prompt for example in sft_train + preference_train}
-
-    def held_out(rows: int, offset: int) -> list[TaskExample]:
-        """Prompts never seen before (in training or an earlier held-out split); oversample, drop repeats."""
-        candidates = generate_examples(rows * 4, seed + offset, families)
-        fresh = list({example.prompt: example for example in candidates if example.prompt not in seen}.values())[:rows]
-        seen.update(example.prompt for example in fresh)
-        return fresh
-
-    test = held_out(test_rows, 2)
-    splits = {"train": (sft_train, preference_train), "test": (test, test)}
-    if validation_rows:
-        validation = held_out(validation_rows, 3)
-        splits["validation"] = (validation, validation)
-    rng = random.Random(seed)
-    fraction, error_rates = spec["multi_turn_fraction"], spec.get("sft_error_rates") or {}
-    rejected_kind = spec.get("rejected", "near_miss")
-    sft_dict, preference_dict = {}, {}
-    for split, (sft_examples, preference_examples) in splits.items():
-        # Held-out SFT rows stay correct: they measure the SFT loss, not the annotators' sloppiness.
-        rates = error_rates if split == "train" else {}
-        sft_rows = _rows(sft_examples, families, fraction, rng, rates, rejected_kind)
-        preference_rows = _rows(preference_examples, families, fraction, rng, rates, rejected_kind)
-        sft_dict[split] = datasets.Dataset.from_dict(
-            {"messages": sft_rows["sft"], "family": sft_rows["family"], "answer": sft_rows["answer"]}
-        )
-        preference_dict[split] = datasets.Dataset.from_dict(
-            {key: preference_rows[key] for key in ("chosen", "rejected", "family", "answer")}
-        )
-    datasets.DatasetDict(sft_dict).save_to_disk(str(sft_dir))
-    datasets.DatasetDict(preference_dict).save_to_disk(str(preference_dir))

@@ -1,8 +1,9 @@
-"""Stages dckd, adpa and adpa_plus: one Trainer subclass that overrides `compute_loss`.
+"""Stages dckd, vanilla_kd, adpa and adpa_plus: one Trainer subclass that overrides `compute_loss`.
 
-Each example is a pair of sequences run through the student in one forward pass:
+Each example is one or two sequences, named by what they are, run through the student in one forward pass:
 - dckd: chosen (NLL + KL to the DPO teacher's top-k) and rejected (KL), teacher_topk stores;
-- adpa / adpa_plus: chosen (NLL) and the student's own response (advantage term), advantage store.
+- vanilla_kd: chosen only (NLL + KL), the teacher_topk chosen store;
+- adpa / adpa_plus: chosen (NLL) and own, the student's own response (advantage term), advantage store.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from adpa.data import load_preference
-from adpa.losses import adpa_loss, clamp_advantage_like_reference, dckd_loss
+from adpa.losses import TopKBatch, adpa_loss, clamp_advantage_like_reference, dckd_loss, vanilla_kd_loss
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.sequences import (
     Exchange,
@@ -28,6 +29,15 @@ from adpa.sequences import (
 )
 from adpa.topk_store import TopKStore
 from adpa.train import StageRun, train_and_export, trainer_arguments
+
+OBJECTIVES = {"dckd": "dckd", "vanilla_kd": "vanilla_kd", "adpa": "adpa", "adpa_plus": "adpa"}  # stage -> loss
+# The sequences of an example, in batch order, and the training settings read as the loss's weight keywords.
+SEQUENCES = {"dckd": ("chosen", "rejected"), "vanilla_kd": ("chosen",), "adpa": ("chosen", "own")}
+WEIGHTS = {
+    "dckd": ("nll_weight", "chosen_kl_weight", "rejected_kl_weight"),
+    "vanilla_kd": ("nll_weight", "kl_weight"),
+    "adpa": ("nll_weight", "adpa_weight"),
+}
 
 
 def check_store(store: TopKStore, tokenizer, exchanges: Sequence[Exchange], name: str) -> None:
@@ -42,38 +52,51 @@ def check_store(store: TopKStore, tokenizer, exchanges: Sequence[Exchange], name
     if len(mismatched):
         row = int(mismatched[0])
         raise SequenceError(
-            f"{name} row {row}: store holds {int(lengths[row])} response tokens, the trainer tokenizes {int(expected[row])}"
+            f"{name} row {row}: store holds {int(lengths[row])} response tokens, "
+            f"the trainer tokenizes {int(expected[row])}"
         )
 
 
 @dataclass
-class PairCollator:
-    """Pads both sequences of each example into one [2B, L] batch and places stored rows at label positions."""
+class DistillationCollator:
+    """Pads the sequences of each example into one [S*B, L] batch, sequence by sequence in `stores` order
+    (rows 0..B-1 the first sequence, B..2B-1 the second, ...), and places each sequence's stored top-k rows at
+    its label positions (zeros where its store is None).
+
+    A feature holds `row` (its row in the stores) and `<name>_ids`, `<name>_start` for each sequence name.
+    """
 
     pad_id: int
-    first_store: TopKStore | None  # values for the first (chosen) sequence, or None
-    second_store: TopKStore
+    stores: Mapping[str, TopKStore | None]  # sequence name -> its teacher values, or None (e.g. chosen in ADPA)
+
+    def __post_init__(self) -> None:
+        ks = {store.k for store in self.stores.values() if store is not None}
+        if len(ks) != 1:
+            raise ValueError(f"the sequences' stores must share one k, got {sorted(ks) or 'no store'}")
+
+    @property
+    def k(self) -> int:
+        return next(store.k for store in self.stores.values() if store is not None)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        first = [Exchange(f["first_ids"], f["first_start"]) for f in features]
-        second = [Exchange(f["second_ids"], f["second_start"]) for f in features]
-        batch = pad_exchanges(first + second, self.pad_id)
+        exchanges = [Exchange(f[f"{name}_ids"], f[f"{name}_start"]) for name in self.stores for f in features]
+        batch = pad_exchanges(exchanges, self.pad_id)
         rows = [f["row"] for f in features]
         label_length = batch["input_ids"].shape[1] - 1
         starts = batch["response_start"]
         size = len(features)
-        k = self.second_store.k
-        ids = torch.zeros((2 * size, label_length, k), dtype=torch.long)
-        values = torch.zeros((2 * size, label_length, k))
-        rest = torch.zeros((2 * size, label_length))
-        for half, store in ((slice(0, size), self.first_store), (slice(size, None), self.second_store)):
+        ids = torch.zeros((len(exchanges), label_length, self.k), dtype=torch.long)
+        values = torch.zeros((len(exchanges), label_length, self.k))
+        rest = torch.zeros((len(exchanges), label_length))
+        for index, store in enumerate(self.stores.values()):
             if store is None:
                 continue
+            part = slice(index * size, (index + 1) * size)
             stored = store.padded_batch(rows)
-            ids[half] = place_rows(stored["ids"], starts[half], label_length)
-            values[half] = place_rows(stored["values"], starts[half], label_length)
+            ids[part] = place_rows(stored["ids"], starts[part], label_length)
+            values[part] = place_rows(stored["values"], starts[part], label_length)
             if "rest" in stored:
-                rest[half] = place_rows(stored["rest"], starts[half], label_length)
+                rest[part] = place_rows(stored["rest"], starts[part], label_length)
         return {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
@@ -84,13 +107,41 @@ class PairCollator:
         }
 
 
+class StudentSequence(NamedTuple):
+    """One named sequence of a batch: the student's logits [B,T,V], labels [B,T], mask [B,T], stored top-k."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    topk: TopKBatch
+
+
+def split_sequences(
+    logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> dict[str, StudentSequence]:
+    """Cuts the collator's [S*B, ...] batch (logits already aligned with labels) back into its named sequences."""
+    size = logits.shape[0] // len(names)
+    labels, mask = inputs["input_ids"][:, 1:], inputs["response_mask"]
+    topk = TopKBatch(inputs["topk_ids"], inputs["topk_values"], inputs["topk_rest"])
+    parts = {}
+    for index, name in enumerate(names):
+        rows = slice(index * size, (index + 1) * size)
+        parts[name] = StudentSequence(logits[rows], labels[rows], mask[rows], TopKBatch(*(x[rows] for x in topk)))
+    return parts
+
+
 def _distillation_trainer_class():
     from transformers import Trainer
 
     class DistillationTrainer(Trainer):
-        """Trainer whose loss is DCKD or ADPA; everything else (loop, DeepSpeed, checkpoints) is Trainer's."""
+        """Trainer whose loss is DCKD, vanilla KD or ADPA; the loop, DeepSpeed and checkpoints are Trainer's.
 
-        def __init__(self, *args, objective: str, weights: Mapping[str, float], reference_clamp: bool = False, **kwargs):
+        `weights` are passed to the loss as its weight keywords (WEIGHTS[objective]).
+        """
+
+        def __init__(
+            self, *args, objective: str, weights: Mapping[str, float], reference_clamp: bool = False, **kwargs
+        ):
             super().__init__(*args, **kwargs)
             self.objective, self.weights, self.reference_clamp = objective, dict(weights), reference_clamp
             # Our losses are means, so Trainer must scale them for gradient accumulation itself.
@@ -98,26 +149,41 @@ def _distillation_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            logits, labels, mask = outputs.logits[:, :-1], inputs["input_ids"][:, 1:], inputs["response_mask"]
-            size = logits.shape[0] // 2
-            first, second = slice(0, size), slice(size, None)
-            ids, values, rest = inputs["topk_ids"], inputs["topk_values"], inputs["topk_rest"]
+            sequences = split_sequences(outputs.logits[:, :-1], inputs, SEQUENCES[self.objective])
+            chosen = sequences["chosen"]
             if self.objective == "dckd":
+                rejected = sequences["rejected"]
                 loss = dckd_loss(
-                    logits[first], labels[first], mask[first], ids[first], values[first], rest[first],
-                    logits[second], ids[second], values[second], rest[second], mask[second],
-                    nll_weight=self.weights["nll_weight"],
-                    chosen_kl_weight=self.weights["chosen_kl_weight"],
-                    rejected_kl_weight=self.weights["rejected_kl_weight"],
+                    chosen_logits=chosen.logits,
+                    chosen_labels=chosen.labels,
+                    chosen_mask=chosen.mask,
+                    chosen_topk=chosen.topk,
+                    rejected_logits=rejected.logits,
+                    rejected_mask=rejected.mask,
+                    rejected_topk=rejected.topk,
+                    **self.weights,
+                )
+            elif self.objective == "vanilla_kd":
+                loss = vanilla_kd_loss(
+                    chosen_logits=chosen.logits,
+                    chosen_labels=chosen.labels,
+                    chosen_mask=chosen.mask,
+                    chosen_topk=chosen.topk,
+                    **self.weights,
                 )
             else:
-                advantage = values[second]
+                own = sequences["own"]
+                advantage = own.topk
                 if self.reference_clamp:
-                    advantage = clamp_advantage_like_reference(advantage)
+                    advantage = advantage._replace(values=clamp_advantage_like_reference(advantage.values))
                 loss = adpa_loss(
-                    logits[first], labels[first], mask[first], logits[second], ids[second], advantage, mask[second],
-                    adpa_weight=self.weights["adpa_weight"],
-                    nll_weight=self.weights["nll_weight"],
+                    chosen_logits=chosen.logits,
+                    chosen_labels=chosen.labels,
+                    chosen_mask=chosen.mask,
+                    own_logits=own.logits,
+                    own_mask=own.mask,
+                    own_advantage=advantage,
+                    **self.weights,
                 )
             return (loss, outputs) if return_outputs else loss
 
@@ -126,59 +192,57 @@ def _distillation_trainer_class():
 
 def run_distillation(
     run: StageRun,
-    model_reference: str,
-    topk_dir: Path | None = None,
-    generations_dir: Path | None = None,
-    advantage_dir: Path | None = None,
+    model: str,
+    topk: Path | None = None,
+    generations: Path | None = None,
+    advantage: Path | None = None,
 ) -> None:
-    """dckd (topk_dir) or adpa / adpa_plus (generations_dir + advantage_dir)."""
+    """dckd and vanilla_kd (the teacher's `topk` store) or adpa / adpa_plus (the student's own
+    `generations` and their `advantage` store), from the student `model`."""
+    model_reference, topk_dir, generations_dir, advantage_dir = model, topk, generations, advantage
     import datasets
     from transformers import TrainingArguments
 
+    if run.stage not in OBJECTIVES:
+        raise ValueError(f"{run.stage!r} is not a distillation stage (one of {', '.join(OBJECTIVES)})")
+    objective = OBJECTIVES[run.stage]
     params, training = run.params, run.params["training"]
     check_model_reference(model_reference)
     tokenizer = load_tokenizer(model_reference, params["trust_remote_code"])
     dataset = params["dataset"]
     pairs = load_preference(dataset, dataset["train_split"])
-    prompts, chosen = pairs["prompt"], pairs["chosen"]
+    prompts = pairs["prompt"]
     max_length = training["max_length"]
-    first = tokenize_rows(tokenizer, prompts, chosen, max_length, "chosen")
-    if run.stage == "dckd":
-        objective = "dckd"
-        first_store, second_store = TopKStore(topk_dir / "chosen"), TopKStore(topk_dir / "rejected")
-        second = tokenize_rows(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
-        check_store(first_store, tokenizer, first, "teacher_topk chosen")
-        check_store(second_store, tokenizer, second, "teacher_topk rejected")
-        weights = {key: training[key] for key in ("nll_weight", "chosen_kl_weight", "rejected_kl_weight")}
+    exchanges = {"chosen": tokenize_rows(tokenizer, prompts, pairs["chosen"], max_length, "chosen")}
+    if objective == "dckd":
+        exchanges["rejected"] = tokenize_rows(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
+    if objective in ("dckd", "vanilla_kd"):
+        stores = {name: TopKStore(topk_dir / name) for name in SEQUENCES[objective]}
+        for name, store in stores.items():
+            check_store(store, tokenizer, exchanges[name], f"teacher_topk {name}")
     else:
-        objective = "adpa"
         generations = datasets.load_from_disk(str(generations_dir))
         if generations["prompt"] != prompts:
             raise SequenceError("student_generations: prompts differ from the preference set's (stale generations?)")
         own = [[{"role": "assistant", "content": text}] for text in generations["response"]]
-        second = tokenize_rows(tokenizer, prompts, own, max_length, "own response")
-        first_store, second_store = None, TopKStore(advantage_dir)
-        check_store(second_store, tokenizer, second, "advantage")
-        weights = {key: training[key] for key in ("nll_weight", "adpa_weight")}
-    rows = datasets.Dataset.from_dict(
-        {
-            "row": list(range(len(first))),
-            "first_ids": [e.input_ids for e in first],
-            "first_start": [e.response_start for e in first],
-            "second_ids": [e.input_ids for e in second],
-            "second_start": [e.response_start for e in second],
-        }
-    )
+        exchanges["own"] = tokenize_rows(tokenizer, prompts, own, max_length, "own response")
+        stores = {"chosen": None, "own": TopKStore(advantage_dir)}
+        check_store(stores["own"], tokenizer, exchanges["own"], "advantage")
+    weights = {key: training[key] for key in WEIGHTS[objective]}
+    columns: dict[str, list] = {"row": list(range(len(exchanges["chosen"])))}
+    for name in SEQUENCES[objective]:
+        columns[f"{name}_ids"] = [e.input_ids for e in exchanges[name]]
+        columns[f"{name}_start"] = [e.response_start for e in exchanges[name]]
+    rows = datasets.Dataset.from_dict(columns)
     arguments = trainer_arguments(run)
     arguments.pop("max_length")
     args = TrainingArguments(**arguments, remove_unused_columns=False)
-    model = load_model(model_reference, params["precision"], params["trust_remote_code"])
-    pad_id = pad_token_id(tokenizer)
+    student = load_model(model_reference, params["precision"], params["trust_remote_code"])
     trainer = _distillation_trainer_class()(
-        model=model,
+        model=student,
         args=args,
         train_dataset=rows,
-        data_collator=PairCollator(pad_id, first_store, second_store),
+        data_collator=DistillationCollator(pad_token_id(tokenizer), stores),
         processing_class=tokenizer,
         objective=objective,
         weights=weights,

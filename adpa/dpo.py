@@ -9,9 +9,10 @@ from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
 
-def run_dpo(run: StageRun, model_reference: str) -> None:
+def run_dpo(run: StageRun, model: str) -> None:
     from trl import DPOConfig, DPOTrainer
 
+    model_reference = model
     params, dataset = run.params, run.params["dataset"]
     check_model_reference(model_reference)  # cheap checks first: fail before reading data
     train_dataset = load_preference(dataset, dataset["train_split"])
@@ -20,10 +21,10 @@ def run_dpo(run: StageRun, model_reference: str) -> None:
     trust = params["trust_remote_code"]
     tokenizer = load_tokenizer(model_reference, trust)
     # Policy and reference both start from the same model (for the teacher: the REF teacher, never a student).
-    model = load_model(model_reference, params["precision"], trust)
+    policy = load_model(model_reference, params["precision"], trust)
     ref_model = load_model(model_reference, params["precision"], trust)
     trainer = DPOTrainer(
-        model=model,
+        model=policy,
         ref_model=ref_model,
         args=args,
         train_dataset=train_dataset,

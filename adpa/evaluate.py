@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -20,12 +19,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adpa.inference import greedy_responses
+from adpa.generation import greedy_responses
 from adpa.judges import REQUIRED_KEYS, read_records
+from adpa.results import ANSWERS_FILE, METRICS_FILE
 from adpa.sequences import pad_left, pad_right, pad_token_id, tokenize_rows
 
-METRICS_FILE = "metrics.json"
-ANSWERS_FILE = "answers.jsonl"
 ALPACA_EVAL_FILE = "alpaca_eval/model_outputs.json"
 Message = dict[str, str]
 
@@ -36,7 +34,9 @@ def load_test_rows(dataset: Mapping[str, Any], split: str | None = None) -> list
 
     split = split or dataset["test_split"]
     if split is None:
-        raise DataError(f"dataset '{dataset['path']}': evaluation needs a held-out split (datasets.preference.test_split)")
+        raise DataError(
+            f"dataset '{dataset['path']}': evaluation needs a held-out split (datasets.preference.test_split)"
+        )
     return load_preference(dataset, split, keep=("family", "answer")).to_list()
 
 
@@ -49,7 +49,9 @@ def judge(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[b
         if row.get("family") is None or row.get("answer") is None:
             verdicts.append(None)
         else:
-            verdicts.append(verify(TaskExample(row["family"], row["prompt"][-1]["content"], row["answer"], ""), response))
+            verdicts.append(
+                verify(TaskExample(row["family"], row["prompt"][-1]["content"], row["answer"], ""), response)
+            )
     return verdicts
 
 
@@ -59,16 +61,22 @@ def _score_continuations(model, first_logprobs, cache, prompt_mask, prompt_posit
     device = prompt_mask.device
     ids, mask = (tensor.to(device) for tensor in pad_right(responses, pad))
     positions = prompt_positions[:, -1:] + 1 + torch.arange(ids.shape[1], device=device)[None, :]
-    logits = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], -1), position_ids=positions,
-                   cache=copy.deepcopy(cache), use_cache=True).logits
+    logits = model(
+        input_ids=ids,
+        attention_mask=torch.cat([prompt_mask, mask], -1),
+        position_ids=positions,
+        cache=copy.deepcopy(cache),
+        use_cache=True,
+    ).logits
     # The prompt's last logits predict response token 0; the response's own logits the rest.
     logprobs = torch.cat([first_logprobs[:, None], torch.log_softmax(logits[:, :-1].float(), -1)], 1)
     return (logprobs.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1).cpu()
 
 
 @torch.no_grad()
-def score_and_answer(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_tokens: int, batch_size: int,
-                     max_length: int = 4096) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_and_answer(
+    model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_tokens: int, batch_size: int, max_length: int = 4096
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy answers and log pi(chosen), log pi(rejected) with their token counts, over [N] rows.
 
     Each batch of prompts runs through the model once: the greedy answer and both responses
@@ -94,15 +102,25 @@ def score_and_answer(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_ne
         # generate() runs the last prompt token itself, so the cache gives it all but that one.
         cache = output.cache
         cache.crop(-1)
-        generated = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-        answers += [text.strip() for text in tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)]
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
+        answers += [
+            text.strip() for text in tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
+        ]
     counts = [torch.tensor([float(e.response_length) for e in exchanges]) for exchanges in (chosen, rejected)]
     return answers, torch.cat(chosen_sums), counts[0], torch.cat(rejected_sums), counts[1]
 
 
-def evaluate_model(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_tokens: int, batch_size: int
-                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate_model(
+    model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_tokens: int, batch_size: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics over the held-out rows, and one answer record per row.
 
     A record holds the row's greedy response, the verifier's verdict (`correct`, None without a task
@@ -126,30 +144,45 @@ def evaluate_model(model, tokenizer, rows: Sequence[Mapping[str, Any]], max_new_
     # Per-row log-probs and token counts, so the summary can bootstrap every metric over rows.
     scores = zip(chosen.tolist(), rejected.tolist(), chosen_tokens.tolist(), rejected_tokens.tolist())
     answers = [
-        {"row": index, "family": row.get("family"), "answer": row.get("answer"), "response": response,
-         "correct": verdict, "chosen_logprob": chosen_sum, "rejected_logprob": rejected_sum,
-         "chosen_tokens": int(chosen_count), "rejected_tokens": int(rejected_count)}
-        for index, (row, response, verdict, (chosen_sum, rejected_sum, chosen_count, rejected_count))
-        in enumerate(zip(rows, responses, verdicts, scores, strict=True))
+        {
+            "row": index,
+            "family": row.get("family"),
+            "answer": row.get("answer"),
+            "response": response,
+            "correct": verdict,
+            "chosen_logprob": chosen_sum,
+            "rejected_logprob": rejected_sum,
+            "chosen_tokens": int(chosen_count),
+            "rejected_tokens": int(rejected_count),
+        }
+        for index, (row, response, verdict, (chosen_sum, rejected_sum, chosen_count, rejected_count)) in enumerate(
+            zip(rows, responses, verdicts, scores, strict=True)
+        )
     ]
     return metrics, answers
 
 
-def alpaca_eval_outputs(model, tokenizer, instructions_path: str, generator: str, max_new_tokens: int,
-                        batch_size: int) -> list[dict[str, Any]]:
+def alpaca_eval_outputs(
+    model, tokenizer, instructions_path: str, generator: str, max_new_tokens: int, batch_size: int
+) -> list[dict[str, Any]]:
     """AlpacaEval's model_outputs.json records: instruction, output, generator (and dataset)."""
     records = read_records(instructions_path, REQUIRED_KEYS["alpaca_eval"])
     prompts = [[{"role": "user", "content": record["instruction"]}] for record in records]
     outputs = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [
-        {"instruction": record["instruction"], "output": output, "generator": generator,
-         **({"dataset": record["dataset"]} if "dataset" in record else {})}
+        {
+            "instruction": record["instruction"],
+            "output": output,
+            "generator": generator,
+            **({"dataset": record["dataset"]} if "dataset" in record else {}),
+        }
         for record, output in zip(records, outputs)
     ]
 
 
-def mt_bench_answers(model, tokenizer, questions_path: str, model_id: str, max_new_tokens: int,
-                     batch_size: int) -> list[dict[str, Any]]:
+def mt_bench_answers(
+    model, tokenizer, questions_path: str, model_id: str, max_new_tokens: int, batch_size: int
+) -> list[dict[str, Any]]:
     """FastChat model_answer records; each turn is answered with the earlier turns and answers as context."""
     questions = read_records(questions_path, REQUIRED_KEYS["mt_bench"])
     conversations: list[list[Message]] = [[] for _ in questions]
@@ -163,8 +196,13 @@ def mt_bench_answers(model, tokenizer, questions_path: str, model_id: str, max_n
             conversations[i].append({"role": "assistant", "content": reply})
             answers[i].append(reply)
     return [
-        {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-         "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+        {
+            "question_id": question["question_id"],
+            "answer_id": uuid.uuid4().hex,
+            "model_id": model_id,
+            "choices": [{"index": 0, "turns": turns}],
+            "tstamp": time.time(),
+        }
         for question, turns in zip(questions, answers)
     ]
 
@@ -174,19 +212,20 @@ def model_id(run_name: str, model_name: str) -> str:
     return f"{run_name}-{model_name.replace('/', '-')}"
 
 
-def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: str, run_name: str,
-                 staging: Path, batch_size: int) -> dict[str, Any]:
-    """Write metrics.json, answers.jsonl and the optional judge inputs into `staging`."""
-    from adpa.inference import inference_autocast, load_for_inference
-    from adpa.config import TEACHER_MODELS
+def run_evaluate(
+    params: Mapping[str, Any], output: Path, *, model: str, name: str, run_name: str, batch_size: int
+) -> dict[str, Any]:
+    """Write metrics.json, answers.jsonl and the optional judge inputs of model `name` into `output`."""
+    from adpa.generation import inference_autocast, load_for_inference
 
-    family = "teacher" if model_name in TEACHER_MODELS else "student"
+    model_reference, model_name, staging = model, name, output
+    role = "teacher" if model_name in params["teachers"] else "student"  # whose trust_remote_code applies
     settings = params["evaluation"]
     rows = load_test_rows(params["dataset"], settings.get("split"))
     # Only the base teacher can be a hub id (every other model is a folder under results/).
     revision = params.get("base_teacher_revision") if model_name == "base_teacher" else None
     model, tokenizer = load_for_inference(
-        model_reference, params["precision"], params["trust_remote_code"][family], revision
+        model_reference, params["precision"], params["trust_remote_code"][role], revision
     )
     with inference_autocast(params["precision"]):
         metrics, answers = evaluate_model(model, tokenizer, rows, settings["max_new_tokens"], batch_size)
@@ -195,15 +234,17 @@ def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: st
         handle.writelines(json.dumps(answer) + "\n" for answer in answers)
     identity = model_id(run_name, model_name)
     if settings["alpaca_eval"]:
-        outputs = alpaca_eval_outputs(model, tokenizer, settings["alpaca_eval"], identity,
-                                      settings["answer_max_new_tokens"], batch_size)
+        outputs = alpaca_eval_outputs(
+            model, tokenizer, settings["alpaca_eval"], identity, settings["answer_max_new_tokens"], batch_size
+        )
         target = staging / ALPACA_EVAL_FILE
         target.parent.mkdir(parents=True)
         target.write_text(json.dumps(outputs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         metrics["alpaca_eval_answers"] = len(outputs)
     if settings["mt_bench"]:
-        records = mt_bench_answers(model, tokenizer, settings["mt_bench"], identity,
-                                   settings["answer_max_new_tokens"], batch_size)
+        records = mt_bench_answers(
+            model, tokenizer, settings["mt_bench"], identity, settings["answer_max_new_tokens"], batch_size
+        )
         target = staging / "mt_bench" / "model_answer" / f"{identity}.jsonl"
         target.parent.mkdir(parents=True)
         with open(target, "w", encoding="utf-8") as handle:
@@ -211,11 +252,3 @@ def run_evaluate(params: Mapping[str, Any], model_reference: str, model_name: st
         metrics["mt_bench_answers"] = len(records)
     (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def read_evaluation(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """metrics.json and the answer records of one evaluation (older records lack the log-prob fields)."""
-    directory = Path(directory)
-    metrics = json.loads((directory / METRICS_FILE).read_text())
-    answers = [json.loads(line) for line in (directory / ANSWERS_FILE).read_text().splitlines() if line]
-    return metrics, answers

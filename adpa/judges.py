@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from adpa.config import InputError, expand_path
+from adpa.errors import InputError
+from adpa.paths import expand_path
 
 # Each judge's input file and the keys every one of its rows needs.
 REQUIRED_KEYS = {"alpaca_eval": ("instruction",), "mt_bench": ("question_id", "turns")}

@@ -16,15 +16,12 @@ from typing import Any
 import yaml
 
 from adpa.config import accelerate_config_path
+from adpa.stages import STAGES
 
 # auto is resolved by the stage itself, on the machine it runs on (adpa/precision.py).
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "no"}
 MULTI_NODE_PORT = 29500
 
-# Which scheduler group each rule belongs to (config `resources.<group>`).
-TRAINING_RULES = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", "student_dpo")
-INFERENCE_RULES = ("teacher_topk", "student_generations", "advantage", "evaluate")
-CPU_RULES = ("generate_data", "base_teacher", "base_student", "summary")
 RESOURCE_FIELDS = ("partition", "cpus", "mem_mb", "runtime", "gpu_model", "gres", "slurm_extra")
 
 
@@ -51,10 +48,14 @@ def accelerate_arguments(config: Mapping[str, Any], workflow_dir: str | os.PathL
     """`accelerate launch` options from the config; they override the accelerate config file."""
     launch = config["launch"]
     arguments = [
-        "--config_file", str(accelerate_config_path(config, workflow_dir)),
-        "--num_machines", str(launch["num_machines"]),
-        "--num_processes", str(launch["num_processes"] * launch["num_machines"]),
-        "--mixed_precision", PRECISION_TO_ACCELERATE[config["precision"]],
+        "--config_file",
+        str(accelerate_config_path(config, workflow_dir)),
+        "--num_machines",
+        str(launch["num_machines"]),
+        "--num_processes",
+        str(launch["num_processes"] * launch["num_machines"]),
+        "--mixed_precision",
+        PRECISION_TO_ACCELERATE[config["precision"]],
     ]
     if launch["zero_stage"] is not None:
         arguments += ["--zero_stage", str(launch["zero_stage"])]
@@ -87,19 +88,21 @@ def training_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike)
 
 
 def rule_group(rule: str) -> str:
-    if rule in TRAINING_RULES:
-        return "training"
-    if rule in INFERENCE_RULES:
-        return "inference"
-    if rule in CPU_RULES:
-        return "cpu"
-    raise KeyError(f"no resource group for rule {rule!r}")
+    """A rule's scheduler group (config `resources.<group>`): its stage's kind."""
+    return STAGES[rule].kind
 
 
 def requested(config: Mapping[str, Any], rule: str) -> dict[str, Any]:
     """resources.<rule>, then resources.<group>, then resources.default: the first value set."""
-    layers = [config["resources"].get(rule) or {}, config["resources"][rule_group(rule)], config["resources"]["default"]]
-    return {field: next((layer[field] for layer in layers if layer.get(field) is not None), None) for field in RESOURCE_FIELDS}
+    layers = [
+        config["resources"].get(rule) or {},
+        config["resources"][rule_group(rule)],
+        config["resources"]["default"],
+    ]
+    return {
+        field: next((layer[field] for layer in layers if layer.get(field) is not None), None)
+        for field in RESOURCE_FIELDS
+    }
 
 
 def job_threads(config: Mapping[str, Any], rule: str) -> int:
@@ -121,8 +124,10 @@ def job_resources(config: Mapping[str, Any], workflow_dir: str | os.PathLike, ru
             resources[field] = spec[field]
     extra = [spec["slurm_extra"]] if spec["slurm_extra"] else []
     group = rule_group(rule)
-    gpus = gpus_per_machine(config, workflow_dir) if group == "training" else int(
-        group == "inference" and runs_on_gpus(config, workflow_dir)
+    gpus = (
+        gpus_per_machine(config, workflow_dir)
+        if group == "training"
+        else int(group == "inference" and runs_on_gpus(config, workflow_dir))
     )
     machines = config["launch"]["num_machines"] if group == "training" else 1
     model = f"{spec['gpu_model']}:" if spec["gpu_model"] else ""

@@ -14,7 +14,13 @@ import types
 import torch
 
 # Models whose heads scale or cap the logits keep TRL's head, which knows how.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def supports_dense_head(model) -> bool:

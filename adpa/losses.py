@@ -1,18 +1,33 @@
-"""Losses for SFT, DPO, DCKD and ADPA.
+"""Losses for SFT, vanilla KD, DCKD and ADPA.
 
 Convention: logits and labels are already aligned, i.e. ``logits[b, t]`` is the model's distribution for
 ``labels[b, t]`` (the caller does the causal shift). ``mask[b, t]`` is 1 on response tokens only.
 Means are per token over the response, then over the batch (see ``response_mean``).
-Teachers are stored sparsely: per position the ids of the teacher's top-k set K_t plus a value per id
-(log-probabilities for DCKD, advantages for ADPA); no dense vocab-size teacher tensor is ever built.
+Teachers are stored sparsely (``TopKBatch``): per position the ids of the teacher's top-k set K_t plus a value
+per id (log-probabilities for KD and DCKD, advantages for ADPA); no dense vocab-size teacher tensor is ever built.
+The sequences of an example are named by what they are: ``chosen`` (y_w), ``rejected`` (y_l) and ``own``
+(the student's own response).
 Student log-probabilities are computed in float32 whatever the logits' dtype.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+
+class TopKBatch(NamedTuple):
+    """A teacher's stored top-k values at the label positions of a batch.
+
+    ids [B,T,k] token ids K_t (int64); values [B,T,k] teacher log pi(a|s_t) (KD, DCKD) or advantages A(s_t, a)
+    (ADPA); rest [B,T] log(1 - sum_K pi) (-inf when K_t holds all mass), None where the store has no rest bin.
+    """
+
+    ids: Tensor
+    values: Tensor
+    rest: Tensor | None = None
 
 
 def response_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -42,11 +57,6 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """[B,T,V],[B,T],[B,T] -> [B,T] float32 log pi(label); 0 at masked positions."""
     logp = _gather_logprobs(logits, labels.unsqueeze(-1), mask).squeeze(-1)
     return torch.where(mask.bool(), logp, 0)
-
-
-def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """[B,T,V],[B,T],[B,T] -> [B]: sum of log pi(label) over response tokens."""
-    return token_logprobs(logits, labels, mask).sum(-1)
 
 
 def nll_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
@@ -80,103 +90,101 @@ def _topk_kl(student_topk: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor) 
     return _plogp_ratio(topk_logprobs.float(), student_topk).sum(-1) + _plogp_ratio(rest_logmass.float(), student_rest)
 
 
-def topk_kl_from_logprobs(student_topk: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor, mask: Tensor) -> Tensor:
-    """topk_forward_kl given the student's log-probs already gathered at the teacher's ids [B,T,k] -> scalar."""
-    return response_mean(_topk_kl(student_topk.float(), topk_logprobs, rest_logmass), mask.bool())
+def topk_kl_from_logprobs(student_topk: Tensor, topk: TopKBatch, mask: Tensor) -> Tensor:
+    """topk_forward_kl given the student's log-probs already gathered at ``topk.ids`` [B,T,k] -> scalar."""
+    return response_mean(_topk_kl(student_topk.float(), topk.values, topk.rest), mask.bool())
 
 
-def topk_forward_kl(
-    logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, rest_logmass: Tensor, mask: Tensor
-) -> Tensor:
+def topk_forward_kl(logits: Tensor, topk: TopKBatch, mask: Tensor) -> Tensor:
     """Forward KL(teacher || student) on k+1 bins: the teacher's top-k ids plus one "rest" bin.
 
-    logits [B,T,V] student; topk_ids [B,T,k] teacher's top-k ids K_t; topk_logprobs [B,T,k] teacher
-    log pi_T(a|s_t) for a in K_t; rest_logmass [B,T] log(1 - sum_K pi_T) (-inf when K_t holds all mass);
-    mask [B,T]. Returns scalar response_mean(KL_t). One pass over the vocabulary (the log-normalizer).
+    logits [B,T,V] student; topk: the teacher's ids K_t [B,T,k], log-probs log pi_T(a|s_t) [B,T,k] and rest
+    [B,T] (see ``TopKBatch``); mask [B,T]. Returns scalar response_mean(KL_t). One pass over the vocabulary
+    (the log-normalizer).
     """
-    return topk_kl_from_logprobs(_gather_logprobs(logits, topk_ids, mask), topk_logprobs, rest_logmass, mask)
+    return topk_kl_from_logprobs(_gather_logprobs(logits, topk.ids, mask), topk, mask)
 
 
-def adpa_advantage_term(logits: Tensor, topk_ids: Tensor, advantage: Tensor, mask: Tensor) -> Tensor:
+def adpa_advantage_term(logits: Tensor, advantage: TopKBatch, mask: Tensor) -> Tensor:
     """Expected advantage of the student's policy over the DPO teacher's top-k set.
 
-    logits [B,T,V] student; topk_ids [B,T,k]; advantage [B,T,k] = log pi_dpo(a|s_t) - log pi_ref(a|s_t)
-    (signed, never clamped; treated as a constant); mask [B,T].
+    logits [B,T,V] student; advantage: ids [B,T,k] and values [B,T,k] = log pi_dpo(a|s_t) - log pi_ref(a|s_t)
+    (signed, never clamped; treated as a constant; rest unused); mask [B,T].
     Returns scalar response_mean(sum_{a in K_t} pi_S(a|s_t) A(s_t, a)).
     """
     mask = mask.bool()
-    probs = _gather_logprobs(logits, topk_ids, mask).exp()
+    probs = _gather_logprobs(logits, advantage.ids, mask).exp()
     # zero padding advantages so a NaN/inf there cannot leak into the gradient via 0 * NaN
-    advantage = torch.where(mask.unsqueeze(-1), advantage.detach().float(), 0)
-    return response_mean((probs * advantage).sum(-1), mask)
+    values = torch.where(mask.unsqueeze(-1), advantage.values.detach().float(), 0)
+    return response_mean((probs * values).sum(-1), mask)
+
+
+def _nll_and_topk_kl(logits: Tensor, labels: Tensor, mask: Tensor, topk: TopKBatch) -> tuple[Tensor, Tensor]:
+    """(NLL, topk_forward_kl) of one response from one gather and one log-normalizer -> two scalars."""
+    student = _gather_logprobs(logits, torch.cat([labels.unsqueeze(-1), topk.ids], dim=-1), mask)
+    nll = -response_mean(student[..., 0], mask)
+    return nll, response_mean(_topk_kl(student[..., 1:], topk.values, topk.rest), mask.bool())
+
+
+def vanilla_kd_loss(
+    *,
+    chosen_logits: Tensor,
+    chosen_labels: Tensor,
+    chosen_mask: Tensor,
+    chosen_topk: TopKBatch,
+    nll_weight: float,
+    kl_weight: float,
+) -> Tensor:
+    """Vanilla KD: nll_weight * NLL(y_w) + kl_weight * KL(y_w) -> scalar; the chosen response only.
+
+    chosen_logits [B,T,V], chosen_labels [B,T], chosen_mask [B,T]; the KL is ``topk_forward_kl`` against the
+    teacher's stored top-k on y_w (``chosen_topk``).
+    """
+    nll, kl = _nll_and_topk_kl(chosen_logits, chosen_labels, chosen_mask, chosen_topk)
+    return nll_weight * nll + kl_weight * kl
+
+
+def dckd_loss(
+    *,
+    chosen_logits: Tensor,
+    chosen_labels: Tensor,
+    chosen_mask: Tensor,
+    chosen_topk: TopKBatch,
+    rejected_logits: Tensor,
+    rejected_mask: Tensor,
+    rejected_topk: TopKBatch,
+    nll_weight: float,
+    chosen_kl_weight: float,
+    rejected_kl_weight: float,
+) -> Tensor:
+    """DCKD: nll_weight * NLL(y_w) + chosen_kl_weight * KL(y_w) + rejected_kl_weight * KL(y_l) -> scalar.
+
+    chosen_* as in ``vanilla_kd_loss``; rejected_logits [B,T',V], rejected_mask [B,T']. Each KL is
+    ``topk_forward_kl`` against the teacher's stored top-k on that response.
+    """
+    nll, kl_chosen = _nll_and_topk_kl(chosen_logits, chosen_labels, chosen_mask, chosen_topk)
+    kl_rejected = topk_forward_kl(rejected_logits, rejected_topk, rejected_mask)
+    return nll_weight * nll + chosen_kl_weight * kl_chosen + rejected_kl_weight * kl_rejected
 
 
 def adpa_loss(
+    *,
     chosen_logits: Tensor,
     chosen_labels: Tensor,
     chosen_mask: Tensor,
     own_logits: Tensor,
-    topk_ids: Tensor,
-    advantage: Tensor,
     own_mask: Tensor,
+    own_advantage: TopKBatch,
     adpa_weight: float,
-    nll_weight: float = 1.0,
+    nll_weight: float,
 ) -> Tensor:
     """ADPA: nll_weight * NLL(y_w) minus adpa_weight (lambda) * expected advantage on the student's own response.
 
-    chosen_* [B,T,V]/[B,T]/[B,T] for y_w; own_logits [B,T',V] the student on its own sampled response;
-    topk_ids, advantage [B,T',k] from the DPO teacher on that response; own_mask [B,T']. -> scalar.
+    chosen_* as in ``vanilla_kd_loss``; own_logits [B,T',V] the student on its own sampled response, own_mask
+    [B,T']; own_advantage: the DPO teacher's top-k ids and advantages [B,T',k] on that response. -> scalar.
     """
-    return nll_weight * nll_loss(chosen_logits, chosen_labels, chosen_mask) - adpa_weight * adpa_advantage_term(
-        own_logits, topk_ids, advantage, own_mask
-    )
-
-
-def dckd_loss(
-    chosen_logits: Tensor,
-    chosen_labels: Tensor,
-    chosen_mask: Tensor,
-    chosen_topk_ids: Tensor,
-    chosen_topk_logprobs: Tensor,
-    chosen_rest_logmass: Tensor,
-    rejected_logits: Tensor,
-    rejected_topk_ids: Tensor,
-    rejected_topk_logprobs: Tensor,
-    rejected_rest_logmass: Tensor,
-    rejected_mask: Tensor,
-    nll_weight: float = 1.0,
-    chosen_kl_weight: float = 0.1,
-    rejected_kl_weight: float = 0.1,
-) -> Tensor:
-    """DCKD: nll_weight * NLL(y_w) + chosen_kl_weight * KL(y_w) + rejected_kl_weight * KL(y_l) -> scalar.
-
-    Each KL is ``topk_forward_kl`` against the teacher's stored top-k on that response (shapes as there).
-    """
-    # One gather and one log-normalizer for the chosen response's NLL and KL together.
-    chosen_ids = torch.cat([chosen_labels.unsqueeze(-1), chosen_topk_ids], dim=-1)
-    chosen_student = _gather_logprobs(chosen_logits, chosen_ids, chosen_mask)
-    nll = -response_mean(chosen_student[..., 0], chosen_mask)
-    kl_chosen = response_mean(
-        _topk_kl(chosen_student[..., 1:], chosen_topk_logprobs, chosen_rest_logmass), chosen_mask.bool()
-    )
-    kl_rejected = topk_forward_kl(
-        rejected_logits, rejected_topk_ids, rejected_topk_logprobs, rejected_rest_logmass, rejected_mask
-    )
-    return nll_weight * nll + chosen_kl_weight * kl_chosen + rejected_kl_weight * kl_rejected
-
-
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-    beta: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Sigmoid DPO on summed sequence log-probs [B] each -> (mean loss, chosen_rewards [B], rejected_rewards [B])."""
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
-    return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    nll = nll_loss(chosen_logits, chosen_labels, chosen_mask)
+    return nll_weight * nll - adpa_weight * adpa_advantage_term(own_logits, own_advantage, own_mask)
 
 
 def clamp_advantage_like_reference(advantage: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from adpa.config import InputError, expand_path, is_local
+from adpa.errors import InputError
+from adpa.paths import expand_path, is_local
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,7 +39,9 @@ def check_model_reference(reference: str, weights: bool = True) -> None:
     if not weights:
         return
     if "model_type" not in model_config:
-        raise ModelSourceError(f"model '{reference}': {config_file} has no 'model_type' (not a transformers model config)")
+        raise ModelSourceError(
+            f"model '{reference}': {config_file} has no 'model_type' (not a transformers model config)"
+        )
     if not any(path.glob("*.safetensors")):
         pickled = sorted(file.name for pattern in ("*.bin", "*.pt", "*.pth") for file in path.glob(pattern))
         if pickled:
@@ -58,7 +61,9 @@ def check_safetensors_headers(reference: str) -> None:
             with safe_open(str(file), "pt") as handle:
                 handle.keys()
         except Exception as err:  # safetensors raises its own error types for every corruption
-            raise ModelSourceError(f"model '{reference}': {file.name} is not a readable safetensors file ({err})") from err
+            raise ModelSourceError(
+                f"model '{reference}': {file.name} is not a readable safetensors file ({err})"
+            ) from err
 
 
 def load_tokenizer(reference: str, trust_remote_code: bool = False, revision: str | None = None):
@@ -70,9 +75,7 @@ def load_tokenizer(reference: str, trust_remote_code: bool = False, revision: st
     )
 
 
-def load_model(
-    reference: str, precision: str = "fp32", trust_remote_code: bool = False, revision: str | None = None
-):
+def load_model(reference: str, precision: str = "fp32", trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoModelForCausalLM
 
     from adpa.precision import resolve
@@ -167,3 +170,16 @@ def check_same_vocabulary(
             f"teacher and student vocabularies differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} "
             f"tokens in '{student_reference}'): distillation needs a shared tokenizer"
         )
+
+
+def run_base_teacher(params: Mapping[str, Any], output: Path) -> dict:
+    """Stage base_teacher."""
+    return materialize_base_model(params["model"], params["chat_template"], output)
+
+
+def run_base_student(params: Mapping[str, Any], output: Path, *, teacher: str) -> dict:
+    """Stage base_student: the configured cut of the base teacher (`teacher`: its folder or hub id)."""
+    source = params["teacher"]
+    return cut_student_from_teacher(
+        teacher, params["model"]["teacher_layers"], output, source["trust_remote_code"], source.get("revision")
+    )

@@ -18,16 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpa.config import (
-    STUDENT_MODELS,
-    ConfigError,
-    InputError,
-    expand_path,
-    is_local,
-    produced_paths,
-    student_seeds,
-)
-from adpa.launch import TRAINING_RULES, gpus_per_machine
+from adpa.config import produced_paths, student_seeds
+from adpa.errors import ConfigError, InputError
+from adpa.launch import gpus_per_machine
+from adpa.paths import expand_path, is_local
+from adpa.stages import of_kind, reading, student_models
 
 # Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
 CHECKPOINT_BYTES_PER_PARAMETER = 14
@@ -36,11 +31,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_TIMEOUT_S = 10
 PRE_DOWNLOAD = "download it first (`hf download {repo}{kind}` where the hub is reachable, then HF_HUB_OFFLINE=1) or point to a local copy"
 
-# Which rules read each source (beyond results/): the base teacher's own folder or hub id is read
-# by the REF teacher, the student cut, the student's tokenizer and its own evaluation.
-TEACHER_READERS = ("ref_teacher", "base_student", "student_sft")
-SFT_DATA_READERS = ("ref_teacher", "student_sft")
-PREFERENCE_DATA_READERS = ("dpo_teacher", "student_dpo", "teacher_topk", "student_generations", "dckd", "adpa", "adpa_plus")
+TRAINING_RULES = of_kind("training")
 
 
 @dataclass(frozen=True)
@@ -75,15 +66,12 @@ def _offline() -> bool:
 
 def models_read(config: Mapping[str, Any], plan: Plan) -> list[str]:
     """The configured models (base_teacher, base_student) that the planned jobs load."""
-    teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
+    student = config["models"]["base_student"]
     names = []
-    if "gguf" in teacher:
-        reads_teacher = plan.runs("base_teacher")
-    else:
-        reads_teacher = plan.runs(*TEACHER_READERS) or plan.evaluates("base_teacher")
-    if reads_teacher:
+    # The base teacher's own folder or hub id: read by the stages that say so, and its own evaluation.
+    if plan.runs(*reading("base_teacher")) or plan.evaluates("base_teacher"):
         names.append("base_teacher")
-    if "path" in student and plan.runs("student_sft"):
+    if "path" in student and plan.runs(*reading("base_student")):
         names.append("base_student")
     return names
 
@@ -120,11 +108,14 @@ def _ask_hub(key: str, repo: str, revision: str | None, kind: str) -> None:
     except RevisionNotFoundError as err:
         raise ConfigError(f"config key '{key}': the hub {kind} '{repo}' has no revision '{revision}'") from err
     except GatedRepoError as err:
-        raise ConfigError(f"config key '{key}': the hub {kind} '{repo}' is gated: log in (`hf auth login`) "
-                          "with an account that was granted access") from err
+        raise ConfigError(
+            f"config key '{key}': the hub {kind} '{repo}' is gated: log in (`hf auth login`) "
+            "with an account that was granted access"
+        ) from err
     except RepositoryNotFoundError as err:
-        raise ConfigError(f"config key '{key}': '{repo}' is neither a local folder (no such folder: {local}) "
-                          f"nor a {kind} on the hub") from err
+        raise ConfigError(
+            f"config key '{key}': '{repo}' is neither a local folder (no such folder: {local}) nor a {kind} on the hub"
+        ) from err
     except Exception as err:  # DNS, proxy, timeout: whatever the transport raises
         repo_type = "" if kind == "model" else " --repo-type dataset"
         raise ConfigError(
@@ -155,8 +146,10 @@ def check_gguf(config: Mapping[str, Any], plan: Plan) -> None:
     if "gguf" not in spec or not plan.runs("base_teacher"):
         return
     if importlib.util.find_spec("gguf") is None:
-        raise ConfigError("config key 'models.base_teacher.gguf': reading GGUF files needs the 'gguf' package "
-                          "(pip install gguf; see README install)")
+        raise ConfigError(
+            "config key 'models.base_teacher.gguf': reading GGUF files needs the 'gguf' package "
+            "(pip install gguf; see README install)"
+        )
     from adpa.models import gguf_location
 
     try:
@@ -167,11 +160,15 @@ def check_gguf(config: Mapping[str, Any], plan: Plan) -> None:
     if sizes:
         hidden, heads, kv_heads = sizes["hidden_size"], sizes["num_attention_heads"], sizes["num_key_value_heads"]
         if hidden % heads:
-            raise ConfigError(f"config key 'models.base_teacher.random_init.num_attention_heads': {heads} heads do "
-                              f"not divide hidden_size {hidden}")
+            raise ConfigError(
+                f"config key 'models.base_teacher.random_init.num_attention_heads': {heads} heads do "
+                f"not divide hidden_size {hidden}"
+            )
         if heads % kv_heads:
-            raise ConfigError(f"config key 'models.base_teacher.random_init.num_key_value_heads': {kv_heads} do not "
-                              f"divide num_attention_heads {heads}")
+            raise ConfigError(
+                f"config key 'models.base_teacher.random_init.num_key_value_heads': {kv_heads} do not "
+                f"divide num_attention_heads {heads}"
+            )
 
 
 def teacher_shape(config: Mapping[str, Any]) -> dict[str, int]:
@@ -194,7 +191,9 @@ def teacher_shape(config: Mapping[str, Any]) -> dict[str, int]:
         return {}
     model_config = json.loads(config_file.read_text(encoding="utf-8"))
     model_config = {**model_config.get("text_config", {}), **model_config}
-    return {key: model_config[key] for key in ("vocab_size", "num_hidden_layers") if isinstance(model_config.get(key), int)}
+    return {
+        key: model_config[key] for key in ("vocab_size", "num_hidden_layers") if isinstance(model_config.get(key), int)
+    }
 
 
 def _gguf_shape(gguf: Mapping[str, str]) -> dict[str, int]:
@@ -225,11 +224,15 @@ def check_teacher_shape(config: Mapping[str, Any], plan: Plan) -> None:
     if checks_cut and layers is not None:
         keep = list(range(cut)) if isinstance(cut, int) else sorted(cut)
         if len(keep) >= layers or keep[-1] >= layers:
-            raise ConfigError(f"config key 'models.base_student.teacher_layers': {cut} must select fewer than the "
-                              f"teacher's {layers} layers (indices 0..{layers - 1})")
+            raise ConfigError(
+                f"config key 'models.base_student.teacher_layers': {cut} must select fewer than the "
+                f"teacher's {layers} layers (indices 0..{layers - 1})"
+            )
     k = config["teacher_topk"]["k"]
     if checks_k and vocabulary is not None and k > vocabulary:
-        raise ConfigError(f"config key 'teacher_topk.k': {k} is more than the teacher's vocabulary of {vocabulary} tokens")
+        raise ConfigError(
+            f"config key 'teacher_topk.k': {k} is more than the teacher's vocabulary of {vocabulary} tokens"
+        )
 
 
 def evaluation_split(config: Mapping[str, Any]) -> str | None:
@@ -240,17 +243,19 @@ def dataset_splits(config: Mapping[str, Any], plan: Plan) -> dict[str, list[tupl
     """Per dataset, the (config key, split) pairs the planned jobs read."""
     sft, preference = config["datasets"]["sft"], config["datasets"]["preference"]
     read: dict[str, list[tuple[str, str]]] = {"sft": [], "preference": []}
-    if plan.runs(*SFT_DATA_READERS):
+    if plan.runs(*reading("sft_data")):
         read["sft"].append(("datasets.sft.train_split", sft["train_split"]))
         if sft["test_split"] is not None:
             read["sft"].append(("datasets.sft.test_split", sft["test_split"]))
-    if plan.runs(*PREFERENCE_DATA_READERS):
+    if plan.runs(*(name for name in reading("preference_data") if name != "evaluate")):
         read["preference"].append(("datasets.preference.train_split", preference["train_split"]))
     if plan.runs("evaluate"):
         split = evaluation_split(config)
         if split is None:
-            raise ConfigError("config key 'datasets.preference.test_split': null, but evaluation needs a held-out "
-                              "split (name it, or set evaluation.split)")
+            raise ConfigError(
+                "config key 'datasets.preference.test_split': null, but evaluation needs a held-out "
+                "split (name it, or set evaluation.split)"
+            )
         key = "evaluation.split" if config["evaluation"]["split"] else "datasets.preference.test_split"
         read["preference"].append((key, split))
     return read
@@ -269,8 +274,10 @@ def check_datasets(config: Mapping[str, Any], plan: Plan | None = None) -> None:
         if spec["path"] in produced:
             for key, split in splits:
                 if split not in _generated_splits(config):
-                    raise ConfigError(f"config key '{key}': the generated dataset has no split '{split}' "
-                                      f"(it has: {', '.join(sorted(_generated_splits(config)))})")
+                    raise ConfigError(
+                        f"config key '{key}': the generated dataset has no split '{split}' "
+                        f"(it has: {', '.join(sorted(_generated_splits(config)))})"
+                    )
             continue
         if not splits:
             continue
@@ -283,8 +290,10 @@ def check_datasets(config: Mapping[str, Any], plan: Plan | None = None) -> None:
             try:
                 load(spec, split)
             except ConnectionError as error:  # a hub dataset while the hub cannot be reached
-                raise ConfigError(f"config key 'datasets.{name}.path': {error}; "
-                                  f"{PRE_DOWNLOAD.format(repo=spec['path'], kind=' --repo-type dataset')}") from error
+                raise ConfigError(
+                    f"config key 'datasets.{name}.path': {error}; "
+                    f"{PRE_DOWNLOAD.format(repo=spec['path'], kind=' --repo-type dataset')}"
+                ) from error
 
 
 def check_vocabularies(config: Mapping[str, Any], plan: Plan | None = None) -> None:
@@ -345,14 +354,20 @@ def required_disk_bytes(config: Mapping[str, Any], parameters: Mapping[str, int 
     keep = config["launch"]["save_total_limit"]
     final_bytes = PRECISION_BYTES[config["precision"]]
     teacher, student = parameters.get("base_teacher"), parameters.get("base_student")
-    per_stage = {"ref_teacher": teacher, "dpo_teacher": teacher, **dict.fromkeys(STUDENT_MODELS, student)}
+    per_stage = {
+        "ref_teacher": teacher,
+        "dpo_teacher": teacher,
+        **dict.fromkeys(student_models(config["methods"]), student),
+    }
     known = {stage: count for stage, count in per_stage.items() if count}
     if not known:
         return 0
     seeds = len(student_seeds(config))
     checkpoints = max(count * CHECKPOINT_BYTES_PER_PARAMETER * keep for count in known.values())
-    finals = sum(count * final_bytes * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds)
-                 for stage, count in known.items())
+    finals = sum(
+        count * final_bytes * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds)
+        for stage, count in known.items()
+    )
     return checkpoints + finals
 
 
@@ -360,7 +375,9 @@ def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan:
     plan = plan or Plan.all()
     if not plan.runs(*TRAINING_RULES):
         return
-    parameters = {name: parameter_count(spec["path"]) for name, spec in _model_sources(config, models_read(config, plan))}
+    parameters = {
+        name: parameter_count(spec["path"]) for name, spec in _model_sources(config, models_read(config, plan))
+    }
     needed = required_disk_bytes(config, parameters)
     if not needed:
         return

@@ -11,26 +11,12 @@ import functools
 import hashlib
 from pathlib import Path
 
+from adpa.stages import REGISTRY
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-# The module whose code each stage runs; its imports inside `adpa` are followed.
-STAGE_MODULES: dict[str, str] = {
-    "base_teacher": "adpa.models",
-    "base_student": "adpa.models",
-    "generate_data": "adpa.data",
-    "ref_teacher": "adpa.sft",
-    "student_sft": "adpa.sft",
-    "dpo_teacher": "adpa.dpo",
-    "student_dpo": "adpa.dpo",
-    "teacher_topk": "adpa.inference",
-    "student_generations": "adpa.inference",
-    "advantage": "adpa.inference",
-    "dckd": "adpa.distill",
-    "adpa": "adpa.distill",
-    "adpa_plus": "adpa.distill",
-    "evaluate": "adpa.evaluate",
-    "summary": "adpa.summary",
-}
+# The module whose code each stage runs (adpa/stages.py); its imports inside `adpa` are followed.
+STAGE_MODULES: dict[str, str] = {stage.name: stage.module for stage in REGISTRY}
 
 
 def _module_file(module: str, package_dir: Path) -> Path | None:

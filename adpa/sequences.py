@@ -7,14 +7,13 @@ trained on: same chat template, same tokens, response tokens only.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import hashlib
-
 import torch
 
-from adpa.config import InputError
+from adpa.errors import InputError
 
 Message = dict[str, str]
 
@@ -49,7 +48,9 @@ def tokenize_exchange(
     tokenizer, prompt: Sequence[Message], response: Sequence[Message], max_length: int, where: str = "row"
 ) -> Exchange:
     """Template-tokenize a conversation; keep its first `max_length` tokens (at least one response token)."""
-    prompt_ids = _ids(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True))
+    prompt_ids = _ids(
+        tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)
+    )
     full_ids = _ids(tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=True, return_dict=True))
     if full_ids[: len(prompt_ids)] != prompt_ids:
         # The reference code silently dropped such rows; a template that does this is a config error.

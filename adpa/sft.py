@@ -1,10 +1,13 @@
-"""Stages ref_teacher and student_sft: supervised fine-tuning (TRL SFTTrainer).
+"""Stages ref_teacher, student_sft and seq_kd: supervised fine-tuning (TRL SFTTrainer).
 
 The student is trained with the teacher's tokenizer and chat template, so every later stage
-tokenizes teacher and student text identically.
+tokenizes teacher and student text identically. seq_kd (sequence-level KD) fine-tunes student_sft
+on the DPO teacher's greedy responses to the preference prompts, loss on the responses only.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from adpa.data import load_sft, to_prompt_completion
 from adpa.lm_head import dense_lm_head
@@ -12,39 +15,58 @@ from adpa.models import check_model_reference, check_same_vocabulary, load_model
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
 
-def run_sft(run: StageRun, model_reference: str, tokenizer_reference: str | None = None) -> None:
+def teacher_responses(generations: Path):
+    """teacher_generations as prompt-completion rows (TRL trains on the completion only)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(generations))
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": loaded["prompt"],
+            "completion": [[{"role": "assistant", "content": response}] for response in loaded["response"]],
+        }
+    )
+
+
+def run_sft(run: StageRun, model: str, tokenizer: str | None = None, generations: Path | None = None) -> None:
+    """ref_teacher and student_sft train on the configured SFT data; seq_kd (`generations`) on the teacher's responses."""
     from trl import SFTConfig, SFTTrainer
 
-    params, dataset = run.params, run.params["dataset"]
-    check_model_reference(model_reference)  # cheap checks first: fail before reading data
-    trust, revision = params["trust_remote_code"], params["base_model"].get("revision")
-    if tokenizer_reference:  # student_sft: the base teacher's tokenizer, loaded as the teacher is
+    params, training = run.params, run.params["training"]
+    check_model_reference(model)  # cheap checks first: fail before reading data
+    trust = params["trust_remote_code"]
+    revision = params["base_model"].get("revision") if "base_model" in params else None
+    if tokenizer:  # student_sft: the base teacher's tokenizer, loaded as the teacher is
         source = params["tokenizer"]
-        tokenizer = load_tokenizer(tokenizer_reference, source["trust_remote_code"], source["revision"])
-        check_same_vocabulary(tokenizer, model_reference, trust, revision)
+        processing_class = load_tokenizer(tokenizer, source["trust_remote_code"], source["revision"])
+        check_same_vocabulary(processing_class, model, trust, revision)
     else:
-        tokenizer = load_tokenizer(model_reference, trust, revision)
+        processing_class = load_tokenizer(model, trust, revision)
     if params.get("chat_template"):
-        tokenizer.chat_template = params["chat_template"]
-    train_dataset = load_sft(dataset, dataset["train_split"])
-    eval_dataset = load_sft(dataset, dataset["test_split"]) if dataset["test_split"] else None
-    training = params["training"]
-    if training["completion_only_loss"]:
-        # As prompt + completion rows, TRL trains on the last assistant turn only.
-        train_dataset = to_prompt_completion(train_dataset)
-        eval_dataset = to_prompt_completion(eval_dataset) if eval_dataset is not None else None
+        processing_class.chat_template = params["chat_template"]
+    completion_only = training.get("completion_only_loss", False)
+    if generations is not None:
+        train_dataset, eval_dataset, completion_only = teacher_responses(generations), None, True
+    else:
+        dataset = params["dataset"]
+        train_dataset = load_sft(dataset, dataset["train_split"])
+        eval_dataset = load_sft(dataset, dataset["test_split"]) if dataset["test_split"] else None
+        if completion_only:
+            # As prompt + completion rows, TRL trains on the last assistant turn only.
+            train_dataset = to_prompt_completion(train_dataset)
+            eval_dataset = to_prompt_completion(eval_dataset) if eval_dataset is not None else None
     packing = training["packing"]
-    args = SFTConfig(**trainer_arguments(run), packing=packing, completion_only_loss=training["completion_only_loss"])
+    args = SFTConfig(**trainer_arguments(run), packing=packing, completion_only_loss=completion_only)
     # Loaded after the config so that ZeRO-3 partitions the weights while loading.
-    model = load_model(model_reference, params["precision"], trust, revision)
+    loaded = load_model(model, params["precision"], trust, revision)
     if packing:
-        model.config.use_cache = False
+        loaded.config.use_cache = False
     trainer = SFTTrainer(
-        model=model,
+        model=loaded,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        processing_class=processing_class,
     )
     dense_lm_head(trainer.model)
     train_and_export(run, trainer, eval_dataset)

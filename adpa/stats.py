@@ -118,8 +118,9 @@ def seed_mean(values: np.ndarray) -> float:
     return float(_mean_of_measured(per_seed, axis=0))
 
 
-def resample_indices(seeds: int, rows: int, resamples: int = RESAMPLES, random_seed: int = RANDOM_SEED
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def resample_indices(
+    seeds: int, rows: int, resamples: int = RESAMPLES, random_seed: int = RANDOM_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeds drawn per resample [resamples, seeds] and rows drawn per resample [resamples, rows]."""
     rng = np.random.default_rng(random_seed)
     return rng.integers(0, seeds, size=(resamples, seeds)), rng.integers(0, rows, size=(resamples, rows))
@@ -151,8 +152,9 @@ def percentile_interval(estimate: float, statistics: np.ndarray, confidence: flo
     return Interval(estimate, float(low), float(high))
 
 
-def bootstrap_mean(values: np.ndarray, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
-                   random_seed: int = RANDOM_SEED) -> Interval:
+def bootstrap_mean(
+    values: np.ndarray, resamples: int = RESAMPLES, confidence: float = CONFIDENCE, random_seed: int = RANDOM_SEED
+) -> Interval:
     """The mean of values [rows] or [seeds, rows] with its percentile bootstrap interval.
 
     One seed: rows are resampled. Several: seeds and rows (see the module docstring).
@@ -165,8 +167,13 @@ def bootstrap_mean(values: np.ndarray, resamples: int = RESAMPLES, confidence: f
     return percentile_interval(estimate, resampled_means(values, seed_draws, row_draws), confidence)
 
 
-def paired_difference(values: np.ndarray, baseline: np.ndarray, resamples: int = RESAMPLES,
-                      confidence: float = CONFIDENCE, random_seed: int = RANDOM_SEED) -> Interval:
+def paired_difference(
+    values: np.ndarray,
+    baseline: np.ndarray,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    random_seed: int = RANDOM_SEED,
+) -> Interval:
     """The mean difference values - baseline, both [rows] or [seeds, rows], with its paired bootstrap interval.
 
     Row i of seed s of one model is paired with row i of seed s of the other; rows either leaves

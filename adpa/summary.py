@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from adpa.artifacts import MANIFEST
-from adpa.evaluate import read_evaluation
+from adpa.results import read_evaluation
 from adpa.stats import CONFIDENCE, RESAMPLES, Interval, bootstrap_mean, paired_difference, row_metrics, win_scores
 
 WIN_RATE = "win_rate_vs_student_sft"
@@ -44,14 +44,13 @@ TABLE_COLUMNS = {
     "margin_per_token": "margin/token",
 }
 # (model, baseline) pairs of the paired-differences table: model - baseline on the same rows and seeds.
+# Pairs naming a model the config did not train (see `methods`) are left out.
+BASELINE_METHODS = ("student_dpo", "simpo", "vanilla_kd", "seq_kd")
 COMPARISONS: tuple[tuple[str, str], ...] = (
-    ("student_dpo", BASELINE),
-    ("dckd", BASELINE),
-    ("adpa", BASELINE),
-    ("adpa_plus", BASELINE),
+    *((method, BASELINE) for method in (*BASELINE_METHODS, "dckd", "adpa", "adpa_plus")),
     ("adpa", "dckd"),
     ("adpa_plus", "dckd"),
-    ("adpa_plus", "student_dpo"),
+    *(("adpa_plus", baseline) for baseline in BASELINE_METHODS),
     ("dpo_teacher", "ref_teacher"),
 )
 Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]
@@ -95,9 +94,13 @@ def collect(results: Path, evaluations: Mapping[str, Evaluation], run_name: str,
             base = baselines.get(f"seed{seed}/{BASELINE}")
             rates = [win_rate(verdicts, [a["correct"] for a in base])] if base is not None else []
         rates = [rate for rate in rates if rate is not None]
-        row = {"config": run_name, "model": stage, "seed": teacher_seed if seed is None else seed,
-               "rows": metrics.get("rows", len(answers)),
-               "judged_rows": sum(verdict is not None for verdict in verdicts)}
+        row = {
+            "config": run_name,
+            "model": stage,
+            "seed": teacher_seed if seed is None else seed,
+            "rows": metrics.get("rows", len(answers)),
+            "judged_rows": sum(verdict is not None for verdict in verdicts),
+        }
         row.update({key: metrics.get(key) for key in METRICS if key != WIN_RATE})
         row[WIN_RATE] = sum(rates) / len(rates) if rates else None
         row.update(training_losses(results / model))
@@ -107,8 +110,11 @@ def collect(results: Path, evaluations: Mapping[str, Evaluation], run_name: str,
 
 def rows_by_stage(evaluations: Mapping[str, Evaluation]) -> dict[str, dict[str, RowsBySeed]]:
     """stage -> metric -> seed -> [rows] per-row values, the input of every interval."""
-    baselines = {split_model(model)[1]: row_metrics(answers)["accuracy"]
-                 for model, (_, answers) in evaluations.items() if split_model(model)[0] == BASELINE}
+    baselines = {
+        split_model(model)[1]: row_metrics(answers)["accuracy"]
+        for model, (_, answers) in evaluations.items()
+        if split_model(model)[0] == BASELINE
+    }
     stages: dict[str, dict[str, RowsBySeed]] = {}
     for model, (_, answers) in evaluations.items():
         stage, seed = split_model(model)
@@ -153,8 +159,9 @@ def model_intervals(table: pd.DataFrame, stages: Mapping[str, Mapping[str, RowsB
     return pd.DataFrame(records).set_index("model")
 
 
-def paired_differences(stages: Mapping[str, Mapping[str, RowsBySeed]],
-                       comparisons: Sequence[tuple[str, str]] = COMPARISONS) -> pd.DataFrame:
+def paired_differences(
+    stages: Mapping[str, Mapping[str, RowsBySeed]], comparisons: Sequence[tuple[str, str]] = COMPARISONS
+) -> pd.DataFrame:
     """One row per comparison and metric: model - baseline on the seeds both have, with its paired interval.
 
     Columns: model, baseline, metric, seeds, rows, difference, low, high, excludes_zero. Comparisons
@@ -167,12 +174,22 @@ def paired_differences(stages: Mapping[str, Mapping[str, RowsBySeed]],
         for metric in METRICS:
             values, reference = stages[model].get(metric, {}), stages[baseline].get(metric, {})
             seeds = [seed for seed in values if seed in reference]
-            interval = (paired_difference(_stack(values, seeds), _stack(reference, seeds)) if seeds
-                        else Interval.missing())
-            records.append({"model": model, "baseline": baseline, "metric": metric, "seeds": len(seeds),
-                            "rows": len(values[seeds[0]]) if seeds else 0, "difference": interval.estimate,
-                            "low": interval.low, "high": interval.high,
-                            "excludes_zero": interval.measured and interval.excludes_zero})
+            interval = (
+                paired_difference(_stack(values, seeds), _stack(reference, seeds)) if seeds else Interval.missing()
+            )
+            records.append(
+                {
+                    "model": model,
+                    "baseline": baseline,
+                    "metric": metric,
+                    "seeds": len(seeds),
+                    "rows": len(values[seeds[0]]) if seeds else 0,
+                    "difference": interval.estimate,
+                    "low": interval.low,
+                    "high": interval.high,
+                    "excludes_zero": interval.measured and interval.excludes_zero,
+                }
+            )
     columns = ["model", "baseline", "metric", "seeds", "rows", "difference", "low", "high", "excludes_zero"]
     return pd.DataFrame(records, columns=columns)
 
@@ -221,8 +238,10 @@ def model_table(intervals: pd.DataFrame) -> list[str]:
         "|---|---|---|" + "---|" * len(TABLE_COLUMNS),
     ]
     for model, values in intervals.iterrows():
-        cells = [interval_cell(values[key], values[f"{key}_low"], values[f"{key}_high"], key.startswith("margin"))
-                 for key in TABLE_COLUMNS]
+        cells = [
+            interval_cell(values[key], values[f"{key}_low"], values[f"{key}_high"], key.startswith("margin"))
+            for key in TABLE_COLUMNS
+        ]
         lines.append(f"| {model} | {int(values['seeds'])} | {int(values['rows'])} | " + " | ".join(cells) + " |")
     return lines
 
@@ -234,9 +253,16 @@ def paired_table(paired: pd.DataFrame) -> list[str]:
     ]
     for (model, baseline), comparison in paired.groupby(["model", "baseline"], sort=False):
         by_metric = comparison.set_index("metric")
-        cells = [interval_cell(by_metric.at[key, "difference"], by_metric.at[key, "low"], by_metric.at[key, "high"],
-                               signed=True, marked=bool(by_metric.at[key, "excludes_zero"]))
-                 for key in TABLE_COLUMNS]
+        cells = [
+            interval_cell(
+                by_metric.at[key, "difference"],
+                by_metric.at[key, "low"],
+                by_metric.at[key, "high"],
+                signed=True,
+                marked=bool(by_metric.at[key, "excludes_zero"]),
+            )
+            for key in TABLE_COLUMNS
+        ]
         # The models' own seeds: a teacher's win rate is also paired over student_sft's seeds.
         seeds, rows = by_metric.at["accuracy", "seeds"], by_metric.at["accuracy", "rows"]
         lines.append(f"| {model} − {baseline} | {seeds} | {rows} | " + " | ".join(cells) + " |")
@@ -284,13 +310,18 @@ def plot_metrics(intervals: pd.DataFrame, paired: pd.DataFrame, path: Path) -> N
     import matplotlib.pyplot as plt
 
     rows = 1 if paired.empty else 2
-    figure, axes = plt.subplots(rows, len(METRICS), figsize=(3.2 * len(METRICS), 3.6 * rows), squeeze=False,
-                                constrained_layout=True)
+    figure, axes = plt.subplots(
+        rows, len(METRICS), figsize=(3.2 * len(METRICS), 3.6 * rows), squeeze=False, constrained_layout=True
+    )
     for axis, key in zip(axes[0], METRICS):
         means = intervals[key]
-        axis.bar(range(len(means)), means.fillna(0.0), capsize=3,
-                 yerr=_error_bars(means, intervals[f"{key}_low"], intervals[f"{key}_high"]),
-                 color=["#8c8c8c" if "teacher" in model else "#1f77b4" for model in means.index])
+        axis.bar(
+            range(len(means)),
+            means.fillna(0.0),
+            capsize=3,
+            yerr=_error_bars(means, intervals[f"{key}_low"], intervals[f"{key}_high"]),
+            color=["#8c8c8c" if "teacher" in model else "#1f77b4" for model in means.index],
+        )
         axis.set_xticks(range(len(means)), means.index, rotation=60, ha="right", fontsize=8)
         axis.set_title(f"{TABLE_COLUMNS[key]} ({CONFIDENCE:.0%} interval)", fontsize=9)
         if key.startswith("margin"):
@@ -322,8 +353,10 @@ def plot_losses(histories: Mapping[str, list[tuple[int, float]]], path: Path) ->
     stages = list(dict.fromkeys(split_model(model)[0] for model in histories))
     columns = min(4, max(1, len(stages)))
     rows = max(1, (len(stages) + columns - 1) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False, constrained_layout=True)
-    for axis in axes.flat[len(stages):]:
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False, constrained_layout=True
+    )
+    for axis in axes.flat[len(stages) :]:
         axis.set_visible(False)
     for axis, stage in zip(axes.flat, stages):
         for model, history in histories.items():
@@ -340,9 +373,18 @@ def plot_losses(histories: Mapping[str, list[tuple[int, float]]], path: Path) ->
     plt.close(figure)
 
 
-def write_summary(results: str | os.PathLike, models: Sequence[str], run_name: str, teacher_seed: int,
-                  seeds: Sequence[int], csv_path: Path, markdown_path: Path, metrics_plot: Path,
-                  loss_plot: Path, paired_csv: Path | None = None) -> str:
+def write_summary(
+    results: str | os.PathLike,
+    models: Sequence[str],
+    run_name: str,
+    teacher_seed: int,
+    seeds: Sequence[int],
+    csv_path: Path,
+    markdown_path: Path,
+    metrics_plot: Path,
+    loss_plot: Path,
+    paired_csv: Path | None = None,
+) -> str:
     """Write the CSV, the Markdown tables, both plots and optionally the paired differences; return the Markdown."""
     results = Path(results)
     evaluations = read_evaluations(results, models)
@@ -359,3 +401,29 @@ def write_summary(results: str | os.PathLike, models: Sequence[str], run_name: s
     plot_metrics(intervals, paired, metrics_plot)
     plot_losses(loss_histories(results, models), loss_plot)
     return text
+
+
+def run_summary(
+    params: Mapping[str, Any],
+    *,
+    results: Path,
+    csv: Path,
+    markdown: Path,
+    metrics_plot: Path,
+    loss_plot: Path,
+    paired_csv: Path | None = None,
+) -> None:
+    """Stage summary: the table over every evaluated model of the config, printed as well."""
+    table = write_summary(
+        results,
+        params["models"],
+        params["run_name"],
+        params["seed"],
+        params["seeds"],
+        csv,
+        markdown,
+        metrics_plot,
+        loss_plot,
+        paired_csv,
+    )
+    print(table, end="")

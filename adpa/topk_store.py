@@ -28,7 +28,12 @@ FORMAT = "adpa-topk-store"
 VERSION = 1
 KINDS = ("topk_logprobs", "advantage")
 IDS_FILE, VALUES_FILE, REST_FILE, OFFSETS_FILE, META_FILE = (
-    "ids.bin", "values.bin", "rest.bin", "offsets.npy", "meta.json")
+    "ids.bin",
+    "values.bin",
+    "rest.bin",
+    "offsets.npy",
+    "meta.json",
+)
 # Explicit little-endian so a store written on one machine reads the same on another.
 VALUE_DTYPE = np.dtype("<f2")
 
@@ -49,8 +54,15 @@ def _to_numpy(x: Any, dtype: type | None = None) -> np.ndarray:
 class TopKStoreWriter:
     """Appends rows to a new store; `close()` makes it readable, an exception inside `with` does not."""
 
-    def __init__(self, directory: str | os.PathLike, k: int, vocab_size: int, kind: str = "topk_logprobs",
-                 has_rest: bool = True, metadata: dict | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        k: int,
+        vocab_size: int,
+        kind: str = "topk_logprobs",
+        has_rest: bool = True,
+        metadata: dict | None = None,
+    ) -> None:
         if k <= 0 or vocab_size <= 0:
             raise ValueError(f"k and vocab_size must be positive, got k={k}, vocab_size={vocab_size}")
         if kind not in KINDS:
@@ -87,8 +99,9 @@ class TopKStoreWriter:
         if n and not np.issubdtype(ids_np.dtype, np.integer):
             raise ValueError(f"row {row}: ids must be integers, got dtype {ids_np.dtype}")
         if n and (ids_np.min() < 0 or ids_np.max() >= self.vocab_size):
-            raise ValueError(f"row {row}: token ids must lie in [0, {self.vocab_size}), "
-                             f"got range [{ids_np.min()}, {ids_np.max()}]")
+            raise ValueError(
+                f"row {row}: token ids must lie in [0, {self.vocab_size}), got range [{ids_np.min()}, {ids_np.max()}]"
+            )
         if np.isnan(values_np).any():
             raise ValueError(f"row {row}: values contain NaN")
         if self.has_rest:
@@ -121,9 +134,16 @@ class TopKStoreWriter:
         self._close_files()
         np.save(self.directory / OFFSETS_FILE, np.asarray(self._offsets, dtype="<i8"))
         meta = {
-            "format": FORMAT, "version": VERSION, "kind": self.kind, "k": self.k,
-            "vocab_size": self.vocab_size, "id_dtype": self.id_dtype.str, "value_dtype": VALUE_DTYPE.str,
-            "rows": len(self), "tokens": self._offsets[-1], "has_rest": self.has_rest,
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": self.kind,
+            "k": self.k,
+            "vocab_size": self.vocab_size,
+            "id_dtype": self.id_dtype.str,
+            "value_dtype": VALUE_DTYPE.str,
+            "rows": len(self),
+            "tokens": self._offsets[-1],
+            "has_rest": self.has_rest,
             "metadata": self.metadata,
         }
         tmp = self.directory / (META_FILE + ".tmp")
@@ -133,13 +153,13 @@ class TopKStoreWriter:
     def __enter__(self) -> TopKStoreWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
             self._close_files()
-
 
 
 def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -159,8 +179,9 @@ class TopKStore:
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"no complete top-k store at {self.directory}: {META_FILE} is missing "
-                                    "(the writer did not finish)")
+            raise FileNotFoundError(
+                f"no complete top-k store at {self.directory}: {META_FILE} is missing (the writer did not finish)"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{meta_path}: not a {FORMAT} v{VERSION} store")
@@ -174,13 +195,18 @@ class TopKStore:
         rows = meta["rows"]
         self.offsets = np.load(self.directory / OFFSETS_FILE, mmap_mode="r")
         if self.offsets.shape != (rows + 1,) or self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens:
-            raise ValueError(f"inconsistent store: {self.directory / OFFSETS_FILE} does not match "
-                             f"{rows} rows / {self.num_tokens} tokens in {META_FILE}")
+            raise ValueError(
+                f"inconsistent store: {self.directory / OFFSETS_FILE} does not match "
+                f"{rows} rows / {self.num_tokens} tokens in {META_FILE}"
+            )
         shape = (self.num_tokens, self.k)
         self.ids = _map(self.directory / IDS_FILE, np.dtype(meta["id_dtype"]), shape)
         self.values = _map(self.directory / VALUES_FILE, np.dtype(meta["value_dtype"]), shape)
-        self.rest = (_map(self.directory / REST_FILE, np.dtype(meta["value_dtype"]), (self.num_tokens,))
-                     if self.has_rest else None)
+        self.rest = (
+            _map(self.directory / REST_FILE, np.dtype(meta["value_dtype"]), (self.num_tokens,))
+            if self.has_rest
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -189,43 +215,17 @@ class TopKStore:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    @property
-    def bytes_per_token(self) -> float:
-        total = sum(p.stat().st_size for p in self.directory.iterdir()
-                    if p.name in (IDS_FILE, VALUES_FILE, REST_FILE, OFFSETS_FILE, META_FILE))
-        return total / self.num_tokens if self.num_tokens else math.inf
-
-    def _span(self, i: int) -> tuple[int, int]:
+    def row_span(self, i: int) -> tuple[int, int]:
+        """Token offsets [start, end) of row i (negative i counts from the end)."""
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"row {i} out of range for a store of {n} rows")
         i %= n
         return int(self.offsets[i]), int(self.offsets[i + 1])
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(ids [T,k], values [T,k] fp16, rest [T] fp16 or None) as read-only views into the files."""
-        s, e = self._span(i)
-        return self.ids[s:e], self.values[s:e], (self.rest[s:e] if self.rest is not None else None)
-
-    def logprobs(self, i: int) -> np.ndarray:
-        if self.kind != "topk_logprobs":
-            raise ValueError(f"store {self.directory} holds {self.kind!r} rows, not log-probs")
-        return self[i][1]
-
-    def advantages(self, i: int) -> np.ndarray:
-        if self.kind != "advantage":
-            raise ValueError(f"store {self.directory} holds {self.kind!r} rows, not advantages")
-        return self[i][1]
-
-    def row_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(ids int64 for gather, values float32, rest float32 or None); copies, so writable."""
-        ids, values, rest = self[i]
-        return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(values.astype(np.float32)),
-                torch.from_numpy(rest.astype(np.float32)) if rest is not None else None)
-
     def padded_batch(self, indices: Sequence[int], length: int | None = None) -> dict[str, torch.Tensor]:
         """Rows padded (ids 0, values 0, rest 0, mask False) to [B, L, k]; `length` pads or keeps the first L."""
-        spans = [self._span(i) for i in indices]
+        spans = [self.row_span(i) for i in indices]
         lengths = np.array([e - s for s, e in spans], dtype=np.int64)
         if length is None:
             length = int(lengths.max(initial=0))
@@ -237,26 +237,15 @@ class TopKStore:
         values = np.zeros((b, length, self.k), np.float32)
         rest = np.zeros((b, length), np.float32) if self.rest is not None else None
         for row, ((s, _), n) in enumerate(zip(spans, lengths)):
-            ids[row, :n] = self.ids[s:s + n]
-            values[row, :n] = self.values[s:s + n]
+            ids[row, :n] = self.ids[s : s + n]
+            values[row, :n] = self.values[s : s + n]
             if rest is not None:
-                rest[row, :n] = self.rest[s:s + n]
-        batch = {"ids": torch.from_numpy(ids), "values": torch.from_numpy(values),
-                 "mask": torch.arange(length)[None, :] < torch.from_numpy(lengths)[:, None]}
+                rest[row, :n] = self.rest[s : s + n]
+        batch = {
+            "ids": torch.from_numpy(ids),
+            "values": torch.from_numpy(values),
+            "mask": torch.arange(length)[None, :] < torch.from_numpy(lengths)[:, None],
+        }
         if rest is not None:
             batch["rest"] = torch.from_numpy(rest)
         return batch
-
-
-def reference_jsonl_bytes_per_token(ids: Sequence[Any], logprobs: Sequence[Any]) -> float:
-    """Bytes/token of the reference ADPA format: per row one JSON line, a list (per token) of
-    lists of {"token_id": int, "logprob": float} dicts. `ids`/`logprobs` are sequences of [T, k] rows."""
-    total_bytes = total_tokens = 0
-    for row_ids, row_lp in zip(ids, logprobs, strict=True):
-        id_list = _to_numpy(row_ids).tolist()
-        lp_list = _to_numpy(row_lp).tolist()
-        line = json.dumps([[{"token_id": t, "logprob": lp} for t, lp in zip(ti, tl)]
-                           for ti, tl in zip(id_list, lp_list)])
-        total_bytes += len(line.encode()) + 1
-        total_tokens += len(id_list)
-    return total_bytes / total_tokens if total_tokens else math.inf

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpa import artifacts, provenance
-from adpa.config import accumulation_steps
+from adpa import artifacts
+from adpa.batching import accumulation_steps
 from adpa.precision import resolve
 
 # TensorBoard event files: the Trainer writes them under the work folder's runs/ (one folder per
@@ -25,12 +25,12 @@ log = logging.getLogger("adpa")
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    """Runtime choices that do not change the result (so they are not rerun triggers)."""
+    """Runtime choices that do not change the result (so they are not rerun triggers); defaults: config/schema.yaml."""
 
-    gradient_checkpointing: bool = False
-    save_steps: int = 50
-    save_total_limit: int = 2
-    logging_steps: int = 1
+    gradient_checkpointing: bool
+    save_steps: int
+    save_total_limit: int
+    logging_steps: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class StageRun:
     stage: str
     params: dict[str, Any]
     params_json: str
+    code: str  # the hash of the code it runs (adpa/provenance.py)
     output: Path
     work_root: Path
     launch: LaunchOptions
@@ -47,7 +48,7 @@ class StageRun:
     @property
     def work_dir(self) -> Path:
         """Checkpoints are keyed by settings and code, so a changed stage never resumes stale state."""
-        key = f"{artifacts.params_hash(self.params_json)}-{provenance.code_hash(self.stage)}"
+        key = f"{artifacts.params_hash(self.params_json)}-{self.code}"
         return self.work_root / self.stage / key
 
 
@@ -203,7 +204,12 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
         # Every logged training loss, for the results' loss plot.
         history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
         artifacts.write_manifest(
-            staging, run.stage, run.params, run.params_json, provenance.code_hash(run.stage), metrics,
+            staging,
+            run.stage,
+            run.params,
+            run.params_json,
+            run.code,
+            metrics,
             extra={"loss_history": history},
         )
         artifacts.publish(staging, run.output)

@@ -31,7 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # adpa from this checkout, installed or not
 
-from adpa.checkout import copy_workflow  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from workflow_copy import copy_workflow  # noqa: E402
 
 STAGES = ("ref_teacher", "dpo_teacher")
 TARGETS = tuple(f"results/{stage}" for stage in STAGES)
@@ -63,17 +64,25 @@ SIZES = {
     # ~140M parameters (50M of them the tied 49152 x 1024 embedding), SmolLM2's family.
     "small": Size(
         {
-            "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-            "num_attention_heads": 16, "num_key_value_heads": 4,
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
         },
-        rows=16384, dpo_rows=2048, sft_batch=8, sft_length=1024, dpo_batch=32, dpo_length=256,
+        rows=16384,
+        dpo_rows=2048,
+        sft_batch=8,
+        sft_length=1024,
+        dpo_batch=32,
+        dpo_length=256,
     ),
 }
 
 
 def overrides(size: Size, processes: int, threads: int, gpu: bool, rows: int, dpo_rows: int | None) -> dict[str, Any]:
     """The `--config` values on top of config/tiny.yaml; accumulation 1 in every training stage."""
-    from adpa.config import TRAINING_STAGES
+    from adpa.stages import REGISTRY
 
     values: dict[str, Any] = {
         "precision": "bf16" if gpu else "fp32",
@@ -90,12 +99,12 @@ def overrides(size: Size, processes: int, threads: int, gpu: bool, rows: int, dp
     if size.random_init is not None:
         values["models"] = {"base_teacher": {"random_init": dict(size.random_init)}}
     batches = {"ref_teacher": (size.sft_batch, size.sft_length), "dpo_teacher": (size.dpo_batch, size.dpo_length)}
-    for stage in TRAINING_STAGES:
+    for section in dict.fromkeys(stage.section for stage in REGISTRY if stage.kind == "training"):
         # The student stages do not run, but the config check derives their accumulation too.
-        batch, length = batches.get(stage, (size.sft_batch, None))
-        values[stage] = {"per_device_batch_size": batch, "effective_batch_size": batch * processes}
+        batch, length = batches.get(section, (size.sft_batch, None))
+        values[section] = {"per_device_batch_size": batch, "effective_batch_size": batch * processes}
         if length is not None:
-            values[stage]["max_length"] = length
+            values[section]["max_length"] = length
     return values
 
 
@@ -173,11 +182,15 @@ def main() -> None:
     parser.add_argument(
         "--cpu", action="store_true", help=f"CPU smoke check: {CPU_ACCELERATE}, fp32, {CPU_PROCESSES} processes"
     )
-    parser.add_argument("--size", choices=sorted(SIZES), help="base teacher size (default: small on GPUs, tiny with --cpu)")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), help="base teacher size (default: small on GPUs, tiny with --cpu)"
+    )
     parser.add_argument("--rows", type=int, help="generated training rows (default: the size's)")
     parser.add_argument("--dpo-rows", type=int, help="of those, rows DPO trains on (default: the size's)")
     parser.add_argument("--workdir", "--keep", type=Path, help="scratch folder, new or empty, kept afterwards")
-    parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s of one GPU (default: from its name)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="peak dense bf16 TFLOP/s of one GPU (default: from its name)"
+    )
     args = parser.parse_args()
 
     import torch

@@ -15,8 +15,19 @@ from datetime import datetime
 from pathlib import Path
 
 ORDER = (
-    "base_teacher", "generate_data", "ref_teacher", "dpo_teacher", "base_student", "teacher_topk", "student_sft",
-    "student_generations", "advantage", "dckd", "adpa", "adpa_plus", "student_dpo",
+    "base_teacher",
+    "generate_data",
+    "ref_teacher",
+    "dpo_teacher",
+    "base_student",
+    "teacher_topk",
+    "student_sft",
+    "student_generations",
+    "advantage",
+    "dckd",
+    "adpa",
+    "adpa_plus",
+    "student_dpo",
 )
 
 

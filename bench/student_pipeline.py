@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adpa.losses import adpa_loss, dckd_loss, nll_loss, topk_forward_kl, topk_kl_from_logprobs
+from adpa.losses import TopKBatch, adpa_loss, dckd_loss, nll_loss, topk_forward_kl, topk_kl_from_logprobs
 from adpa.topk_store import TopKStore, TopKStoreWriter
 
 VOCAB, K, BATCH = 49152, 50, 4
@@ -63,7 +63,9 @@ def reference_style_loss(jsonl: Path, student_logprobs: torch.Tensor) -> torch.T
                 student = student_logprobs[row, t, ids]
                 rest_teacher = (1 - teacher.sum()).clamp(min=1e-8)
                 rest_student = (1 - student.exp().sum()).clamp(min=1e-8)
-                kl = (teacher * (teacher.log() - student)).sum() + rest_teacher * (rest_teacher.log() - rest_student.log())
+                kl = (teacher * (teacher.log() - student)).sum() + rest_teacher * (
+                    rest_teacher.log() - rest_student.log()
+                )
                 per_token.append(kl)
             total.append(torch.stack(per_token).mean())
     return torch.stack(total).mean()
@@ -80,8 +82,15 @@ def loss_path_rows(rng: np.random.Generator) -> list[list[str]]:
                     writer.append(ids, logprobs, rest)
             with jsonl.open("w") as handle:
                 for ids, logprobs, _ in rows:
-                    handle.write(json.dumps([[{"token_id": int(i), "logprob": float(p)} for i, p in zip(r_ids, r_lp)]
-                                             for r_ids, r_lp in zip(ids, logprobs)]) + "\n")
+                    handle.write(
+                        json.dumps(
+                            [
+                                [{"token_id": int(i), "logprob": float(p)} for i, p in zip(r_ids, r_lp)]
+                                for r_ids, r_lp in zip(ids, logprobs)
+                            ]
+                        )
+                        + "\n"
+                    )
             logits = torch.randn(BATCH, length, VOCAB)
             mask = torch.ones(BATCH, length, dtype=torch.bool)
             # The student's log-softmax is the forward pass's output, shared with the NLL of every
@@ -91,26 +100,51 @@ def loss_path_rows(rng: np.random.Generator) -> list[list[str]]:
             def teacher_path():
                 batch = TopKStore(store_dir).padded_batch(range(BATCH))
                 student_topk = student_logprobs.gather(-1, batch["ids"])
-                return topk_kl_from_logprobs(student_topk, batch["values"], batch["rest"], mask)
+                topk = TopKBatch(batch["ids"], batch["values"], batch["rest"])
+                return topk_kl_from_logprobs(student_topk, topk, mask)
 
             def end_to_end():
                 batch = TopKStore(store_dir).padded_batch(range(BATCH))
-                return topk_forward_kl(logits, batch["ids"], batch["values"], batch["rest"], mask)
+                return topk_forward_kl(logits, TopKBatch(batch["ids"], batch["values"], batch["rest"]), mask)
 
             ours_s = timed(teacher_path, repeats=10)
             reference_s = timed(lambda: reference_style_loss(jsonl, student_logprobs), repeats=1)
             ratio = reference_s / ours_s
-            table.append([f"teacher data + KL per batch, B={BATCH} T={length} k={K}", f"{ours_s * 1e3:.1f} ms",
-                          f"{reference_s * 1e3:.0f} ms (JSONL + loop)", f"{ratio:.0f}x faster", ">= 50x", ratio >= 50])
+            table.append(
+                [
+                    f"teacher data + KL per batch, B={BATCH} T={length} k={K}",
+                    f"{ours_s * 1e3:.1f} ms",
+                    f"{reference_s * 1e3:.0f} ms (JSONL + loop)",
+                    f"{ratio:.0f}x faster",
+                    ">= 50x",
+                    ratio >= 50,
+                ]
+            )
             full_s = timed(end_to_end)
             full_reference_s = reference_s + timed(lambda: torch.log_softmax(logits, dim=-1))
-            table.append([f"  same, incl. the student's log-softmax over V={VOCAB}", f"{full_s * 1e3:.0f} ms",
-                          f"{full_reference_s * 1e3:.0f} ms", f"{full_reference_s / full_s:.1f}x faster", "", ""])
-            store_bytes = TopKStore(store_dir).bytes_per_token
+            table.append(
+                [
+                    f"  same, incl. the student's log-softmax over V={VOCAB}",
+                    f"{full_s * 1e3:.0f} ms",
+                    f"{full_reference_s * 1e3:.0f} ms",
+                    f"{full_reference_s / full_s:.1f}x faster",
+                    "",
+                    "",
+                ]
+            )
+            store_bytes = sum(path.stat().st_size for path in store_dir.iterdir()) / TopKStore(store_dir).num_tokens
             jsonl_bytes = jsonl.stat().st_size / (BATCH * length)
             if length == 512:
-                table.append([f"store bytes/token, k={K}", f"{store_bytes:.0f} B", f"{jsonl_bytes:.0f} B (JSONL)",
-                              f"{jsonl_bytes / store_bytes:.0f}x smaller", f"<= {6 * K + 8} B", store_bytes <= 6 * K + 8])
+                table.append(
+                    [
+                        f"store bytes/token, k={K}",
+                        f"{store_bytes:.0f} B",
+                        f"{jsonl_bytes:.0f} B (JSONL)",
+                        f"{jsonl_bytes / store_bytes:.0f}x smaller",
+                        f"<= {6 * K + 8} B",
+                        store_bytes <= 6 * K + 8,
+                    ]
+                )
     return table
 
 
@@ -120,9 +154,16 @@ def student_model(workdir: Path):
     folder = next(iter(sorted((workdir / "results").glob("seed*/student_sft"))), workdir / "results" / "student_sft")
     if folder.is_dir():
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), "student_sft"
-    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=576, intermediate_size=1536,
-                                  num_hidden_layers=10, num_attention_heads=9, num_key_value_heads=3,
-                                  tie_word_embeddings=True)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=10,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     return AutoModelForCausalLM.from_config(config), "random SmolLM2-shaped 10-layer student"
 
 
@@ -138,7 +179,7 @@ def step_rows(workdir: Path, rng: np.random.Generator) -> list[list[str]]:
     values = torch.log_softmax(torch.randn(2 * pairs, length - 1, K + 1), -1)
     topk_values, rest = values[..., :K], values[..., K]
     advantage = torch.randn(2 * pairs, length - 1, K)
-    first, second = slice(0, pairs), slice(pairs, None)
+    chosen, other = slice(0, pairs), slice(pairs, None)  # other: the rejected (DCKD) or own (ADPA) response
 
     def step(objective: str):
         logits = model(input_ids=input_ids).logits[:, :-1]
@@ -146,20 +187,43 @@ def step_rows(workdir: Path, rng: np.random.Generator) -> list[list[str]]:
         if objective == "sft":
             loss = nll_loss(logits, labels, mask)
         elif objective == "dckd":
-            loss = dckd_loss(logits[first], labels[first], mask[first], ids[first], topk_values[first], rest[first],
-                             logits[second], ids[second], topk_values[second], rest[second], mask[second])
+            loss = dckd_loss(
+                chosen_logits=logits[chosen],
+                chosen_labels=labels[chosen],
+                chosen_mask=mask[chosen],
+                chosen_topk=TopKBatch(ids[chosen], topk_values[chosen], rest[chosen]),
+                rejected_logits=logits[other],
+                rejected_mask=mask[other],
+                rejected_topk=TopKBatch(ids[other], topk_values[other], rest[other]),
+                nll_weight=1.0,
+                chosen_kl_weight=0.1,
+                rejected_kl_weight=0.1,
+            )
         else:
-            loss = adpa_loss(logits[first], labels[first], mask[first], logits[second], ids[second],
-                             advantage[second], mask[second], adpa_weight=1.6)
+            loss = adpa_loss(
+                chosen_logits=logits[chosen],
+                chosen_labels=labels[chosen],
+                chosen_mask=mask[chosen],
+                own_logits=logits[other],
+                own_mask=mask[other],
+                own_advantage=TopKBatch(ids[other], advantage[other]),
+                adpa_weight=1.6,
+                nll_weight=1.0,
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     seconds = {objective: timed(lambda: step(objective), repeats=3) for objective in ("sft", "dckd", "adpa")}
     return [
-        [f"{objective.upper()} step vs SFT step ({name}, {2 * pairs}x{length})", f"{seconds[objective]:.2f} s",
-         f"{seconds['sft']:.2f} s (SFT)", f"{seconds[objective] / seconds['sft']:.2f}x", "<= 1.15x",
-         seconds[objective] / seconds["sft"] <= 1.15]
+        [
+            f"{objective.upper()} step vs SFT step ({name}, {2 * pairs}x{length})",
+            f"{seconds[objective]:.2f} s",
+            f"{seconds['sft']:.2f} s (SFT)",
+            f"{seconds[objective] / seconds['sft']:.2f}x",
+            "<= 1.15x",
+            seconds[objective] / seconds["sft"] <= 1.15,
+        ]
         for objective in ("dckd", "adpa")
     ]
 
@@ -173,8 +237,16 @@ def dry_run_row(workdir: Path) -> list[list[str]]:
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
     nothing = "Nothing to be done" in result.stdout + result.stderr
-    return [["snakemake -n, full DAG up to date", f"{seconds:.2f} s", "nothing to do" if nothing else "JOBS PLANNED",
-             "", "<= 3 s", seconds <= 3 and nothing]]
+    return [
+        [
+            "snakemake -n, full DAG up to date",
+            f"{seconds:.2f} s",
+            "nothing to do" if nothing else "JOBS PLANNED",
+            "",
+            "<= 3 s",
+            seconds <= 3 and nothing,
+        ]
+    ]
 
 
 def main() -> None:

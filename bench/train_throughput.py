@@ -30,8 +30,9 @@ def trained_models(results: Path) -> list[Path]:
     return [path.parent for path in manifests if "train_seconds" in json.loads(path.read_text())["metrics"]]
 
 
-def plain_loop_tokens_per_second(model_dir: Path, precision: str, sequences: int, length: int, steps: int,
-                                 reference: bool) -> float:
+def plain_loop_tokens_per_second(
+    model_dir: Path, precision: str, sequences: int, length: int, steps: int, reference: bool
+) -> float:
     from adpa.models import load_model
     from adpa.precision import autocast, resolve
 
@@ -65,8 +66,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| stage | precision | steps | sequences x tokens per step | stage tok/s | plain loop tok/s | stage / plain"
-          " | plain loop fp32 tok/s |")
+    print(
+        "| stage | precision | steps | sequences x tokens per step | stage tok/s | plain loop tok/s | stage / plain"
+        " | plain loop fp32 tok/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for model_dir in trained_models(args.workdir / "results"):
         manifest = json.loads((model_dir / "adpa_manifest.json").read_text())
@@ -77,14 +80,19 @@ def main() -> None:
         tokens_per_step = metrics["train_tokens_incl_padding"] / metrics["global_step"]
         length = max(8, round(tokens_per_step / sequences))
         stage_rate = metrics["train_tokens_incl_padding"] / metrics["train_seconds"]
-        plain_rate = plain_loop_tokens_per_second(model_dir, params["precision"], sequences, length, args.steps,
-                                                  reference=stage in DPO)
-        fp32_rate = plain_loop_tokens_per_second(model_dir, "fp32", sequences, length, args.steps,
-                                                 reference=stage in DPO)
+        plain_rate = plain_loop_tokens_per_second(
+            model_dir, params["precision"], sequences, length, args.steps, reference=stage in DPO
+        )
+        fp32_rate = plain_loop_tokens_per_second(
+            model_dir, "fp32", sequences, length, args.steps, reference=stage in DPO
+        )
         name = str(model_dir.relative_to(args.workdir / "results"))
-        print(f"| {name} | {metrics.get('precision', params['precision'])} | {metrics['global_step']} |"
-              f" {sequences} x {length} | {stage_rate:.0f} | {plain_rate:.0f} | {stage_rate / plain_rate:.2f} |"
-              f" {fp32_rate:.0f} |", flush=True)
+        print(
+            f"| {name} | {metrics.get('precision', params['precision'])} | {metrics['global_step']} |"
+            f" {sequences} x {length} | {stage_rate:.0f} | {plain_rate:.0f} | {stage_rate / plain_rate:.2f} |"
+            f" {fp32_rate:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

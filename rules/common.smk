@@ -7,17 +7,18 @@ sys.path.insert(0, workflow.basedir)
 
 from adpa import config as adpa_config
 from adpa import launch
+from adpa.errors import InputError
 from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
+from adpa.stages import METHODS, STAGES
 
 try:
     adpa_config.check_config_files(workflow.configfiles)
     adpa_config.validate_config(config, adpa_config.load_schema(Path(workflow.basedir, "config/schema.yaml")))
     adpa_config.check_local_sources(config, workflow.basedir)
     check_judge_inputs(config)
-except adpa_config.InputError as error:
+except InputError as error:
     sys.exit(f"error: {error}")
-
 
 
 def preflight(config):
@@ -28,7 +29,7 @@ def preflight(config):
     jobs = [(job.rule.name, dict(job.wildcards_dict)) for job in workflow.dag.needrun_jobs()]
     try:
         run_preflight(config, workflow.basedir, local_jobs=workflow.local_exec, plan=Plan.of_jobs(jobs))
-    except adpa_config.InputError as error:
+    except InputError as error:
         sys.exit(f"error: {error}")
 
 
@@ -74,17 +75,36 @@ def train_options(wildcards, threads):
     return " ".join(options)
 
 
-def stage_params(stage):
-    return adpa_config.params_json(adpa_config.stage_params(config, stage))
+def stage_fields(stage):
+    """The params of every stage's rule, its settings (per seed for per-seed stages: a function of
+    the wildcards, so a rerun trigger) and the hash of the code it runs."""
+    if STAGES[stage].per_seed:
+
+        def settings(wildcards):
+            return adpa_config.params_json(adpa_config.stage_params(config, stage, int(wildcards.seed)))
+
+    else:
+        settings = adpa_config.params_json(adpa_config.stage_params(config, stage))
+    return {"stage": settings, "code": code_hash(stage)}
 
 
-def student_params(stage):
-    """The stage's settings for the seed in the output path (a function of wildcards: a rerun trigger)."""
+def cli_inputs(stage):
+    """A stage's input options, `--topk 'results/teacher_topk'`, from its registry entry (quoted)."""
 
-    def params(wildcards):
-        return adpa_config.params_json(adpa_config.stage_params(config, stage, int(wildcards.seed)))
+    def options(wildcards, input):
+        return " ".join(
+            f"--{option.replace('_', '-')} {shlex.quote(getattr(input, option))}" for option in stage.inputs
+        )
 
-    return params
+    return options
+
+
+def log_of(stage):
+    return f"logs/seed{{seed}}/{stage}.log" if STAGES[stage].per_seed else f"logs/{stage}.log"
+
+
+def benchmark_of(stage):
+    return f"benchmarks/seed{{seed}}/{stage}.tsv" if STAGES[stage].per_seed else f"benchmarks/{stage}.tsv"
 
 
 def local_or_none(reference):
@@ -94,36 +114,24 @@ def local_or_none(reference):
     return None
 
 
-def base_teacher_reference(wildcards, input):
-    """The base teacher as the training stage sees it: its input folder, else the hub id."""
-    return input.model[0] if input.model else config["models"]["base_teacher"]["path"]
-
-
-def base_teacher_input():
-    if "gguf" in config["models"]["base_teacher"]:
-        return [f"{RESULTS}/base_teacher"]
-    local = local_or_none(config["models"]["base_teacher"]["path"])
-    return [local] if local else []
-
-
-def base_student_input():
-    spec = config["models"]["base_student"]
+def configured_model(name):
+    """The input files of a configured model (models.<name>): the workflow's own folder for a GGUF
+    teacher or a student cut, the local folder for a path, nothing for a hub id."""
+    spec = config["models"][name]
     if "path" not in spec:
-        return [f"{RESULTS}/base_student"]
+        return [f"{RESULTS}/{name}"]
     local = local_or_none(spec["path"])
     return [local] if local else []
 
 
-def base_student_reference(wildcards, input):
-    return input.model[0] if input.model else config["models"]["base_student"]["path"]
+def model_or_path(name, key="model"):
+    """The model as a stage sees it: its input folder when it has one, else the configured hub id."""
 
+    def reference(wildcards, input):
+        files = getattr(input, key)
+        return files[0] if files else config["models"][name]["path"]
 
-def base_teacher_tokenizer(wildcards, input):
-    return input.tokenizer[0] if input.tokenizer else config["models"]["base_teacher"]["path"]
-
-
-def teacher_reference_for_student(wildcards, input):
-    return input.teacher[0] if input.teacher else config["models"]["base_teacher"]["path"]
+    return reference
 
 
 def dataset_input(name):
@@ -140,12 +148,8 @@ EVALUATED = adpa_config.evaluated_models(config)
 
 def evaluated_model_input(wildcards):
     if wildcards.model == "base_teacher":
-        return base_teacher_input()
+        return configured_model("base_teacher")
     return [f"{RESULTS}/{wildcards.model}"]
-
-
-def evaluated_model_reference(wildcards, input):
-    return input.model[0] if input.model else config["models"]["base_teacher"]["path"]
 
 
 def run_name(wildcards, threads):

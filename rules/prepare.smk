@@ -4,19 +4,18 @@
 rule base_teacher:
     output:
         directory(f"{RESULTS}/base_teacher"),
-    params:
-        stage=stage_params("base_teacher"),
-        code=code_hash("base_teacher"),
-        adpa=adpa_command,
     log:
-        "logs/base_teacher.log",
+        log_of("base_teacher"),
     benchmark:
-        "benchmarks/base_teacher.tsv"
+        benchmark_of("base_teacher")
+    conda:
+        "../envs/train.yaml"
     threads: threads_of("base_teacher")
     resources:
         **resources_of("base_teacher"),
-    conda:
-        "../envs/train.yaml"
+    params:
+        **stage_fields("base_teacher"),
+        adpa=adpa_command,
     shell:
         "{params.adpa} base_teacher --params {params.stage:q} --output {output:q} > {log:q} 2>&1"
 
@@ -27,19 +26,18 @@ if config["datasets"]["generate"]:
         output:
             sft=directory(f"{RESULTS}/data/sft"),
             preference=directory(f"{RESULTS}/data/preference"),
-        params:
-            stage=stage_params("generate_data"),
-            code=code_hash("generate_data"),
-            adpa=adpa_command,
         log:
-            "logs/generate_data.log",
+            log_of("generate_data"),
         benchmark:
-            "benchmarks/generate_data.tsv"
+            benchmark_of("generate_data")
+        conda:
+            "../envs/train.yaml"
         threads: threads_of("generate_data")
         resources:
             **resources_of("generate_data"),
-        conda:
-            "../envs/train.yaml"
+        params:
+            **stage_fields("generate_data"),
+            adpa=adpa_command,
         shell:
             "{params.adpa} generate_data --params {params.stage:q}"
             " --sft-output {output.sft:q} --preference-output {output.preference:q} > {log:q} 2>&1"

@@ -3,25 +3,24 @@
 
 rule ref_teacher:
     input:
-        model=base_teacher_input(),
+        model=configured_model("base_teacher"),
         data=dataset_input("sft"),
     output:
         directory(f"{RESULTS}/ref_teacher"),
-    params:
-        stage=stage_params("ref_teacher"),
-        model=base_teacher_reference,
-        code=code_hash("ref_teacher"),
-        launch=train_command,
-        options=train_options,
     log:
-        "logs/ref_teacher.log",
+        log_of("ref_teacher"),
     benchmark:
-        "benchmarks/ref_teacher.tsv"
+        benchmark_of("ref_teacher")
+    conda:
+        "../envs/train.yaml"
     threads: threads_of("ref_teacher")
     resources:
         **resources_of("ref_teacher"),
-    conda:
-        "../envs/train.yaml"
+    params:
+        **stage_fields("ref_teacher"),
+        model=model_or_path("base_teacher"),
+        launch=train_command,
+        options=train_options,
     shell:
         "{params.launch} ref_teacher --params {params.stage:q} --model {params.model:q} --output {output:q}"
         " {params.options} 2>&1 | tee {log:q}"
@@ -33,20 +32,19 @@ rule dpo_teacher:
         data=dataset_input("preference"),
     output:
         directory(f"{RESULTS}/dpo_teacher"),
-    params:
-        stage=stage_params("dpo_teacher"),
-        code=code_hash("dpo_teacher"),
-        launch=train_command,
-        options=train_options,
     log:
-        "logs/dpo_teacher.log",
+        log_of("dpo_teacher"),
     benchmark:
-        "benchmarks/dpo_teacher.tsv"
+        benchmark_of("dpo_teacher")
+    conda:
+        "../envs/train.yaml"
     threads: threads_of("dpo_teacher")
     resources:
         **resources_of("dpo_teacher"),
-    conda:
-        "../envs/train.yaml"
+    params:
+        **stage_fields("dpo_teacher"),
+        launch=train_command,
+        options=train_options,
     shell:
         "{params.launch} dpo_teacher --params {params.stage:q} --model {input.model:q} --output {output:q}"
         " {params.options} 2>&1 | tee {log:q}"

@@ -8,17 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from adpa.checkout import copy_workflow  # noqa: F401  (the tests' import point)
+from workflow_copy import copy_workflow  # noqa: F401  (the tests' import point)
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_snakemake(workdir: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_snakemake(
+    workdir: Path, *args: str, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    result = subprocess.run(
-        command, cwd=workdir, env={**os.environ, **(env or {})}, capture_output=True, text=True
-    )
+    result = subprocess.run(command, cwd=workdir, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

@@ -108,7 +108,9 @@ def start(folder: Path, timeout: float = 60.0) -> dict[str, str]:
     folder = folder.resolve()
     if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
         if not (SYSTEM_CONF.is_symlink() and SYSTEM_CONF.resolve() == folder / "slurm.conf"):
-            raise RuntimeError(f"{SYSTEM_CONF} exists: this machine already has a Slurm setup, not starting a test cluster")
+            raise RuntimeError(
+                f"{SYSTEM_CONF} exists: this machine already has a Slurm setup, not starting a test cluster"
+            )
     for sub in ("state", "spool"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     hostname = socket.gethostname().split(".")[0]
@@ -128,9 +130,12 @@ def start(folder: Path, timeout: float = 60.0) -> dict[str, str]:
     env = environment(folder)
     subprocess.run(
         [
-            "munged", "--force",
-            f"--socket={folder / 'munge.socket'}", f"--key-file={key}",
-            f"--pid-file={folder / 'munged.pid'}", f"--log-file={folder / 'munged.log'}",
+            "munged",
+            "--force",
+            f"--socket={folder / 'munge.socket'}",
+            f"--key-file={key}",
+            f"--pid-file={folder / 'munged.pid'}",
+            f"--log-file={folder / 'munged.log'}",
             f"--seed-file={folder / 'munged.seed'}",
         ],
         check=True,

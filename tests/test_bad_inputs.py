@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, copy_workflow, run_snakemake
 
 from adpa import cli
-from conftest import REPO, copy_workflow, run_snakemake
 
 USER = {"role": "user", "content": "Capitalize 'apple'."}
 ANSWER = {"role": "assistant", "content": "Apple"}
@@ -130,86 +130,218 @@ CASES = [
     # Config files
     Case("empty config file", written(""), r"config: 'models' is a required property"),
     Case("config without datasets", written("models: {}\n"), r"config: 'datasets' is a required property"),
-    Case("config is a YAML list", written("- a\n- b\n"), r"config file '.*': expected a mapping of config keys, got a list"),
-    Case("config is a scalar", written("42\n"), r"config file '.*': expected a mapping of config keys, got a single value"),
+    Case(
+        "config is a YAML list",
+        written("- a\n- b\n"),
+        r"config file '.*': expected a mapping of config keys, got a list",
+    ),
+    Case(
+        "config is a scalar",
+        written("42\n"),
+        r"config file '.*': expected a mapping of config keys, got a single value",
+    ),
     Case("invalid YAML", written("models: [\n"), r"config file '.*': invalid YAML: line 2, column 1: "),
     Case("non-UTF-8 config", written(b"run_name: caf\xe9\n"), r"config file '.*': not UTF-8 text"),
-    Case("section written twice", written(tiny_with("dpo_teacher:\n  beta: 0.2\n")),
-         r"config file '.*': invalid YAML: line \d+, column 1: key 'dpo_teacher' written twice", snakemake=True),
-    Case("learning rate .nan", written(TINY_TEXT.replace("learning_rate: 1.0e-4", "learning_rate: .nan", 1)),
-         r"config key 'dpo_teacher.learning_rate': must be a finite number, got nan"),
-    Case("learning rate .inf", edit(nested("dckd.learning_rate", float("inf"))),
-         r"config key 'dckd.learning_rate': must be a finite number, got inf"),
-    Case("unknown key", edit(nested("dpo_teacher.betta", 0.1)), r"config key 'dpo_teacher.betta': unknown key; did you mean 'beta'\?"),
-    Case("run_name with a path", edit(nested("run_name", "../../x/y")), r"config key 'run_name': '../../x/y' must be a plain name"),
-    Case("run_name with a slash", edit(nested("run_name", "a/b")), r"config key 'run_name': 'a/b' must be a plain name"),
-    Case("work_dir is a file", work_dir_file,
-         r"config key 'work_dir': .*afile is a file, not a folder"),
-    Case("batch not divisible", edit(nested("ref_teacher.effective_batch_size", 7)),
-         r"config key 'ref_teacher.effective_batch_size': 7 is not a multiple of per_device_batch_size x processes"),
-    Case("missing accelerate config", edit(nested("launch.accelerate_config", "config/accelerate/nope.yaml")),
-         r"config key 'launch.accelerate_config': no such file: .*nope.yaml"),
+    Case(
+        "section written twice",
+        written(tiny_with("dpo_teacher:\n  beta: 0.2\n")),
+        r"config file '.*': invalid YAML: line \d+, column 1: key 'dpo_teacher' written twice",
+        snakemake=True,
+    ),
+    Case(
+        "learning rate .nan",
+        written(TINY_TEXT.replace("learning_rate: 1.0e-4", "learning_rate: .nan", 1)),
+        r"config key 'dpo_teacher.learning_rate': must be a finite number, got nan",
+    ),
+    Case(
+        "learning rate .inf",
+        edit(nested("dckd.learning_rate", float("inf"))),
+        r"config key 'dckd.learning_rate': must be a finite number, got inf",
+    ),
+    Case(
+        "unknown key",
+        edit(nested("dpo_teacher.betta", 0.1)),
+        r"config key 'dpo_teacher.betta': unknown key; did you mean 'beta'\?",
+    ),
+    Case(
+        "run_name with a path",
+        edit(nested("run_name", "../../x/y")),
+        r"config key 'run_name': '../../x/y' must be a plain name",
+    ),
+    Case(
+        "run_name with a slash", edit(nested("run_name", "a/b")), r"config key 'run_name': 'a/b' must be a plain name"
+    ),
+    Case("work_dir is a file", work_dir_file, r"config key 'work_dir': .*afile is a file, not a folder"),
+    Case(
+        "batch not divisible",
+        edit(nested("ref_teacher.effective_batch_size", 7)),
+        r"config key 'ref_teacher.effective_batch_size': 7 is not a multiple of per_device_batch_size x processes",
+    ),
+    Case(
+        "missing accelerate config",
+        edit(nested("launch.accelerate_config", "config/accelerate/nope.yaml")),
+        r"config key 'launch.accelerate_config': no such file: .*nope.yaml",
+    ),
     # Dataset files
-    Case("invalid JSON line", sft_path(lambda f: (f / "bad.jsonl", (f / "bad.jsonl").write_text('{"messages": [}\n'))[0]),
-         r"dataset '.*bad.jsonl': bad.jsonl line 1: invalid JSON \(Expecting value\)", snakemake=True),
-    Case("empty dataset file", sft_path(lambda f: (f / "empty.jsonl", (f / "empty.jsonl").write_text(""))[0]),
-         r"dataset '.*empty.jsonl': empty.jsonl is empty", snakemake=True),
-    Case("file of blank lines", sft_path(lambda f: (f / "blank.jsonl", (f / "blank.jsonl").write_text("\n  \n\n"))[0]),
-         r"dataset '.*blank.jsonl': blank.jsonl is empty"),
-    Case("empty dataset folder", sft_path(lambda f: (f / "empty folder", (f / "empty folder").mkdir())[0]),
-         r"dataset '.*empty folder': no data files .* in folder", snakemake=True),
-    Case("folder of mixed data files", sft_path(lambda f: (f / "mixed", (f / "mixed").mkdir(), jsonl(f / "mixed" / "train.jsonl", [GOOD_SFT]),
-                                                       (f / "mixed" / "train.csv").write_text("messages\nx\n"))[0]),
-         r"dataset '.*mixed': split 'train' mixes data file types \(.csv, .jsonl\) in .*mixed; keep one"),
-    Case("JSON row that is not an object", sft_file([GOOD_SFT, [1, 2]]), r"dataset '.*sft.jsonl': line 2: expected a JSON object per row, got list"),
-    Case("one non-string content", sft_file([GOOD_SFT] * 5 + [{"messages": [USER, {"role": "assistant", "content": 5}]}]),
-         r"split 'train': 1 bad row of 6: row 5 \(line 6\): message content must be text, got int"),
-    Case("last assistant turn empty", sft_file([GOOD_SFT, {"messages": [USER, ANSWER, USER, {"role": "assistant", "content": " "}]}]),
-         r"1 bad row of 2: row 1 \(line 2\): the conversation must end with a non-empty assistant turn"),
-    Case("conversation ends with the user", sft_file([GOOD_SFT, {"messages": [USER, ANSWER, USER]}]),
-         r"1 bad row of 2: row 1 \(line 2\): the conversation must end with a non-empty assistant turn"),
-    Case("no user turn", sft_file([GOOD_SFT, {"messages": [{"role": "system", "content": "s"}, ANSWER]}]),
-         r"1 bad row of 2: row 1 \(line 2\): no user turn"),
-    Case("empty user turn", sft_file([GOOD_SFT, {"messages": [{"role": "user", "content": ""}, ANSWER]}]),
-         r"1 bad row of 2: row 1 \(line 2\): an empty user turn"),
-    Case("prompt column disagrees with chosen", preference_rows([GOOD_PAIR, {"prompt": "Capitalize 'pear'.", **GOOD_PAIR}]),
-         r"1 bad row of 2: row 1 \(train.jsonl line 2\): the 'chosen' conversation does not start with the row's 'prompt'"),
-    Case("chosen equals rejected", preference_rows([GOOD_PAIR, {"chosen": [USER, ANSWER], "rejected": [USER, ANSWER]}]),
-         r"1 bad row of 2: row 1 \(train.jsonl line 2\): chosen and rejected responses are identical", snakemake=True),
+    Case(
+        "invalid JSON line",
+        sft_path(lambda f: (f / "bad.jsonl", (f / "bad.jsonl").write_text('{"messages": [}\n'))[0]),
+        r"dataset '.*bad.jsonl': bad.jsonl line 1: invalid JSON \(Expecting value\)",
+        snakemake=True,
+    ),
+    Case(
+        "empty dataset file",
+        sft_path(lambda f: (f / "empty.jsonl", (f / "empty.jsonl").write_text(""))[0]),
+        r"dataset '.*empty.jsonl': empty.jsonl is empty",
+        snakemake=True,
+    ),
+    Case(
+        "file of blank lines",
+        sft_path(lambda f: (f / "blank.jsonl", (f / "blank.jsonl").write_text("\n  \n\n"))[0]),
+        r"dataset '.*blank.jsonl': blank.jsonl is empty",
+    ),
+    Case(
+        "empty dataset folder",
+        sft_path(lambda f: (f / "empty folder", (f / "empty folder").mkdir())[0]),
+        r"dataset '.*empty folder': no data files .* in folder",
+        snakemake=True,
+    ),
+    Case(
+        "folder of mixed data files",
+        sft_path(
+            lambda f: (
+                f / "mixed",
+                (f / "mixed").mkdir(),
+                jsonl(f / "mixed" / "train.jsonl", [GOOD_SFT]),
+                (f / "mixed" / "train.csv").write_text("messages\nx\n"),
+            )[0]
+        ),
+        r"dataset '.*mixed': split 'train' mixes data file types \(.csv, .jsonl\) in .*mixed; keep one",
+    ),
+    Case(
+        "JSON row that is not an object",
+        sft_file([GOOD_SFT, [1, 2]]),
+        r"dataset '.*sft.jsonl': line 2: expected a JSON object per row, got list",
+    ),
+    Case(
+        "one non-string content",
+        sft_file([GOOD_SFT] * 5 + [{"messages": [USER, {"role": "assistant", "content": 5}]}]),
+        r"split 'train': 1 bad row of 6: row 5 \(line 6\): message content must be text, got int",
+    ),
+    Case(
+        "last assistant turn empty",
+        sft_file([GOOD_SFT, {"messages": [USER, ANSWER, USER, {"role": "assistant", "content": " "}]}]),
+        r"1 bad row of 2: row 1 \(line 2\): the conversation must end with a non-empty assistant turn",
+    ),
+    Case(
+        "conversation ends with the user",
+        sft_file([GOOD_SFT, {"messages": [USER, ANSWER, USER]}]),
+        r"1 bad row of 2: row 1 \(line 2\): the conversation must end with a non-empty assistant turn",
+    ),
+    Case(
+        "no user turn",
+        sft_file([GOOD_SFT, {"messages": [{"role": "system", "content": "s"}, ANSWER]}]),
+        r"1 bad row of 2: row 1 \(line 2\): no user turn",
+    ),
+    Case(
+        "empty user turn",
+        sft_file([GOOD_SFT, {"messages": [{"role": "user", "content": ""}, ANSWER]}]),
+        r"1 bad row of 2: row 1 \(line 2\): an empty user turn",
+    ),
+    Case(
+        "prompt column disagrees with chosen",
+        preference_rows([GOOD_PAIR, {"prompt": "Capitalize 'pear'.", **GOOD_PAIR}]),
+        r"1 bad row of 2: row 1 \(train.jsonl line 2\): the 'chosen' conversation does not start with the row's 'prompt'",
+    ),
+    Case(
+        "chosen equals rejected",
+        preference_rows([GOOD_PAIR, {"chosen": [USER, ANSWER], "rejected": [USER, ANSWER]}]),
+        r"1 bad row of 2: row 1 \(train.jsonl line 2\): chosen and rejected responses are identical",
+        snakemake=True,
+    ),
     # Models
-    Case("missing local model folder", edit(nested("models.base_student", {"path": "/nonexistent/my models/student"})),
-         r"config key 'models.base_student.path': no such file or directory: /nonexistent/my models/student"),
-    Case("relative model path that does not exist", edit(nested("models.base_student", {"path": "mymodels/student"})),
-         r"config key 'models.base_student.path': 'mymodels/student' is not a local folder \(no such folder: .*mymodels/student\) "
-         r"and the hub cannot be reached .*hf download mymodels/student", snakemake=True),
-    Case("model folder with a corrupt config.json", student_folder({"config.json": b"{not json", "model.safetensors": b""}),
-         r"config key 'models.base_student.path': model '.*student': .*config.json is not readable JSON"),
-    Case("model folder with an empty config.json", student_folder({"config.json": b"{}", "model.safetensors": b""}),
-         r"config key 'models.base_student.path': model '.*student': .*config.json has no 'model_type'"),
-    Case("model folder with only pytorch_model.bin", student_folder({"config.json": MODEL_CONFIG, "pytorch_model.bin": b"pickle"}),
-         r"config key 'models.base_student.path': model '.*student': only pickle weights \(pytorch_model.bin\)", snakemake=True),
-    Case("model folder without weights", student_folder({"config.json": MODEL_CONFIG}),
-         r"config key 'models.base_student.path': model '.*student': no weights \(\*.safetensors\)"),
-    Case("truncated safetensors", student_folder({"config.json": MODEL_CONFIG, "model.safetensors": b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\""}),
-         r"config key 'models.base_student.path': model '.*student': model.safetensors is not a readable safetensors file", snakemake=True),
+    Case(
+        "missing local model folder",
+        edit(nested("models.base_student", {"path": "/nonexistent/my models/student"})),
+        r"config key 'models.base_student.path': no such file or directory: /nonexistent/my models/student",
+    ),
+    Case(
+        "relative model path that does not exist",
+        edit(nested("models.base_student", {"path": "mymodels/student"})),
+        r"config key 'models.base_student.path': 'mymodels/student' is not a local folder \(no such folder: .*mymodels/student\) "
+        r"and the hub cannot be reached .*hf download mymodels/student",
+        snakemake=True,
+    ),
+    Case(
+        "model folder with a corrupt config.json",
+        student_folder({"config.json": b"{not json", "model.safetensors": b""}),
+        r"config key 'models.base_student.path': model '.*student': .*config.json is not readable JSON",
+    ),
+    Case(
+        "model folder with an empty config.json",
+        student_folder({"config.json": b"{}", "model.safetensors": b""}),
+        r"config key 'models.base_student.path': model '.*student': .*config.json has no 'model_type'",
+    ),
+    Case(
+        "model folder with only pytorch_model.bin",
+        student_folder({"config.json": MODEL_CONFIG, "pytorch_model.bin": b"pickle"}),
+        r"config key 'models.base_student.path': model '.*student': only pickle weights \(pytorch_model.bin\)",
+        snakemake=True,
+    ),
+    Case(
+        "model folder without weights",
+        student_folder({"config.json": MODEL_CONFIG}),
+        r"config key 'models.base_student.path': model '.*student': no weights \(\*.safetensors\)",
+    ),
+    Case(
+        "truncated safetensors",
+        student_folder({"config.json": MODEL_CONFIG, "model.safetensors": b'\x40\x00\x00\x00\x00\x00\x00\x00{"a"'}),
+        r"config key 'models.base_student.path': model '.*student': model.safetensors is not a readable safetensors file",
+        snakemake=True,
+    ),
     # Settings a later job would reject after hours
-    Case("top-k above the vocabulary", edit(nested("teacher_topk.k", 60000)),
-         r"config key 'teacher_topk.k': 60000 is more than the teacher's vocabulary of 49152 tokens", snakemake=True),
-    Case("no held-out split", edit(nested("datasets.preference.test_split", None)),
-         r"config key 'datasets.preference.test_split': null, but evaluation needs a held-out split", snakemake=True),
-    Case("evaluation split the generator does not write",
-         edit(both(nested("datasets.generate.validation_rows", 0), nested("evaluation.split", "validation"))),
-         r"config key 'evaluation.split': the generated dataset has no split 'validation' \(it has: test, train\)"),
-    Case("student cut deeper than the teacher", edit(nested("models.base_student.teacher_layers", 2)),
-         r"config key 'models.base_student.teacher_layers': 2 must select fewer than the teacher's 2 layers"),
-    Case("student cut layer index beyond the teacher", edit(nested("models.base_student.teacher_layers", [0, 5])),
-         r"config key 'models.base_student.teacher_layers': \[0, 5\] must select fewer than the teacher's 2 layers"),
-    Case("random_init heads that do not divide", edit(nested("models.base_teacher.random_init.num_attention_heads", 5)),
-         r"config key 'models.base_teacher.random_init.num_attention_heads': 5 heads do not divide hidden_size 64"),
-    Case("GGUF package not installed", edit(nested("models.base_teacher.gguf.package", "no_such_model_package")),
-         r"config key 'models.base_teacher.gguf': model package 'no_such_model_package' is not installed"),
-    Case("judge questions missing", edit(nested("evaluation.mt_bench", "/nonexistent/question.jsonl")),
-         r"config key 'evaluation.mt_bench': no such file or directory: /nonexistent/question.jsonl"),
+    Case(
+        "top-k above the vocabulary",
+        edit(nested("teacher_topk.k", 60000)),
+        r"config key 'teacher_topk.k': 60000 is more than the teacher's vocabulary of 49152 tokens",
+        snakemake=True,
+    ),
+    Case(
+        "no held-out split",
+        edit(nested("datasets.preference.test_split", None)),
+        r"config key 'datasets.preference.test_split': null, but evaluation needs a held-out split",
+        snakemake=True,
+    ),
+    Case(
+        "evaluation split the generator does not write",
+        edit(both(nested("datasets.generate.validation_rows", 0), nested("evaluation.split", "validation"))),
+        r"config key 'evaluation.split': the generated dataset has no split 'validation' \(it has: test, train\)",
+    ),
+    Case(
+        "student cut deeper than the teacher",
+        edit(nested("models.base_student.teacher_layers", 2)),
+        r"config key 'models.base_student.teacher_layers': 2 must select fewer than the teacher's 2 layers",
+    ),
+    Case(
+        "student cut layer index beyond the teacher",
+        edit(nested("models.base_student.teacher_layers", [0, 5])),
+        r"config key 'models.base_student.teacher_layers': \[0, 5\] must select fewer than the teacher's 2 layers",
+    ),
+    Case(
+        "random_init heads that do not divide",
+        edit(nested("models.base_teacher.random_init.num_attention_heads", 5)),
+        r"config key 'models.base_teacher.random_init.num_attention_heads': 5 heads do not divide hidden_size 64",
+    ),
+    Case(
+        "GGUF package not installed",
+        edit(nested("models.base_teacher.gguf.package", "no_such_model_package")),
+        r"config key 'models.base_teacher.gguf': model package 'no_such_model_package' is not installed",
+    ),
+    Case(
+        "judge questions missing",
+        edit(nested("evaluation.mt_bench", "/nonexistent/question.jsonl")),
+        r"config key 'evaluation.mt_bench': no such file or directory: /nonexistent/question.jsonl",
+    ),
 ]
 
 
@@ -244,7 +376,9 @@ def test_check_gives_one_error_line(case, tmp_path, capsys):
 def test_missing_gguf_package_is_named(tmp_path, capsys, monkeypatch):
     """transformers reads GGUF through the `gguf` package: its absence is an input error, not a traceback in base_teacher."""
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "gguf" else find_spec(name, *rest))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *rest: None if name == "gguf" else find_spec(name, *rest)
+    )
     path = scratch_config(tmp_path, Case("no gguf", edit(lambda config: None), ""))
     assert cli.main(["check", "--configfile", str(path)]) == 2
     assert error_lines(capsys.readouterr().err) == [

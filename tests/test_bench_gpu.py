@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import REPO
 from snakemake.cli import parse_config
 from snakemake.utils import update_config
 
 from adpa.config import gradient_accumulation_steps, load_schema, validate_config
 from adpa.train import throughput
-from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("gpu_teachers", REPO / "bench" / "gpu_teachers.py")
 bench = sys.modules["gpu_teachers"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
@@ -42,8 +42,11 @@ def test_flops_and_mfu():
 @pytest.mark.parametrize(
     ("name", "peak"),
     [
-        ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
-        ("NVIDIA A100-SXM4-80GB", 312), ("Tesla T4", None),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H200", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("Tesla T4", None),
     ],
 )
 def test_peak_from_device_name(name, peak):
@@ -93,7 +96,19 @@ def test_table_reads_what_training_writes(tmp_path):
     rows = [line.split(" | ") for line in bench.table(tmp_path, "NVIDIA H100 80GB HBM3", 989.0)[2:]]
     # 1e4 tokens/s: 60 TFLOP/s for SFT (6.1% of 989), 80 for DPO (8.1%).
     assert rows[0][1:] == [
-        "1", "bf16", "3", "NVIDIA H100 80GB HBM3", "7", "100000", "10.0", "10,000", "1000.0M", "60", "6.1%", "42", "2048 |"
+        "1",
+        "bf16",
+        "3",
+        "NVIDIA H100 80GB HBM3",
+        "7",
+        "100000",
+        "10.0",
+        "10,000",
+        "1000.0M",
+        "60",
+        "6.1%",
+        "42",
+        "2048 |",
     ]
     assert rows[1][10:12] == ["80", "8.1%"]
 
@@ -101,7 +116,9 @@ def test_table_reads_what_training_writes(tmp_path):
 def test_without_cuda_one_line_error():
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu_teachers.py")],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import REPO
 
 
@@ -35,8 +34,15 @@ def test_bad_config_key_is_one_line_before_anything_runs(tmp_path):
 def test_missing_model_path_is_named_before_training(tmp_path):
     missing = tmp_path / "my models" / "teacher"
     result = adpa(
-        "ref_teacher", "--configfile", "config/tiny.yaml", "--model", str(missing),
-        "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+        "ref_teacher",
+        "--configfile",
+        "config/tiny.yaml",
+        "--model",
+        str(missing),
+        "--output",
+        str(tmp_path / "out"),
+        "--work-dir",
+        str(tmp_path / "work"),
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -50,5 +56,7 @@ def test_work_dir_tilde_is_expanded_by_the_stage_cli(monkeypatch, tmp_path):
     from adpa.cli import build_parser
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = build_parser().parse_args(["ref_teacher", "--params", "{}", "--model", "m", "--output", "o", "--work-dir", "~/ckpts"])
+    args = build_parser().parse_args(
+        ["ref_teacher", "--params", "{}", "--model", "m", "--output", "o", "--work-dir", "~/ckpts"]
+    )
     assert args.work_dir == tmp_path / "ckpts"

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import yaml
+from conftest import REPO
 
 from adpa import config as adpa_config
-from adpa.config import ConfigError
-
-from conftest import REPO
+from adpa.errors import ConfigError
 
 
 def load(name: str) -> dict:
@@ -17,7 +16,8 @@ def load(name: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name,processes", [("config.yaml", 1), ("tiny.yaml", 2), ("mistral-7b-deita.yaml", 2), ("llama3.1-8b-3.2-1b.yaml", 2)]
+    "name,processes",
+    [("config.yaml", 1), ("tiny.yaml", 2), ("mistral-7b-deita.yaml", 2), ("llama3.1-8b-3.2-1b.yaml", 2)],
 )
 def test_shipped_configs_validate(name, processes):
     config = adpa_config.validate_config(load(name))
@@ -160,10 +160,28 @@ def test_student_seeds_change_only_the_student_stages_seed():
     # Teachers keep `seed`, whichever student seed is asked for.
     assert adpa_config.stage_params(config, "dpo_teacher", 4)["seed"] == config["seed"]
     assert adpa_config.evaluated_models(config) == [
-        "base_teacher", "ref_teacher", "dpo_teacher",
-        *[f"seed{seed}/{m}" for seed in (3, 4) for m in ("student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")],
+        "base_teacher",
+        "ref_teacher",
+        "dpo_teacher",
+        *[
+            f"seed{seed}/{m}"
+            for seed in (3, 4)
+            for m in ("student_sft", "student_dpo", "simpo", "vanilla_kd", "seq_kd", "dckd", "adpa", "adpa_plus")
+        ],
     ]
     assert adpa_config.stage_params(config, "summary")["models"] == adpa_config.evaluated_models(config)
+
+
+def test_methods_select_the_students_of_the_table():
+    config = adpa_config.validate_config(load("config.yaml"))
+    students = [model for model in adpa_config.evaluated_models(config) if model.startswith("seed")]
+    assert students == [f"seed42/{m}" for m in ("student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")]
+    config = adpa_config.validate_config({**load("tiny.yaml"), "methods": ["seq_kd"]})
+    assert [model.split("/")[1] for model in adpa_config.evaluated_models(config)[3:]] == ["student_sft", "seq_kd"]
+    with pytest.raises(ConfigError, match=r"config key 'methods.0': 'simpoo' is not one of"):
+        adpa_config.validate_config({**load("tiny.yaml"), "methods": ["simpoo"]})
+    with pytest.raises(ConfigError, match=r"'vanilla_kd.max_length': 64 must equal dckd.max_length \(128\)"):
+        adpa_config.validate_config({**load("tiny.yaml"), "vanilla_kd": {"max_length": 64}})
 
 
 def test_seeds_given_on_the_command_line_are_read_as_integers():
@@ -190,7 +208,12 @@ def test_missing_judge_input_is_named(tmp_path):
 @pytest.mark.parametrize(
     "section,key,value,message",
     [
-        ("ref_teacher", "learning_rate", -1e-5, "'ref_teacher.learning_rate': -1e-05 is less than or equal to the minimum of 0"),
+        (
+            "ref_teacher",
+            "learning_rate",
+            -1e-5,
+            "'ref_teacher.learning_rate': -1e-05 is less than or equal to the minimum of 0",
+        ),
         ("teacher_topk", "k", 0, "'teacher_topk.k': 0 is less than the minimum of 1"),
         ("dpo_teacher", "beta", 0, "'dpo_teacher.beta': 0 is less than or equal to the minimum of 0"),
         ("student_dpo", "beta", -0.1, "'student_dpo.beta': -0.1 is less than or equal to the minimum of 0"),

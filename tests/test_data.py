@@ -7,12 +7,12 @@ import pytest
 
 from adpa.data import (
     DataError,
-    generate_datasets,
     load_preference,
     load_sft,
     normalize_preference_row,
     normalize_sft_row,
 )
+from adpa.datagen import generate_datasets
 from adpa.tasks import TaskExample, verify
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -107,13 +107,22 @@ def test_a_bad_row_deep_in_a_file_is_reported_with_its_index(tmp_path):
     rows = [{"messages": [USER_1, ANSWER_1]}] * 5 + [{"messages": [{"role": "bot", "content": "x"}]}]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(DataError, match=r"sft.jsonl' split 'train': 1 bad row of 6: row 5 \(line 6\): unknown role 'bot'"):
+    with pytest.raises(
+        DataError, match=r"sft.jsonl' split 'train': 1 bad row of 6: row 5 \(line 6\): unknown role 'bot'"
+    ):
         load_sft({"path": str(path)}, "train")
 
 
 def test_bad_rows_are_listed_and_dropped_only_when_the_config_says_so(tmp_path, caplog):
     good = {"messages": [USER_1, ANSWER_1]}
-    rows = [good, {"messages": []}, good, {"text": "x"}, {"messages": [USER_1]}, {"messages": [{"role": "bot", "content": "x"}]}]
+    rows = [
+        good,
+        {"messages": []},
+        good,
+        {"text": "x"},
+        {"messages": [USER_1]},
+        {"messages": [{"role": "bot", "content": "x"}]},
+    ]
     path = tmp_path / "mixed rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(DataError) as error:
@@ -121,7 +130,9 @@ def test_bad_rows_are_listed_and_dropped_only_when_the_config_says_so(tmp_path, 
     message = str(error.value)
     assert "\n" not in message and "4 bad rows of 6: row 1 (line 2): " in message
     assert "row 3 (line 4): missing column 'messages'" in message
-    assert "row 4 (line 5): no non-empty assistant turn" in message and "and 1 more" in message and "row 5" not in message
+    assert (
+        "row 4 (line 5): no non-empty assistant turn" in message and "and 1 more" in message and "row 5" not in message
+    )
     kept = load_sft({"path": str(path), "drop_bad_rows": True}, "train")
     assert len(kept) == 2
     assert "dropped 4 bad rows of 6" in caplog.text
@@ -145,15 +156,24 @@ def test_generated_data_has_both_forms_and_a_disjoint_held_out_split(tmp_path):
         assert not verify(example, row["rejected"][-1]["content"])
     # Same spec, same bytes: the generator is seeded.
     generate_datasets(spec, tmp_path / "sft2", tmp_path / "preference2")
-    assert datasets.load_from_disk(str(tmp_path / "sft2"))["train"].to_list() == datasets.load_from_disk(
-        str(tmp_path / "sft")
-    )["train"].to_list()
+    assert (
+        datasets.load_from_disk(str(tmp_path / "sft2"))["train"].to_list()
+        == datasets.load_from_disk(str(tmp_path / "sft"))["train"].to_list()
+    )
 
 
 def test_mixed_quality_sft_data_validation_split_and_typical_mistakes(tmp_path):
     families = ["uppercase_word", "first_letter"]
-    spec = {"seed": 1, "train_rows": 400, "test_rows": 30, "validation_rows": 30, "multi_turn_fraction": 0.0,
-            "families": families, "sft_error_rates": {"uppercase_word": 0.6}, "rejected": "typical_mistake"}
+    spec = {
+        "seed": 1,
+        "train_rows": 400,
+        "test_rows": 30,
+        "validation_rows": 30,
+        "multi_turn_fraction": 0.0,
+        "families": families,
+        "sft_error_rates": {"uppercase_word": 0.6},
+        "rejected": "typical_mistake",
+    }
     generate_datasets(spec, tmp_path / "sft", tmp_path / "preference")
     sft_splits = datasets.load_from_disk(str(tmp_path / "sft"))
     preference_splits = datasets.load_from_disk(str(tmp_path / "preference"))
@@ -167,8 +187,11 @@ def test_mixed_quality_sft_data_validation_split_and_typical_mistakes(tmp_path):
     assert not train & validation and not train & test and not validation & test
 
     def correct_share(rows, family):
-        verdicts = [verify(TaskExample(family, "", row["answer"], ""), row["messages"][-1]["content"])
-                    for row in rows if row["family"] == family]
+        verdicts = [
+            verify(TaskExample(family, "", row["answer"], ""), row["messages"][-1]["content"])
+            for row in rows
+            if row["family"] == family
+        ]
         return sum(verdicts) / len(verdicts)
 
     # The listed family's SFT answers are mostly its typical mistake; the other family's all correct.
@@ -183,16 +206,23 @@ def test_mixed_quality_sft_data_validation_split_and_typical_mistakes(tmp_path):
 
 
 def test_unknown_family_in_error_rates_is_refused(tmp_path):
-    spec = {"seed": 1, "train_rows": 4, "test_rows": 2, "multi_turn_fraction": 0.0, "families": None,
-            "sft_error_rates": {"uppercase": 0.5}}
+    spec = {
+        "seed": 1,
+        "train_rows": 4,
+        "test_rows": 2,
+        "multi_turn_fraction": 0.0,
+        "families": None,
+        "sft_error_rates": {"uppercase": 0.5},
+    }
     with pytest.raises(DataError, match="sft_error_rates': unknown task family 'uppercase'"):
         generate_datasets(spec, tmp_path / "sft", tmp_path / "preference")
 
 
 def test_max_train_rows_cuts_the_training_split_only(tmp_path):
     rows = [{"chosen": [USER_1, ANSWER_1], "rejected": [USER_1, {"role": "assistant", "content": "5"}]}] * 10
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
-                         ).save_to_disk(str(tmp_path / "pairs"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "pairs"))
     spec = {"path": str(tmp_path / "pairs"), "train_split": "train", "test_split": "test", "max_train_rows": 2}
     assert len(load_preference(spec, "train")) == 2
     assert len(load_preference(spec, "test")) == 10, "held-out results must not depend on a training setting"

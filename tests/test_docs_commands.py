@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, paper_home
 
 pytestmark = pytest.mark.workflow
@@ -184,8 +183,14 @@ def missing_programs(text: str) -> list[str]:
 
 
 def run_documented(text: str, workdir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-o", "pipefail", "-c", as_run(text)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", as_run(text)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def ends_at_machine_limit(result: subprocess.CompletedProcess) -> bool:
@@ -197,8 +202,12 @@ def ends_at_machine_limit(result: subprocess.CompletedProcess) -> bool:
 def scratch(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A copy of the files git knows (in a folder whose name holds a space), and the commands' environment."""
     root = tmp_path_factory.mktemp("docs commands")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO, capture_output=True, check=True).stdout.decode()
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     workdir = root / "workflow copy"
     for name in filter(None, listed.split("\0")):
         if (REPO / name).is_file():
@@ -261,8 +270,11 @@ def test_a_target_after_configfile_is_flagged(scratch, tmp_path):
     added = [command for command in markdown_commands(readme, "README.md") if command.line > lines]
     assert [(command.text, command.source) for command in added] == [
         ("snakemake --cores 1 results/ref_teacher", f"README.md:{lines + 2}"),
-        ("CUDA_VISIBLE_DEVICES=0,1 snakemake --profile profiles/local-2gpu --configfile config/mistral-7b-deita.yaml "
-         "results/dpo_teacher", f"README.md:{lines + 11}"),
+        (
+            "CUDA_VISIBLE_DEVICES=0,1 snakemake --profile profiles/local-2gpu --configfile config/mistral-7b-deita.yaml "
+            "results/dpo_teacher",
+            f"README.md:{lines + 11}",
+        ),
     ]
     result = run_documented(added[1].text, workdir, env)
     assert result.returncode != 0 and not ends_at_machine_limit(result)

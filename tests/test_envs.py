@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
+
 import tomllib
-
 import yaml
-
 from conftest import REPO
 
 
@@ -45,4 +44,6 @@ def test_pins_are_the_versions_the_tests_run_with():
         assert installed == pinned, f"envs/train.yaml pins {name}=={pinned}, the tests run {installed}"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for name, pinned in pins(project["slurm"]).items():
-        assert version(name) == pinned, f"pyproject.toml's slurm extra pins {name}=={pinned}, the tests run {version(name)}"
+        assert version(name) == pinned, (
+            f"pyproject.toml's slurm extra pins {name}=={pinned}, the tests run {version(name)}"
+        )

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from adpa.config import InputError
 from adpa import evaluate
+from adpa.errors import InputError
 from adpa.evaluate import judge
 from adpa.judges import check_judge_inputs, read_records
 from adpa.summary import markdown, model_intervals, paired_differences, split_model, win_rate, write_summary
@@ -27,7 +27,9 @@ def test_judge_accepts_equivalent_forms_and_rejects_wrong_answers():
 
 
 def test_judge_returns_none_for_rows_without_a_task_family():
-    assert judge([{"prompt": [{"role": "user", "content": "hi"}], "family": None, "answer": None}], ["hello"]) == [None]
+    assert judge([{"prompt": [{"role": "user", "content": "hi"}], "family": None, "answer": None}], ["hello"]) == [
+        None
+    ]
 
 
 def test_win_rate_counts_wins_and_half_ties():
@@ -49,8 +51,13 @@ def test_split_model():
 
 def test_answer_records_carry_each_rows_log_probs(monkeypatch):
     rows = [row("addition", "5"), {"prompt": [{"role": "user", "content": "hi"}], "family": None, "answer": None}]
-    scores = (["5", "hello"], torch.tensor([-2.0, -9.0]), torch.tensor([2.0, 3.0]), torch.tensor([-4.0, -6.0]),
-              torch.tensor([4.0, 2.0]))
+    scores = (
+        ["5", "hello"],
+        torch.tensor([-2.0, -9.0]),
+        torch.tensor([2.0, 3.0]),
+        torch.tensor([-4.0, -6.0]),
+        torch.tensor([4.0, 2.0]),
+    )
     monkeypatch.setattr(evaluate, "score_and_answer", lambda *args: scores)
     metrics, records = evaluate.evaluate_model(None, None, rows, max_new_tokens=4, batch_size=2)
     assert metrics["preference_accuracy"] == 0.5 and metrics["margin"] == pytest.approx(-0.5)
@@ -65,12 +72,36 @@ def test_markdown_shows_the_table_mean_where_answers_lack_per_row_values():
     """Answer records from before the log-prob fields: the metrics.json values, without an interval."""
     table = pd.DataFrame(
         [
-            {"model": "dpo_teacher", "rows": 4, "accuracy": 0.5, "win_rate_vs_student_sft": 0.6,
-             "preference_accuracy": 0.9, "preference_accuracy_per_token": 0.8, "margin": 1.0, "margin_per_token": 0.1},
-            {"model": "adpa", "rows": 4, "accuracy": 0.2, "win_rate_vs_student_sft": 0.5, "preference_accuracy": 0.7,
-             "preference_accuracy_per_token": 0.6, "margin": -0.5, "margin_per_token": -0.05},
-            {"model": "adpa", "rows": 4, "accuracy": 0.4, "win_rate_vs_student_sft": 0.7, "preference_accuracy": 0.9,
-             "preference_accuracy_per_token": 0.8, "margin": 0.5, "margin_per_token": 0.05},
+            {
+                "model": "dpo_teacher",
+                "rows": 4,
+                "accuracy": 0.5,
+                "win_rate_vs_student_sft": 0.6,
+                "preference_accuracy": 0.9,
+                "preference_accuracy_per_token": 0.8,
+                "margin": 1.0,
+                "margin_per_token": 0.1,
+            },
+            {
+                "model": "adpa",
+                "rows": 4,
+                "accuracy": 0.2,
+                "win_rate_vs_student_sft": 0.5,
+                "preference_accuracy": 0.7,
+                "preference_accuracy_per_token": 0.6,
+                "margin": -0.5,
+                "margin_per_token": -0.05,
+            },
+            {
+                "model": "adpa",
+                "rows": 4,
+                "accuracy": 0.4,
+                "win_rate_vs_student_sft": 0.7,
+                "preference_accuracy": 0.9,
+                "preference_accuracy_per_token": 0.8,
+                "margin": 0.5,
+                "margin_per_token": 0.05,
+            },
         ]
     )
     intervals = model_intervals(table, {})
@@ -85,10 +116,19 @@ def test_markdown_shows_the_table_mean_where_answers_lack_per_row_values():
 def _write_eval(results: Path, model: str, verdicts: list[bool], accuracy: float) -> None:
     folder = results / "eval" / model
     folder.mkdir(parents=True)
-    metrics = {"model": model, "rows": len(verdicts), "accuracy": accuracy, "preference_accuracy": 0.5,
-               "preference_accuracy_per_token": 0.5, "margin": 0.0, "margin_per_token": 0.0}
+    metrics = {
+        "model": model,
+        "rows": len(verdicts),
+        "accuracy": accuracy,
+        "preference_accuracy": 0.5,
+        "preference_accuracy_per_token": 0.5,
+        "margin": 0.0,
+        "margin_per_token": 0.0,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    (folder / "answers.jsonl").write_text("".join(json.dumps({"row": i, "correct": v}) + "\n" for i, v in enumerate(verdicts)))
+    (folder / "answers.jsonl").write_text(
+        "".join(json.dumps({"row": i, "correct": v}) + "\n" for i, v in enumerate(verdicts))
+    )
 
 
 def test_summary_holds_every_model_with_config_and_seed(tmp_path):
@@ -101,7 +141,9 @@ def test_summary_holds_every_model_with_config_and_seed(tmp_path):
     _write_eval(results, "seed2/adpa", [False, True], 0.5)
     (results / "seed1" / "adpa").mkdir(parents=True)
     (results / "seed1" / "adpa" / "adpa_manifest.json").write_text(
-        json.dumps({"metrics": {"train_loss_first": 2.0, "train_loss_last": 1.0}, "loss_history": [[1, 2.0], [2, 1.0]]})
+        json.dumps(
+            {"metrics": {"train_loss_first": 2.0, "train_loss_last": 1.0}, "loss_history": [[1, 2.0], [2, 1.0]]}
+        )
     )
     outputs = [tmp_path / name for name in ("summary.csv", "summary.md", "plots/metrics.svg", "plots/loss.svg")]
     text = write_summary(results, models, "demo", 42, [1, 2], *outputs)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import copy_workflow, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
@@ -65,8 +64,9 @@ def kill_when_paused(workdir: Path, target: str, pause: str, log: Path) -> None:
     env = {**os.environ, "PYTHONPATH": pythonpath, "ADPA_TEST_PAUSE": pause, "ADPA_TEST_PAUSED": str(marker)}
     command = [sys.executable, "-m", "snakemake", "--cores", "2", target, *TINY]
     with open(log, "w") as output:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 900
         while not marker.exists():
             assert process.poll() is None, f"the run ended before '{pause}':\n{log.read_text()[-3000:]}"
@@ -150,8 +150,12 @@ def test_kill_while_teacher_topk_writes_its_store(project, tmp_path):
     staging = project / "results" / ".teacher_topk.partial"
     # Stopped while it closes the second store: `chosen` is complete, `rejected` has its ids on
     # disk, its values and remaining mass still in the writer's buffers, no offsets, no meta.json.
-    kill_when_paused(project, "results/teacher_topk", "fsync before */results/.teacher_topk.partial/rejected/ids.bin",
-                     tmp_path / "killed.log")
+    kill_when_paused(
+        project,
+        "results/teacher_topk",
+        "fsync before */results/.teacher_topk.partial/rejected/ids.bin",
+        tmp_path / "killed.log",
+    )
     dpo_mtime = (project / "results" / "dpo_teacher" / "adpa_manifest.json").stat().st_mtime_ns
     assert not output.exists()
     assert len(TopKStore(staging / "chosen")) == TRAIN_ROWS
@@ -191,7 +195,7 @@ def test_kill_while_teacher_topk_writes_its_store(project, tmp_path):
     ids=["before-metrics", "after-publish"],
 )
 def test_kill_during_evaluate(project, tmp_path, pause, published):
-    from adpa.evaluate import read_evaluation
+    from adpa.results import read_evaluation
 
     output = project / "results" / "eval" / "base_teacher"
     staging = project / "results" / "eval" / ".base_teacher.partial"

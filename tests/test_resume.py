@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_workflow, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow

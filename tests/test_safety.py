@@ -6,9 +6,9 @@ from __future__ import annotations
 import shlex
 
 import pytest
+from conftest import REPO, copy_workflow, run_snakemake
 
 from adpa import artifacts
-from conftest import REPO, copy_workflow, run_snakemake
 
 REPO_CONFIG = REPO / "config" / "tiny.yaml"
 
@@ -44,7 +44,9 @@ def test_run_name_must_be_a_plain_name(tmp_path):
     """It becomes part of file names (judge answers): nothing may point outside results/."""
     workdir = copy_workflow(tmp_path / "run name project")
     for name in ("../../x/y", "a/b", ".hidden", "run's $HOME"):
-        result = run_snakemake(workdir, "-n", "--configfile", "config/tiny.yaml", "--config", f"run_name={name}", check=False)
+        result = run_snakemake(
+            workdir, "-n", "--configfile", "config/tiny.yaml", "--config", f"run_name={name}", check=False
+        )
         assert result.returncode != 0
         assert f"error: config key 'run_name': {name!r} must be a plain name" in result.stderr
 
@@ -69,15 +71,26 @@ def test_a_pinned_revision_reaches_every_load_of_a_hub_model(tmp_path, monkeypat
     tokenizer (the teacher's), the vocabulary check and the base teacher's evaluation."""
     from types import SimpleNamespace
 
-    from adpa import evaluate, inference, models, sft
+    from adpa import evaluate, generation, models, sft
     from adpa.config import load_config, stage_params
-    from adpa.data import generate_datasets
+    from adpa.datagen import generate_datasets
 
-    generate_datasets({"seed": 0, "train_rows": 4, "test_rows": 2, "multi_turn_fraction": 0.0, "families": None},
-                      tmp_path / "sft", tmp_path / "preference")
+    generate_datasets(
+        {"seed": 0, "train_rows": 4, "test_rows": 2, "multi_turn_fraction": 0.0, "families": None},
+        tmp_path / "sft",
+        tmp_path / "preference",
+    )
     config = load_config(REPO_CONFIG)
-    config["models"]["base_teacher"] = {"path": "someorg/teacher", "revision": "teacher-rev", "trust_remote_code": False}
-    config["models"]["base_student"] = {"path": "someorg/student", "revision": "student-rev", "trust_remote_code": False}
+    config["models"]["base_teacher"] = {
+        "path": "someorg/teacher",
+        "revision": "teacher-rev",
+        "trust_remote_code": False,
+    }
+    config["models"]["base_student"] = {
+        "path": "someorg/student",
+        "revision": "student-rev",
+        "trust_remote_code": False,
+    }
     config["datasets"]["preference"]["path"] = str(tmp_path / "preference")
     calls: list[tuple[str, str | None]] = []
 
@@ -85,21 +98,46 @@ def test_a_pinned_revision_reaches_every_load_of_a_hub_model(tmp_path, monkeypat
         calls.append((reference, kwargs.get("revision", args[-1] if args else None)))
         raise _Loaded
 
-    for module in (models, inference, sft):
+    for module in (models, generation, sft):
         for name in ("load_model", "load_tokenizer"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, record)
     expected = {
-        "base_student cut": (lambda: models.cut_student_from_teacher("someorg/teacher", 1, tmp_path / "cut", False,
-                                                                      stage_params(config, "base_student")["teacher"].get("revision")),
-                             ("someorg/teacher", "teacher-rev")),
-        "student tokenizer": (lambda: sft.run_sft(SimpleNamespace(params=stage_params(config, "student_sft")),
-                                                  "someorg/student", "someorg/teacher"), ("someorg/teacher", "teacher-rev")),
-        "base teacher evaluation": (lambda: evaluate.run_evaluate(stage_params(config, "evaluate"), "someorg/teacher",
-                                                                  "base_teacher", "tiny", tmp_path, 1), ("someorg/teacher", "teacher-rev")),
-        "vocabulary check": (lambda: models.check_same_vocabulary(None, "someorg/student", False,
-                                                                  config["models"]["base_student"]["revision"]),
-                             ("someorg/student", "student-rev")),
+        "base_student cut": (
+            lambda: models.cut_student_from_teacher(
+                "someorg/teacher",
+                1,
+                tmp_path / "cut",
+                False,
+                stage_params(config, "base_student")["teacher"].get("revision"),
+            ),
+            ("someorg/teacher", "teacher-rev"),
+        ),
+        "student tokenizer": (
+            lambda: sft.run_sft(
+                SimpleNamespace(params=stage_params(config, "student_sft")),
+                model="someorg/student",
+                tokenizer="someorg/teacher",
+            ),
+            ("someorg/teacher", "teacher-rev"),
+        ),
+        "base teacher evaluation": (
+            lambda: evaluate.run_evaluate(
+                stage_params(config, "evaluate"),
+                tmp_path,
+                model="someorg/teacher",
+                name="base_teacher",
+                run_name="tiny",
+                batch_size=1,
+            ),
+            ("someorg/teacher", "teacher-rev"),
+        ),
+        "vocabulary check": (
+            lambda: models.check_same_vocabulary(
+                None, "someorg/student", False, config["models"]["base_student"]["revision"]
+            ),
+            ("someorg/student", "student-rev"),
+        ),
     }
     for name, (call, wanted) in expected.items():
         calls.clear()

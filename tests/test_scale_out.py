@@ -15,11 +15,12 @@ import shlex
 from pathlib import Path
 
 import pytest
-
-from adpa.launch import INFERENCE_RULES, TRAINING_RULES
 from conftest import copy_workflow, paper_home, run_snakemake
 
+from adpa.stages import of_kind
+
 pytestmark = pytest.mark.workflow
+TRAINING_RULES, INFERENCE_RULES = of_kind("training"), of_kind("inference")
 
 
 def planned(text: str) -> dict[str, list[dict[str, str]]]:
@@ -50,7 +51,9 @@ RECIPES = ("mistral-7b-deita.yaml", "llama3.1-8b-3.2-1b.yaml")
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_local_2gpu_profile_gives_training_both_gpus_and_inference_one(workflow, recipe):
     workdir, env = workflow
-    result = run_snakemake(workdir, "-n", "-p", "--profile", "profiles/local-2gpu", "--configfile", f"config/{recipe}", env=env)
+    result = run_snakemake(
+        workdir, "-n", "-p", "--profile", "profiles/local-2gpu", "--configfile", f"config/{recipe}", env=env
+    )
     jobs = planned(result.stdout)
     assert set(TRAINING_RULES) - {"ref_teacher"} <= set(jobs) and "ref_teacher" in jobs
     for rule in TRAINING_RULES:
@@ -63,7 +66,11 @@ def test_local_2gpu_profile_gives_training_both_gpus_and_inference_one(workflow,
 
 @pytest.mark.parametrize(
     "recipe,overlay,gpus",
-    [("mistral-7b-deita.yaml", None, 2), ("llama3.1-8b-3.2-1b.yaml", None, 2), ("mistral-7b-deita.yaml", "8gpu.yaml", 8)],
+    [
+        ("mistral-7b-deita.yaml", None, 2),
+        ("llama3.1-8b-3.2-1b.yaml", None, 2),
+        ("mistral-7b-deita.yaml", "8gpu.yaml", 8),
+    ],
 )
 def test_slurm_profile_asks_for_the_recipes_gpus_memory_and_runtime(workflow, recipe, overlay, gpus):
     workdir, env = workflow
@@ -82,7 +89,9 @@ def test_slurm_profile_asks_for_the_recipes_gpus_memory_and_runtime(workflow, re
 def test_slurm_profile_trains_on_two_nodes_with_the_2node_overlay(workflow):
     workdir, env = workflow
     files = ["config/llama3.1-8b-3.2-1b.yaml", "config/launch/2node-8gpu.yaml"]
-    jobs = planned(run_snakemake(workdir, "-n", "-p", "--profile", "profiles/slurm", "--configfile", *files, env=env).stdout)
+    jobs = planned(
+        run_snakemake(workdir, "-n", "-p", "--profile", "profiles/slurm", "--configfile", *files, env=env).stdout
+    )
     for rule in TRAINING_RULES:
         for job in jobs[rule]:
             assert (job["nodes"], job["tasks"], job["mpi"]) == ("2", "2", "srun"), (rule, job)
@@ -130,8 +139,10 @@ def test_two_machine_launch_trains_a_stage_for_real(tmp_path):
     import os
 
     env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
-        "STAND_IN_LOG": str(tmp_path / "srun.log"), "HF_HUB_OFFLINE": "1",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "STAND_IN_LOG": str(tmp_path / "srun.log"),
+        "HF_HUB_OFFLINE": "1",
     }
     run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tiny.yaml", "two-machines.yaml", env=env)
     assert (tmp_path / "srun.log").read_text() == "srun 2 nodes\n"

@@ -14,11 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 import slurm_cluster
+from conftest import REPO, copy_workflow, run_snakemake
+
 from adpa import config as adpa_config
 from adpa import launch
-from conftest import REPO, copy_workflow, run_snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 TEACHER_JOBS = ("base_teacher", "generate_data", "ref_teacher", "dpo_teacher")
@@ -44,15 +44,25 @@ def slurm_records(workdir: Path) -> list[dict[str, str]]:
     """Slurm's record of every job submitted from this project folder (the executor passes -D),
     with the rule named in its comment (the executor writes rule_<name>)."""
     fields = "%i|%k|%T|%m|%l|%C|%b|%D|%Z"
-    lines = subprocess.run(["squeue", "-h", "-t", "all", "-o", fields], capture_output=True, text=True, check=True).stdout
+    lines = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-o", fields], capture_output=True, text=True, check=True
+    ).stdout
     records = []
     for line in lines.splitlines():
         job_id, comment, state, memory, limit, cpus, gres, nodes, folder = line.split("|")
         if Path(folder).resolve() == workdir.resolve():
-            records.append({
-                "id": job_id, "rule": comment.removeprefix("rule_"), "state": state, "memory": memory,
-                "limit": limit, "cpus": cpus, "gres": gres, "nodes": nodes,
-            })
+            records.append(
+                {
+                    "id": job_id,
+                    "rule": comment.removeprefix("rule_"),
+                    "state": state,
+                    "memory": memory,
+                    "limit": limit,
+                    "cpus": cpus,
+                    "gres": gres,
+                    "nodes": nodes,
+                }
+            )
     return records
 
 
@@ -64,9 +74,16 @@ def slurm_jobs(workdir: Path) -> dict[str, dict[str, str]]:
 def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
     workdir = copy_workflow(tmp_path / "slurm project")
     result = run_snakemake(
-        workdir, "results/dpo_teacher", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml",
-        *NO_ACCOUNTING, *QUICK_POLLING,
-        "--config", "resources={training: {mem_mb: 3000, runtime: 30}}",
+        workdir,
+        "results/dpo_teacher",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config/tiny.yaml",
+        *NO_ACCOUNTING,
+        *QUICK_POLLING,
+        "--config",
+        "resources={training: {mem_mb: 3000, runtime: 30}}",
         env={"HF_HUB_OFFLINE": "1"},
     )
     assert "has been submitted with SLURM jobid" in result.stdout + result.stderr
@@ -94,12 +111,23 @@ def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
     folder = workdir / "results" / "dpo_teacher"
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         output = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert output.shape[1] == prompt["input_ids"].shape[1] + 3 or tokenizer.eos_token_id in output[0].tolist()
 
-    again = run_snakemake(workdir, "results/dpo_teacher", "-n", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml", *NO_ACCOUNTING)
+    again = run_snakemake(
+        workdir,
+        "results/dpo_teacher",
+        "-n",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config/tiny.yaml",
+        *NO_ACCOUNTING,
+    )
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
@@ -114,13 +142,32 @@ def test_training_job_gets_two_gpus_in_one_slurm_job(cluster, tmp_path):
     workdir = copy_workflow(tmp_path / "slurm gpu project")
     # tiny.yaml on GPUs, 4 per training job (effective batch 8 = 2 per device x 4 processes).
     four_gpus = "launch={accelerate_config: %s, num_processes: 4}" % GPU_RECIPE
-    here = run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tiny.yaml", "--config", four_gpus, env=NO_GPUS_HERE, check=False)
+    here = run_snakemake(
+        workdir,
+        "results/ref_teacher",
+        "--configfile",
+        "config/tiny.yaml",
+        "--config",
+        four_gpus,
+        env=NO_GPUS_HERE,
+        check=False,
+    )
     assert here.returncode != 0 and "4 GPUs requested" in here.stdout + here.stderr, here.stderr[-3000:]
     # Through Slurm this machine's GPUs do not matter: the inputs are made in Slurm jobs, and it is
     # Slurm that refuses the training job, as no node of the test cluster has 4 GPUs.
     refused = run_snakemake(
-        workdir, "results/ref_teacher", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml",
-        *NO_ACCOUNTING, *QUICK_POLLING, "--config", four_gpus, env=NO_GPUS_HERE, check=False,
+        workdir,
+        "results/ref_teacher",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config/tiny.yaml",
+        *NO_ACCOUNTING,
+        *QUICK_POLLING,
+        "--config",
+        four_gpus,
+        env=NO_GPUS_HERE,
+        check=False,
     )
     output = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "GPUs requested" not in output, output[-3000:]
@@ -137,16 +184,29 @@ def test_training_job_gets_two_gpus_in_one_slurm_job(cluster, tmp_path):
     gpus = launch.job_resources(gpu_recipe, REPO, "ref_teacher")["gpu"]
     assert gpus == slurm_cluster.GPUS == 2
     run_snakemake(
-        workdir, "results/ref_teacher", "--profile", "profiles/slurm", "--configfile", "config/tiny.yaml",
-        *NO_ACCOUNTING, *QUICK_POLLING, "--set-resources", f"ref_teacher:gpu={gpus}",
-        "--config", "resources={training: {mem_mb: 3000, runtime: 30}}",
+        workdir,
+        "results/ref_teacher",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config/tiny.yaml",
+        *NO_ACCOUNTING,
+        *QUICK_POLLING,
+        "--set-resources",
+        f"ref_teacher:gpu={gpus}",
+        "--config",
+        "resources={training: {mem_mb: 3000, runtime: 30}}",
         env={"HF_HUB_OFFLINE": "1"},
     )
 
     training = [record for record in slurm_records(workdir) if record["id"] not in refused_ids]
-    assert len(training) == 1 and training[0]["rule"] == "ref_teacher" and training[0]["state"] == "COMPLETED", training
+    assert len(training) == 1 and training[0]["rule"] == "ref_teacher" and training[0]["state"] == "COMPLETED", (
+        training
+    )
     job_id = training[0]["id"]
-    record = subprocess.run(["scontrol", "-d", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    record = subprocess.run(
+        ["scontrol", "-d", "show", "job", job_id], capture_output=True, text=True, check=True
+    ).stdout
     # Slurm's record: the job asked for 2 GPUs, was given them on its one node, and ran one task.
     assert re.search(r"TresPerJob=gres[:/]gpu:2\b", record) and "JOB_GRES=gpu:2" in record, record
     assert "NumNodes=1 " in record and "NumTasks=1 " in record, record

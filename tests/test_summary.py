@@ -100,7 +100,11 @@ def test_rows_without_a_verdict_are_left_out():
     assert bootstrap_mean(values).estimate == 0.5
     assert not bootstrap_mean(np.full(4, math.nan)).measured
     assert list(win_scores(np.array([1.0, 1.0, 0.0, 0.0, math.nan]), np.array([0.0, 1.0, 0.0, 1.0, 1.0]))[:4]) == [
-        1.0, 0.5, 0.5, 0.0]
+        1.0,
+        0.5,
+        0.5,
+        0.0,
+    ]
     assert math.isnan(win_scores(np.array([math.nan]), np.array([1.0]))[0])
     with pytest.raises(ValueError):
         paired_difference(np.ones(3), np.ones(4))
@@ -149,18 +153,29 @@ def _write_fake_eval(results: Path, model: str, accuracy: float, margin: float, 
     rejected = chosen - margin + rng.normal(0.0, 1.0, ROWS)
     tokens = rng.integers(5, 40, size=(2, ROWS))
     records = [
-        {"row": i, "family": None if i < UNJUDGED else "addition", "response": "",
-         "correct": None if i < UNJUDGED else bool(correct[i]), "chosen_logprob": float(chosen[i]),
-         "rejected_logprob": float(rejected[i]), "chosen_tokens": int(tokens[0, i]),
-         "rejected_tokens": int(tokens[1, i])}
+        {
+            "row": i,
+            "family": None if i < UNJUDGED else "addition",
+            "response": "",
+            "correct": None if i < UNJUDGED else bool(correct[i]),
+            "chosen_logprob": float(chosen[i]),
+            "rejected_logprob": float(rejected[i]),
+            "chosen_tokens": int(tokens[0, i]),
+            "rejected_tokens": int(tokens[1, i]),
+        }
         for i in range(ROWS)
     ]
     judged = correct[UNJUDGED:]
     per_token = chosen / tokens[0] - rejected / tokens[1]
-    metrics = {"model": model, "rows": ROWS, "accuracy": float(judged.mean()),
-               "preference_accuracy": float((chosen > rejected).mean()),
-               "preference_accuracy_per_token": float((per_token > 0).mean()),
-               "margin": float((chosen - rejected).mean()), "margin_per_token": float(per_token.mean())}
+    metrics = {
+        "model": model,
+        "rows": ROWS,
+        "accuracy": float(judged.mean()),
+        "preference_accuracy": float((chosen > rejected).mean()),
+        "preference_accuracy_per_token": float((per_token > 0).mean()),
+        "margin": float((chosen - rejected).mean()),
+        "margin_per_token": float(per_token.mean()),
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "answers.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
 
@@ -178,8 +193,11 @@ def fake_results(tmp_path):
             models.append(model)
     manifest = results / "seed1" / "adpa" / "adpa_manifest.json"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"metrics": {"train_loss_first": 2.0, "train_loss_last": 1.0},
-                                    "loss_history": [[1, 2.0], [2, 1.0]]}))
+    manifest.write_text(
+        json.dumps(
+            {"metrics": {"train_loss_first": 2.0, "train_loss_last": 1.0}, "loss_history": [[1, 2.0], [2, 1.0]]}
+        )
+    )
     return results, models
 
 
@@ -203,8 +221,15 @@ def test_write_summary_end_to_end(fake_results, tmp_path):
     assert "## Paired differences" in text and "**bold** where the interval excludes 0" in text
     paired_lines = [line for line in lines if " − " in line and line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in paired_lines[1:]] == [
-        "student_dpo − student_sft", "dckd − student_sft", "adpa − student_sft", "adpa_plus − student_sft",
-        "adpa − dckd", "adpa_plus − dckd", "adpa_plus − student_dpo", "dpo_teacher − ref_teacher"]
+        "student_dpo − student_sft",
+        "dckd − student_sft",
+        "adpa − student_sft",
+        "adpa_plus − student_sft",
+        "adpa − dckd",
+        "adpa_plus − dckd",
+        "adpa_plus − student_dpo",
+        "dpo_teacher − ref_teacher",
+    ]
     dpo_vs_ref = next(line for line in paired_lines if line.startswith("| dpo_teacher − ref_teacher | 1 |"))
     assert dpo_vs_ref.split(" | ")[5].startswith("**+"), "pref. acc. of the DPO teacher is clearly higher"
     paired = pd.read_csv(tmp_path / "summary_paired.csv")
@@ -217,7 +242,8 @@ def test_write_summary_end_to_end(fake_results, tmp_path):
     win = versus_sft.loc[["win_rate_vs_student_sft"]]
     assert win["difference"].item() == pytest.approx(row["difference"].item() / 2)
     assert table.loc[table["model"] == "adpa_plus", "win_rate_vs_student_sft"].mean() - 0.5 == pytest.approx(
-        win["difference"].item())
+        win["difference"].item()
+    )
     svg = outputs[2].read_text()
     assert svg.lstrip().startswith("<?xml") and "dpo_teacher − ref_teacher" in svg
 

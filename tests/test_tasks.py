@@ -31,7 +31,9 @@ def solve(prompt: str) -> str:
         return chr(ord(m[1]) + 1)
     if m := re.fullmatch(r"What day of the week comes after (\w+)\? .*", prompt):
         return DAYS[(DAYS.index(m[1]) + 1) % 7]
-    if m := re.fullmatch(r"(?:Add|What is the sum of|How much is) (\d) (?:and|plus) (\d)[.?] Answer with the number only\.", prompt):
+    if m := re.fullmatch(
+        r"(?:Add|What is the sum of|How much is) (\d) (?:and|plus) (\d)[.?] Answer with the number only\.", prompt
+    ):
         return str(int(m[1]) + int(m[2]))
     if m := re.fullmatch(r"Compute (\d) \+ (\d)\. Answer with the number only\.", prompt):
         return str(int(m[1]) + int(m[2]))
@@ -189,7 +191,7 @@ ACCEPTED: list[tuple[str, str, str]] = [
     ("reverse_word", "tenalp", "The reversed word is 'tenalp'."),
     ("uppercase_word", "CAT", "CAT"),
     ("uppercase_word", "CAT", "The answer is CAT."),
-    ("uppercase_word", "CAT", "Answer: \"CAT\""),
+    ("uppercase_word", "CAT", 'Answer: "CAT"'),
     ("next_letter", "h", "h"),
     ("next_letter", "h", "H."),
     ("next_letter", "h", "The next letter is h."),

@@ -3,12 +3,67 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
 
-from adpa.topk_store import TopKStore, TopKStoreWriter, reference_jsonl_bytes_per_token
+from adpa.topk_store import TopKStore, TopKStoreWriter
+
+# Readers only the tests need; the trainer reads whole batches with TopKStore.padded_batch.
+
+
+def read_row(store: TopKStore, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids [T,k], values [T,k] fp16, rest [T] fp16 or None) as read-only views into the files."""
+    s, e = store.row_span(i)
+    return store.ids[s:e], store.values[s:e], (store.rest[s:e] if store.rest is not None else None)
+
+
+def row_logprobs(store: TopKStore, i: int) -> np.ndarray:
+    if store.kind != "topk_logprobs":
+        raise ValueError(f"store {store.directory} holds {store.kind!r} rows, not log-probs")
+    return read_row(store, i)[1]
+
+
+def row_advantages(store: TopKStore, i: int) -> np.ndarray:
+    if store.kind != "advantage":
+        raise ValueError(f"store {store.directory} holds {store.kind!r} rows, not advantages")
+    return read_row(store, i)[1]
+
+
+def row_tensors(store: TopKStore, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(ids int64 for gather, values float32, rest float32 or None); copies, so writable."""
+    ids, values, rest = read_row(store, i)
+    return (
+        torch.from_numpy(ids.astype(np.int64)),
+        torch.from_numpy(values.astype(np.float32)),
+        torch.from_numpy(rest.astype(np.float32)) if rest is not None else None,
+    )
+
+
+def bytes_per_token(store: TopKStore) -> float:
+    total = sum(
+        path.stat().st_size
+        for path in store.directory.iterdir()
+        if path.name in ("ids.bin", "values.bin", "rest.bin", "offsets.npy", "meta.json")
+    )
+    return total / store.num_tokens if store.num_tokens else math.inf
+
+
+def reference_jsonl_bytes_per_token(ids: Sequence[np.ndarray], logprobs: Sequence[np.ndarray]) -> float:
+    """Bytes/token of the reference ADPA format: per row one JSON line, a list (per token) of
+    lists of {"token_id": int, "logprob": float} dicts. `ids`/`logprobs` are sequences of [T, k] rows."""
+    total_bytes = total_tokens = 0
+    for row_ids, row_lp in zip(ids, logprobs, strict=True):
+        id_list, lp_list = np.asarray(row_ids).tolist(), np.asarray(row_lp).tolist()
+        line = json.dumps(
+            [[{"token_id": t, "logprob": lp} for t, lp in zip(ti, tl)] for ti, tl in zip(id_list, lp_list)]
+        )
+        total_bytes += len(line.encode()) + 1
+        total_tokens += len(id_list)
+    return total_bytes / total_tokens if total_tokens else math.inf
 
 
 def make_row(rng: np.random.Generator, t: int, k: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,17 +95,17 @@ def test_round_trip_with_empty_rows_and_inf_rest(tmp_path):
     assert store.lengths.tolist() == [3, 0, 7, 1]
     for i, (ids, lp, rest) in enumerate(rows):
         ids, lp, rest = (np.asarray(x) for x in (ids, lp, rest))
-        got_ids, got_values, got_rest = store[i]
+        got_ids, got_values, got_rest = read_row(store, i)
         np.testing.assert_array_equal(got_ids, ids)
         np.testing.assert_array_equal(got_values, lp.astype(np.float16))
         np.testing.assert_array_equal(got_rest, rest.astype(np.float16))
-    assert store[2][2][4] == -np.inf and store[2][1][0, -1] == -np.inf
-    np.testing.assert_array_equal(store.logprobs(-1), store[3][1])
-    assert store[1][0].shape == (0, k)
+    assert read_row(store, 2)[2][4] == -np.inf and read_row(store, 2)[1][0, -1] == -np.inf
+    np.testing.assert_array_equal(row_logprobs(store, -1), read_row(store, 3)[1])
+    assert read_row(store, 1)[0].shape == (0, k)
     with pytest.raises(IndexError):
-        store[4]
+        read_row(store, 4)
 
-    t_ids, t_values, t_rest = store.row_tensors(0)
+    t_ids, t_values, t_rest = row_tensors(store, 0)
     assert t_ids.dtype == torch.int64 and t_values.dtype == torch.float32 and t_rest.dtype == torch.float32
     assert torch.equal(t_ids, torch.from_numpy(rows[0][0]).long())
     assert torch.equal(t_values, torch.from_numpy(rows[0][1].astype(np.float16).astype(np.float32)))
@@ -63,8 +118,8 @@ def test_id_dtype_and_range_check(tmp_path):
         ids = np.array([[vocab - 1, 70000 % vocab], [0, 1]])
         write_store(path, [(ids, rng.normal(size=(2, 2)), np.zeros(2))], 2, vocab)
         store = TopKStore(path)
-        assert store[0][0].dtype == dtype and (path / "ids.bin").stat().st_size == 4 * nbytes
-        np.testing.assert_array_equal(store[0][0], ids)
+        assert read_row(store, 0)[0].dtype == dtype and (path / "ids.bin").stat().st_size == 4 * nbytes
+        np.testing.assert_array_equal(read_row(store, 0)[0], ids)
 
     with TopKStoreWriter(tmp_path / "bad", k=2, vocab_size=49152) as writer:
         writer.append(np.zeros((1, 2), np.int64), np.zeros((1, 2)), np.zeros(1))
@@ -95,9 +150,9 @@ def test_compact_on_disk_and_far_below_jsonl(tmp_path):
                 sample_lp.append(lp)
     store = TopKStore(tmp_path / "s")
     assert store.num_tokens == lengths.sum()
-    assert 4 * k + 2 < store.bytes_per_token <= 6 * k + 8
+    assert 4 * k + 2 < bytes_per_token(store) <= 6 * k + 8
     jsonl = reference_jsonl_bytes_per_token(sample_ids, sample_lp)
-    assert jsonl > 10 * store.bytes_per_token
+    assert jsonl > 10 * bytes_per_token(store)
 
 
 def test_incomplete_store_cannot_be_opened(tmp_path):
@@ -132,7 +187,7 @@ def test_reader_is_memory_mapped(tmp_path):
     store = TopKStore(tmp_path / "s")
     assert isinstance(store.ids, np.memmap) and isinstance(store.values, np.memmap)
     assert isinstance(store.rest, np.memmap)
-    ids, values, _ = store[1]
+    ids, values, _ = read_row(store, 1)
     assert isinstance(ids, np.memmap) and not values.flags.writeable
 
 
@@ -148,14 +203,14 @@ def test_padded_batch(tmp_path):
     assert batch["rest"].shape == (3, 6) and batch["mask"].dtype == torch.bool
     assert batch["mask"].sum(1).tolist() == [6, 0, 4]
     assert torch.equal(batch["ids"][2, :4], torch.from_numpy(rows[0][0]).long())
-    assert torch.equal(batch["values"][0], store.row_tensors(2)[1])
+    assert torch.equal(batch["values"][0], row_tensors(store, 2)[1])
     pad = ~batch["mask"]
     assert (batch["ids"][pad] == 0).all() and (batch["values"][pad] == 0).all() and (batch["rest"][pad] == 0).all()
 
     short = store.padded_batch([0, 2], length=5)
     assert short["ids"].shape == (2, 5, 3) and short["mask"].sum(1).tolist() == [4, 5]
-    assert torch.equal(short["values"][1], store.row_tensors(2)[1][:5])
-    assert torch.equal(short["rest"][0, :4], store.row_tensors(0)[2])
+    assert torch.equal(short["values"][1], row_tensors(store, 2)[1][:5])
+    assert torch.equal(short["rest"][0, :4], row_tensors(store, 0)[2])
     assert store.padded_batch([1], length=8)["mask"].shape == (1, 8)
     assert store.padded_batch([])["ids"].shape == (0, 0, 3)
 
@@ -163,8 +218,9 @@ def test_padded_batch(tmp_path):
 def test_advantage_store_without_rest_and_metadata(tmp_path):
     meta = {"teacher": "dpo-teacher", "reference": "sft-teacher", "data": {"split": "train", "n": 2}}
     adv = np.array([[0.5, -1.25], [3.0, -0.001]], np.float32)
-    with TopKStoreWriter(tmp_path / "a", k=2, vocab_size=32000, kind="advantage", has_rest=False,
-                         metadata=meta) as writer:
+    with TopKStoreWriter(
+        tmp_path / "a", k=2, vocab_size=32000, kind="advantage", has_rest=False, metadata=meta
+    ) as writer:
         writer.append(torch.tensor([[1, 2], [3, 4]]), torch.from_numpy(adv).bfloat16())
         with pytest.raises(ValueError, match="row 1: rest given"):
             writer.append(np.zeros((1, 2), np.int64), np.zeros((1, 2)), np.zeros(1))
@@ -172,10 +228,10 @@ def test_advantage_store_without_rest_and_metadata(tmp_path):
     assert store.kind == "advantage" and not store.has_rest and store.metadata == meta
     assert not (tmp_path / "a" / "rest.bin").exists()
     assert json.loads((tmp_path / "a" / "meta.json").read_text())["rows"] == 1
-    ids, values, rest = store[0]
-    assert rest is None and store.row_tensors(0)[2] is None and "rest" not in store.padded_batch([0])
-    np.testing.assert_allclose(store.advantages(0), adv, rtol=1e-2)
+    ids, values, rest = read_row(store, 0)
+    assert rest is None and row_tensors(store, 0)[2] is None and "rest" not in store.padded_batch([0])
+    np.testing.assert_allclose(row_advantages(store, 0), adv, rtol=1e-2)
     with pytest.raises(ValueError, match="not log-probs"):
-        store.logprobs(0)
+        row_logprobs(store, 0)
     with pytest.raises(ValueError, match="kind"):
         TopKStoreWriter(tmp_path / "b", k=2, vocab_size=10, kind="logits")

@@ -12,18 +12,38 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_workflow, paper_home, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
 MODELS = (
-    "base_teacher", "ref_teacher", "dpo_teacher", "base_student", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus",
+    "base_teacher",
+    "ref_teacher",
+    "dpo_teacher",
+    "base_student",
+    "student_sft",
+    "student_dpo",
+    "dckd",
+    "adpa",
+    "adpa_plus",
+    "simpo",
+    "vanilla_kd",
+    "seq_kd",
 )
-TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "dckd", "adpa", "adpa_plus")
+BASELINES = ("student_dpo", "simpo", "vanilla_kd", "seq_kd")
+TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", *BASELINES)
 EVALUATED = ("base_teacher", *TRAINED)
-AFTER_DPO_TEACHER = {"teacher_topk", "advantage", "dckd", "adpa", "adpa_plus"}
-PER_SEED = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", "student_dpo")
+AFTER_DPO_TEACHER = {
+    "teacher_topk",
+    "teacher_generations",
+    "advantage",
+    "dckd",
+    "adpa",
+    "adpa_plus",
+    "vanilla_kd",
+    "seq_kd",
+}
+PER_SEED = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", *BASELINES)
 SEED = 0  # config/tiny.yaml's seed; its students live in results/seed0/
 
 
@@ -126,12 +146,35 @@ def test_adpa_lambda_reruns_adpa_and_adpa_plus_only(tiny):
     assert dry_run(tiny, "--config", "adpa={adpa_weight: 1.0}") == jobs("adpa", "adpa_plus")
 
 
+@pytest.mark.parametrize(
+    "change,stages",
+    [
+        ("vanilla_kd={kl_weight: 0.5}", ("vanilla_kd",)),
+        ("seq_kd={learning_rate: 0.002}", ("seq_kd",)),
+        ("simpo={gamma: 1.0}", ("simpo",)),
+        ("teacher_generations={max_new_tokens: 5}", ("teacher_generations", "seq_kd")),
+    ],
+)
+def test_baseline_settings_rerun_that_baseline_only(tiny, change, stages):
+    assert dry_run(tiny, "--config", change) == jobs(*stages)
+
+
+def test_dropping_a_method_leaves_the_others_untouched(tiny):
+    methods = "methods=[student_dpo, vanilla_kd, seq_kd, dckd, adpa, adpa_plus]"
+    # simpo's model is no longer in the table: its evaluation goes, the summary is rebuilt.
+    assert dry_run(tiny, "--config", methods) == {"summary": 1, "all": 1}
+
+
 def test_launch_settings_rerun_nothing(tiny):
     assert dry_run(tiny, "--config", "launch={save_steps: 7, logging_steps: 3, inference_batch_size: 3}") == {}
 
 
 def test_evaluation_settings_rerun_the_evaluations_only(tiny):
-    assert dry_run(tiny, "--config", "evaluation={max_new_tokens: 9}") == {"evaluate": 8, "summary": 1, "all": 1}
+    assert dry_run(tiny, "--config", "evaluation={max_new_tokens: 9}") == {
+        "evaluate": len(EVALUATED),
+        "summary": 1,
+        "all": 1,
+    }
 
 
 def test_a_second_seed_runs_the_students_again_with_the_same_teachers(tiny):
@@ -147,7 +190,7 @@ def edit(path: Path, addition: str) -> str:
     return original
 
 
-EVERYTHING_AFTER_SFT = ("dpo_teacher", "student_dpo", "student_generations", *AFTER_DPO_TEACHER)
+EVERYTHING_AFTER_SFT = ("dpo_teacher", "student_dpo", "simpo", "student_generations", *AFTER_DPO_TEACHER)
 
 
 @pytest.mark.parametrize(
@@ -155,7 +198,10 @@ EVERYTHING_AFTER_SFT = ("dpo_teacher", "student_dpo", "student_generations", *AF
     [
         ("dpo.py", jobs("dpo_teacher", "student_dpo", *AFTER_DPO_TEACHER)),
         ("sft.py", jobs("ref_teacher", "student_sft", *EVERYTHING_AFTER_SFT)),
-        ("distill.py", jobs("dckd", "adpa", "adpa_plus")),
+        ("distill.py", jobs("dckd", "adpa", "adpa_plus", "vanilla_kd")),
+        ("simpo.py", jobs("simpo")),
+        ("config.py", {}),  # parse-time code only: no stage runs it
+        ("stages.py", {}),
     ],
 )
 def test_code_edit_reruns_the_stage_that_runs_it(tiny, module, expected):
@@ -193,10 +239,9 @@ def test_lint_is_clean(tiny):
 
 
 # The base teacher is a hub id there: no job makes it, but it is evaluated.
-PAPER_JOBS = {
-    **jobs("ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "student_generations", *AFTER_DPO_TEACHER),
-    "evaluate": 8,
-}
+PAPER_JOBS = jobs(
+    "ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "simpo", "student_generations", *AFTER_DPO_TEACHER
+) | {"evaluate": len(EVALUATED)}
 
 
 @pytest.mark.parametrize(
@@ -209,7 +254,9 @@ PAPER_JOBS = {
 def test_paper_config_dry_run_with_tilde_and_space(tiny, tmp_path, recipe, teacher, student):
     home = paper_home(tmp_path / "home")
     paper = ("--configfile", f"config/{recipe}")
-    result = run_snakemake(tiny, "-n", "-p", *paper, "--directory", str(tmp_path / "paper run"), env={"HOME": str(home)})
+    result = run_snakemake(
+        tiny, "-n", "-p", *paper, "--directory", str(tmp_path / "paper run"), env={"HOME": str(home)}
+    )
     assert planned_jobs(result) == PAPER_JOBS
     text = result.stdout
     assert "--num_processes 2" in text and "--mixed_precision bf16" in text
@@ -236,11 +283,11 @@ def test_real_rerun_after_dckd_weight_change_touches_nothing_else(tiny):
 
 def test_prompt_cached_evaluation_matches_plain_forwards_and_generation(tiny):
     import torch
+    from reference_losses import sequence_logprobs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adpa.evaluate import evaluate_model, load_test_rows, score_and_answer
-    from adpa.inference import greedy_responses
-    from adpa.losses import sequence_logprobs
+    from adpa.generation import greedy_responses
     from adpa.sequences import pad_exchanges, tokenize_rows
 
     folder = stage_dir(tiny, "student_sft")
@@ -258,7 +305,9 @@ def test_prompt_cached_evaluation_matches_plain_forwards_and_generation(tiny):
         return sequence_logprobs(logits, batch["input_ids"][:, 1:], batch["response_mask"])
 
     answers, chosen, chosen_tokens, rejected, _ = score_and_answer(model, tokenizer, rows, 6, batch_size=3)
-    assert torch.allclose(chosen, plain("chosen"), atol=1e-4) and torch.allclose(rejected, plain("rejected"), atol=1e-4)
+    assert torch.allclose(chosen, plain("chosen"), atol=1e-4) and torch.allclose(
+        rejected, plain("rejected"), atol=1e-4
+    )
     assert (chosen < 0).all() and (chosen_tokens >= 1).all()
     assert answers == greedy_responses(model, tokenizer, prompts, 6, batch_size=5)
     metrics, records = evaluate_model(model, tokenizer, rows, max_new_tokens=4, batch_size=3)
@@ -277,7 +326,8 @@ def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
         answers = (folder / "answers.jsonl").read_text().splitlines()
         assert len(answers) == 8 and (folder / "adpa_manifest.json").is_file()
     table = pd.read_csv(tiny / "results" / "summary.csv")
-    assert list(table["model"]) == list(EVALUATED[:3]) + ["student_sft", "student_dpo", "dckd", "adpa", "adpa_plus"]
+    students = ["student_sft", "student_dpo", "simpo", "vanilla_kd", "seq_kd", "dckd", "adpa", "adpa_plus"]
+    assert list(table["model"]) == list(EVALUATED[:3]) + students, "registry order"
     assert set(table["config"]) == {"tiny"} and set(table["seed"]) == {SEED}
     assert table[["preference_accuracy", "margin", "win_rate_vs_student_sft"]].notna().all().all()
     assert table.loc[table["model"] == "student_sft", "win_rate_vs_student_sft"].item() == 0.5
@@ -285,6 +335,7 @@ def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
     models_table, paired_table = markdown.split("## Paired differences")
     assert models_table.count("\n| ") == 1 + len(EVALUATED) and "| adpa_plus | 1 |" in models_table
     assert "| adpa_plus − student_sft |" in paired_table and "| dpo_teacher − ref_teacher |" in paired_table
+    assert "| simpo − student_sft |" in paired_table and "| seq_kd − student_sft |" in paired_table
     paired = pd.read_csv(tiny / "results" / "summary_paired.csv")
     assert {"model", "baseline", "metric", "difference", "low", "high", "excludes_zero"} <= set(paired.columns)
     assert "| adpa_plus | 1 |" in (tiny / "logs" / "summary.log").read_text(), "the summary prints its table"
@@ -314,9 +365,25 @@ def test_evaluate_stage_writes_judge_inputs_when_configured(tiny, tmp_path):
     (tmp_path / "judged.yaml").write_text(yaml.safe_dump(config))
     output = tmp_path / "eval out"
     result = subprocess.run(
-        [sys.executable, "-m", "adpa", "evaluate", "--configfile", str(tmp_path / "judged.yaml"),
-         "--model", "results/dpo_teacher", "--name", "dpo_teacher", "--run-name", "tiny", "--output", str(output)],
-        cwd=tiny, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "adpa",
+            "evaluate",
+            "--configfile",
+            str(tmp_path / "judged.yaml"),
+            "--model",
+            "results/dpo_teacher",
+            "--name",
+            "dpo_teacher",
+            "--run-name",
+            "tiny",
+            "--output",
+            str(output),
+        ],
+        cwd=tiny,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = json.loads((output / "alpaca_eval" / "model_outputs.json").read_text())
@@ -337,14 +404,21 @@ def test_alpaca_eval_and_mt_bench_answers_in_their_judges_formats(tiny, tmp_path
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     instructions = tmp_path / "alpaca_eval.json"
-    instructions.write_text(json.dumps([{"instruction": "Name a color.", "dataset": "helpful_base"}, {"instruction": "Say hi."}]))
+    instructions.write_text(
+        json.dumps([{"instruction": "Name a color.", "dataset": "helpful_base"}, {"instruction": "Say hi."}])
+    )
     outputs = alpaca_eval_outputs(model, tokenizer, str(instructions), "tiny-dpo_teacher", 5, batch_size=2)
-    assert [set(o) for o in outputs] == [{"instruction", "output", "generator", "dataset"}, {"instruction", "output", "generator"}]
+    assert [set(o) for o in outputs] == [
+        {"instruction", "output", "generator", "dataset"},
+        {"instruction", "output", "generator"},
+    ]
     assert outputs[0]["generator"] == "tiny-dpo_teacher" and outputs[0]["dataset"] == "helpful_base"
     questions = tmp_path / "question.jsonl"
     questions.write_text(
-        json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now shorter."]}) + "\n"
-        + json.dumps({"question_id": 82, "category": "math", "turns": ["What is 2+2?"]}) + "\n"
+        json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now shorter."]})
+        + "\n"
+        + json.dumps({"question_id": 82, "category": "math", "turns": ["What is 2+2?"]})
+        + "\n"
     )
     answers = mt_bench_answers(model, tokenizer, str(questions), "tiny-dpo_teacher", 5, batch_size=2)
     assert [a["question_id"] for a in answers] == [81, 82]
@@ -359,9 +433,9 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adpa.data import load_preference
-    from adpa.distill import PairCollator, check_store
+    from adpa.distill import DistillationCollator, check_store
     from adpa.inference import write_teacher_topk
-    from adpa.losses import topk_forward_kl
+    from adpa.losses import TopKBatch, topk_forward_kl
     from adpa.sequences import template_fingerprint, tokenize_rows
     from adpa.topk_store import TopKStore
 
@@ -377,11 +451,16 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     store = TopKStore(store_dir)
     check_store(store, tokenizer, exchanges, "self-distillation store")
     features = [
-        {"row": i, "first_ids": e.input_ids, "first_start": e.response_start,
-         "second_ids": e.input_ids, "second_start": e.response_start}
+        {
+            "row": i,
+            "chosen_ids": e.input_ids,
+            "chosen_start": e.response_start,
+            "rejected_ids": e.input_ids,
+            "rejected_start": e.response_start,
+        }
         for i, e in enumerate(exchanges)
     ]
-    batch = PairCollator(tokenizer.pad_token_id, store, store)(features)
+    batch = DistillationCollator(tokenizer.pad_token_id, {"chosen": store, "rejected": store})(features)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     mask = batch["response_mask"]
@@ -390,7 +469,7 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     assert torch.equal(batch["topk_ids"][mask][:, 0], logprobs.argmax(-1)[mask])
     gathered = logprobs.gather(-1, batch["topk_ids"])[mask]
     assert torch.allclose(gathered, batch["topk_values"][mask], atol=2e-2)
-    kl = topk_forward_kl(logits, batch["topk_ids"], batch["topk_values"], batch["topk_rest"], mask)
+    kl = topk_forward_kl(logits, TopKBatch(batch["topk_ids"], batch["topk_values"], batch["topk_rest"]), mask)
     assert -1e-5 < kl.item() < 1e-3  # zero up to the rounding of the fp16-stored log-probs
 
 
@@ -451,7 +530,7 @@ def test_two_seeds_share_the_teachers_and_the_table_reports_their_spread(tiny):
     second = json.loads((stage_dir(tiny, "adpa", seed=5) / "adpa_manifest.json").read_text())
     assert second["params"]["seed"] == 5
     table = pd.read_csv(tiny / "results" / "summary.csv")
-    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 5
+    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 8
     markdown = (tiny / "results" / "summary.md").read_text()
     assert "seeds 0, 5 (2 runs)" in markdown
     adpa_line = next(line for line in markdown.splitlines() if line.startswith("| adpa |"))

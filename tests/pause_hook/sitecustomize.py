@@ -47,7 +47,9 @@ def _install(spec: str, marker: str) -> None:
     if call == "replace":
         os.replace = wrap(os.replace, lambda source, destination, *args, **kwargs: destination)
     elif call == "fsync":
-        os.fsync = wrap(os.fsync, lambda fd: os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
+        os.fsync = wrap(
+            os.fsync, lambda fd: os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}")
+        )
     elif call == "write_text":
         pathlib.Path.write_text = wrap(pathlib.Path.write_text, lambda path, *args, **kwargs: path)
     else:

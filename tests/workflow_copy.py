@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-WORKFLOW_ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_ROOT = Path(__file__).resolve().parent.parent  # tests/ sits in the workflow folder
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "adpa", "envs", "profiles")
 
 
