@@ -255,7 +255,7 @@ def evaluated_models(config: Mapping) -> list[str]:
 def _training(config: Mapping, stage: Stage, common: dict[str, Any]) -> dict[str, Any]:
     """A trained stage: its section's settings, its data and how its model is loaded."""
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
-    base = teacher if stage.name in ("ref_teacher", "dpo_teacher") else student
+    base = teacher if stage.role == "teacher" else student
     params = {**common, "training": config[stage.section], "trust_remote_code": base["trust_remote_code"]}
     if "sft_data" in stage.reads:
         params.update(dataset=config["datasets"]["sft"], chat_template=config["chat_template"], base_model=base)

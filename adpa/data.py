@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,11 +164,6 @@ def read_json_rows(path: Path, reference: str, in_folder: bool = False) -> RawSp
     return RawSplit(rows, labels)
 
 
-def _read_failure(reference: str, error: Exception) -> DataError:
-    first_line = (str(error).strip().splitlines() or [""])[0][:200]
-    return DataError(f"dataset '{reference}': cannot be read ({type(error).__name__}: {first_line})")
-
-
 def _folder_splits(path: Path, reference: str) -> dict[str, list[Path]]:
     """Split name -> data files of a folder, by the `datasets` library's naming rules (train.jsonl, test-*.parquet, ...)."""
     from datasets.data_files import DataFilesDict, get_data_patterns
@@ -188,13 +183,7 @@ def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
     reference = spec["path"]
     path = Path(expand_path(reference))
     if not is_local(reference):
-        try:
-            loaded = datasets.load_dataset(reference)
-        except ConnectionError:
-            raise
-        except Exception as err:
-            raise _read_failure(reference, err) from err
-        return RawSplit(_split_of(loaded, reference, split))
+        return RawSplit(_split_of(_load(reference, datasets.load_dataset, reference), reference, split))
     if not path.exists():
         raise DataError(f"dataset '{reference}': no such file or directory: {path}")
     if path.is_file():
@@ -205,13 +194,10 @@ def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
             raise DataError(f"dataset '{reference}': a single file holds only the split 'train', not '{split}'")
         if kind == "json":
             return read_json_rows(path, reference)
-        return RawSplit(_split_of(_load(reference, "parquet", data_files=str(path)), reference, split))
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as err:
-            raise _read_failure(reference, err) from err
+        loaded = _load(reference, datasets.load_dataset, "parquet", data_files=str(path))
         return RawSplit(_split_of(loaded, reference, split))
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return RawSplit(_split_of(_load(reference, datasets.load_from_disk, str(path)), reference, split))
     splits = _folder_splits(path, reference)
     if split not in splits:
         raise DataError(f"dataset '{reference}': no split '{split}' (have: {', '.join(splits)})")
@@ -226,14 +212,21 @@ def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
         return RawSplit(
             [row for part in parts for row in part.rows], [label for part in parts for label in part.labels]
         )
-    return RawSplit(_split_of(_load(reference, str(path)), reference, split))
+    return RawSplit(_split_of(_load(reference, datasets.load_dataset, str(path)), reference, split))
 
 
-def _load(reference: str, *args: Any, **kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:
+def _load(
+    reference: str, loader: Callable[..., Any], *args: Any, **kwargs: Any
+) -> datasets.Dataset | datasets.DatasetDict:
+    """`loader(*args, **kwargs)`; a failure to read is one DataError line (an unreachable hub stays a
+    ConnectionError, which the preflight words itself)."""
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        return loader(*args, **kwargs)
+    except ConnectionError:
+        raise
     except Exception as err:  # malformed files: pyarrow, datasets and OS errors alike
-        raise _read_failure(reference, err) from err
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"dataset '{reference}': cannot be read ({type(err).__name__}: {first_line})") from err
 
 
 def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, reference: str, split: str) -> datasets.Dataset:

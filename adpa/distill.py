@@ -199,7 +199,6 @@ def run_distillation(
 ) -> None:
     """dckd and vanilla_kd (the teacher's `topk` store) or adpa / adpa_plus (the student's own
     `generations` and their `advantage` store), from the student `model`."""
-    model_reference, topk_dir, generations_dir, advantage_dir = model, topk, generations, advantage
     import datasets
     from transformers import TrainingArguments
 
@@ -207,8 +206,8 @@ def run_distillation(
         raise ValueError(f"{run.stage!r} is not a distillation stage (one of {', '.join(OBJECTIVES)})")
     objective = OBJECTIVES[run.stage]
     params, training = run.params, run.params["training"]
-    check_model_reference(model_reference)
-    tokenizer = load_tokenizer(model_reference, params["trust_remote_code"])
+    check_model_reference(model)
+    tokenizer = load_tokenizer(model, params["trust_remote_code"])
     dataset = params["dataset"]
     pairs = load_preference(dataset, dataset["train_split"])
     prompts = pairs["prompt"]
@@ -217,16 +216,16 @@ def run_distillation(
     if objective == "dckd":
         exchanges["rejected"] = tokenize_rows(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
     if objective in ("dckd", "vanilla_kd"):
-        stores = {name: TopKStore(topk_dir / name) for name in SEQUENCES[objective]}
+        stores = {name: TopKStore(topk / name) for name in SEQUENCES[objective]}
         for name, store in stores.items():
             check_store(store, tokenizer, exchanges[name], f"teacher_topk {name}")
     else:
-        generations = datasets.load_from_disk(str(generations_dir))
-        if generations["prompt"] != prompts:
+        responses = datasets.load_from_disk(str(generations))
+        if responses["prompt"] != prompts:
             raise SequenceError("student_generations: prompts differ from the preference set's (stale generations?)")
-        own = [[{"role": "assistant", "content": text}] for text in generations["response"]]
+        own = [[{"role": "assistant", "content": text}] for text in responses["response"]]
         exchanges["own"] = tokenize_rows(tokenizer, prompts, own, max_length, "own response")
-        stores = {"chosen": None, "own": TopKStore(advantage_dir)}
+        stores = {"chosen": None, "own": TopKStore(advantage)}
         check_store(stores["own"], tokenizer, exchanges["own"], "advantage")
     weights = {key: training[key] for key in WEIGHTS[objective]}
     columns: dict[str, list] = {"row": list(range(len(exchanges["chosen"])))}
@@ -237,7 +236,7 @@ def run_distillation(
     arguments = trainer_arguments(run)
     arguments.pop("max_length")
     args = TrainingArguments(**arguments, remove_unused_columns=False)
-    student = load_model(model_reference, params["precision"], params["trust_remote_code"])
+    student = load_model(model, params["precision"], params["trust_remote_code"])
     trainer = _distillation_trainer_class()(
         model=student,
         args=args,

@@ -12,17 +12,16 @@ from adpa.train import StageRun, train_and_export, trainer_arguments
 def run_dpo(run: StageRun, model: str) -> None:
     from trl import DPOConfig, DPOTrainer
 
-    model_reference = model
     params, dataset = run.params, run.params["dataset"]
-    check_model_reference(model_reference)  # cheap checks first: fail before reading data
+    check_model_reference(model)  # cheap checks first: fail before reading data
     train_dataset = load_preference(dataset, dataset["train_split"])
     training = params["training"]
     args = DPOConfig(**trainer_arguments(run), beta=training["beta"], loss_type=[training["loss_type"]])
     trust = params["trust_remote_code"]
-    tokenizer = load_tokenizer(model_reference, trust)
+    tokenizer = load_tokenizer(model, trust)
     # Policy and reference both start from the same model (for the teacher: the REF teacher, never a student).
-    policy = load_model(model_reference, params["precision"], trust)
-    ref_model = load_model(model_reference, params["precision"], trust)
+    policy = load_model(model, params["precision"], trust)
+    ref_model = load_model(model, params["precision"], trust)
     trainer = DPOTrainer(
         model=policy,
         ref_model=ref_model,

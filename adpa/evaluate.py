@@ -218,37 +218,34 @@ def run_evaluate(
     """Write metrics.json, answers.jsonl and the optional judge inputs of model `name` into `output`."""
     from adpa.generation import inference_autocast, load_for_inference
 
-    model_reference, model_name, staging = model, name, output
-    role = "teacher" if model_name in params["teachers"] else "student"  # whose trust_remote_code applies
+    role = "teacher" if name in params["teachers"] else "student"  # whose trust_remote_code applies
     settings = params["evaluation"]
     rows = load_test_rows(params["dataset"], settings.get("split"))
     # Only the base teacher can be a hub id (every other model is a folder under results/).
-    revision = params.get("base_teacher_revision") if model_name == "base_teacher" else None
-    model, tokenizer = load_for_inference(
-        model_reference, params["precision"], params["trust_remote_code"][role], revision
-    )
+    revision = params.get("base_teacher_revision") if name == "base_teacher" else None
+    loaded, tokenizer = load_for_inference(model, params["precision"], params["trust_remote_code"][role], revision)
     with inference_autocast(params["precision"]):
-        metrics, answers = evaluate_model(model, tokenizer, rows, settings["max_new_tokens"], batch_size)
-    metrics = {"model": model_name, **metrics}
-    with open(staging / ANSWERS_FILE, "w", encoding="utf-8") as handle:
+        metrics, answers = evaluate_model(loaded, tokenizer, rows, settings["max_new_tokens"], batch_size)
+    metrics = {"model": name, **metrics}
+    with open(output / ANSWERS_FILE, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(answer) + "\n" for answer in answers)
-    identity = model_id(run_name, model_name)
+    identity = model_id(run_name, name)
     if settings["alpaca_eval"]:
         outputs = alpaca_eval_outputs(
-            model, tokenizer, settings["alpaca_eval"], identity, settings["answer_max_new_tokens"], batch_size
+            loaded, tokenizer, settings["alpaca_eval"], identity, settings["answer_max_new_tokens"], batch_size
         )
-        target = staging / ALPACA_EVAL_FILE
+        target = output / ALPACA_EVAL_FILE
         target.parent.mkdir(parents=True)
         target.write_text(json.dumps(outputs, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         metrics["alpaca_eval_answers"] = len(outputs)
     if settings["mt_bench"]:
         records = mt_bench_answers(
-            model, tokenizer, settings["mt_bench"], identity, settings["answer_max_new_tokens"], batch_size
+            loaded, tokenizer, settings["mt_bench"], identity, settings["answer_max_new_tokens"], batch_size
         )
-        target = staging / "mt_bench" / "model_answer" / f"{identity}.jsonl"
+        target = output / "mt_bench" / "model_answer" / f"{identity}.jsonl"
         target.parent.mkdir(parents=True)
         with open(target, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         metrics["mt_bench_answers"] = len(records)
-    (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    (output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

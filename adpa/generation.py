@@ -101,6 +101,11 @@ def load_for_inference(reference: str, precision: str, trust_remote_code: bool, 
     return model, tokenizer
 
 
+def load_for_stage(reference: str, params: Mapping[str, Any]):
+    """load_for_inference with an inference stage's precision and trust_remote_code."""
+    return load_for_inference(reference, params["precision"], params["trust_remote_code"])
+
+
 def inference_autocast(precision: str):
     """The autocast that `precision` asks for on the inference device (precision: auto on an AMX CPU)."""
     from adpa.precision import autocast, resolve
@@ -116,7 +121,7 @@ def run_generations(params: Mapping[str, Any], output: Path, *, model: str, batc
 
     dataset = params["dataset"]
     prompts = load_preference(dataset, dataset["train_split"])["prompt"]
-    loaded, tokenizer = load_for_inference(model, params["precision"], params["trust_remote_code"])
+    loaded, tokenizer = load_for_stage(model, params)
     with inference_autocast(params["precision"]):
         responses = greedy_responses(loaded, tokenizer, prompts, params["max_new_tokens"], batch_size)
     datasets.Dataset.from_dict({"prompt": prompts, "response": responses}).save_to_disk(str(output))

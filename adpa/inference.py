@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adpa.generation import batches, inference_autocast, load_for_inference
+from adpa.generation import batches, inference_autocast, load_for_stage
 from adpa.sequences import Exchange, pad_exchanges, pad_token_id, template_fingerprint, tokenize_rows
 from adpa.topk_store import TopKStoreWriter
 
@@ -78,19 +78,15 @@ def write_advantage(
                 store.append(ids, advantage)
 
 
-def _load_for_inference(reference: str, params: Mapping[str, Any]):
-    return load_for_inference(reference, params["precision"], params["trust_remote_code"])
-
-
 def run_teacher_topk(params: Mapping[str, Any], output: Path, *, model: str, batch_size: int) -> dict:
     """Stores `chosen/` and `rejected/`: row i holds the response tokens of preference row i."""
     from adpa.data import load_preference
 
-    dataset, model_reference = params["dataset"], model
+    dataset = params["dataset"]
     pairs = load_preference(dataset, dataset["train_split"])
-    model, tokenizer = _load_for_inference(model_reference, params)
+    teacher, tokenizer = load_for_stage(model, params)
     metadata = {
-        "model": model_reference,
+        "model": model,
         "template": template_fingerprint(tokenizer),
         "max_length": params["max_length"],
     }
@@ -99,7 +95,7 @@ def run_teacher_topk(params: Mapping[str, Any], output: Path, *, model: str, bat
         exchanges = tokenize_rows(tokenizer, pairs["prompt"], pairs[column], params["max_length"], column)
         with inference_autocast(params["precision"]):
             write_teacher_topk(
-                model, exchanges, pad_token_id(tokenizer), params["k"], output / column, batch_size, metadata
+                teacher, exchanges, pad_token_id(tokenizer), params["k"], output / column, batch_size, metadata
             )
         tokens += sum(exchange.response_length for exchange in exchanges)
     return {"rows": len(pairs), "response_tokens": tokens}
@@ -111,19 +107,18 @@ def run_advantage(
     """Advantage of the DPO teacher (`model`) over the REF teacher at the states of the student's own responses."""
     import datasets
 
-    dpo_source, ref_source = model, ref_model  # folders (or hub ids) of the two teachers
-    generations = datasets.load_from_disk(str(generations))
-    dpo_model, tokenizer = _load_for_inference(dpo_source, params)
-    ref_model, _ = _load_for_inference(ref_source, params)
-    responses = [[{"role": "assistant", "content": text}] for text in generations["response"]]
-    exchanges = tokenize_rows(tokenizer, generations["prompt"], responses, params["max_length"], "own response")
+    own = datasets.load_from_disk(str(generations))
+    dpo_teacher, tokenizer = load_for_stage(model, params)
+    ref_teacher, _ = load_for_stage(ref_model, params)
+    responses = [[{"role": "assistant", "content": text}] for text in own["response"]]
+    exchanges = tokenize_rows(tokenizer, own["prompt"], responses, params["max_length"], "own response")
     metadata = {
-        "dpo_teacher": dpo_source,
-        "ref_teacher": ref_source,
+        "dpo_teacher": model,
+        "ref_teacher": ref_model,
         "template": template_fingerprint(tokenizer),
     }
     with inference_autocast(params["precision"]):
         write_advantage(
-            dpo_model, ref_model, exchanges, pad_token_id(tokenizer), params["k"], output, batch_size, metadata
+            dpo_teacher, ref_teacher, exchanges, pad_token_id(tokenizer), params["k"], output, batch_size, metadata
         )
     return {"rows": len(exchanges), "response_tokens": sum(e.response_length for e in exchanges)}

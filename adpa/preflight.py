@@ -81,20 +81,19 @@ def _model_sources(config: Mapping[str, Any], names: Iterable[str]) -> list[tupl
     return [(name, config["models"][name]) for name in names if "path" in config["models"][name]]
 
 
-def check_hub_model(key: str, repo: str, revision: str | None) -> Path | None:
-    """A hub id is usable if its config is cached, or if the hub answers for it; returns the cached config."""
+def check_hub_model(key: str, repo: str, revision: str | None) -> None:
+    """A hub id is usable if its config is cached, or if the hub answers for it."""
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo, "config.json", revision=revision)
     if isinstance(cached, str):
-        return Path(cached)
+        return
     if _offline():
         raise ConfigError(
             f"config key '{key}': hub id '{repo}' is not in the local cache and the hub is offline "
             f"(HF_HUB_OFFLINE); {PRE_DOWNLOAD.format(repo=repo, kind='')}"
         )
     _ask_hub(key, repo, revision, "model")
-    return None
 
 
 def _ask_hub(key: str, repo: str, revision: str | None, kind: str) -> None:

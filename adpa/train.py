@@ -56,14 +56,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def set_cpu_threads(job_threads: int) -> None:
-    """Split the job's cores between the local processes: oversubscribed CPU training runs 2x slower."""
-    import torch
-
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, job_threads // local_processes))
-
-
 def trainer_arguments(run: StageRun) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig."""
     import torch
