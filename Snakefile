@@ -20,6 +20,7 @@ include: "rules/prepare.smk"
 include: "rules/teachers.smk"
 include: "rules/students.smk"
 include: "rules/evaluation.smk"
+include: "rules/sweeps.smk"
 
 
 # What the config text cannot show (dataset rows, vocabularies, GPUs, disk): checked once,
@@ -28,8 +29,10 @@ onstart:
     preflight(config)
 
 
-# Everything: both teachers, the students of every seed, their evaluation, the table and plots.
+# Everything: both teachers, the students of every seed, their evaluation, the table and plots,
+# and each sweep's table and plot.
 rule all:
     default_target: True
     input:
         rules.summary.output,
+        SWEEP_TABLES,

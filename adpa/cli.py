@@ -38,7 +38,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "topk": {"required": True, "type": Path, "help": "the DPO teacher's top-k store (teacher_topk)"},
     "generations": {"required": True, "type": Path, "help": "greedy responses (student_ or teacher_generations)"},
     "advantage": {"required": True, "type": Path, "help": "the advantage store"},
-    "ref_model": {"required": True, "help": "the REF teacher"},
+    "ref_model": {"default": None, "help": "the REF teacher (advantage with reference: true)"},
     "batch_size": {"type": int, "default": 8},
     "name": {"required": True, "help": "the model's name in the results (its path under results/)"},
     "run_name": {"default": "adpa", "help": "prefix of the model id in AlpacaEval/MT-Bench answers"},
@@ -48,6 +48,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "metrics_plot": {"required": True, "type": Path},
     "loss_plot": {"required": True, "type": Path},
     "paired_csv": {"type": Path, "help": "also write the paired differences (with intervals) here"},
+    "plot": {"required": True, "type": Path},
     "sft_output": {"required": True, "type": Path},
     "preference_output": {"required": True, "type": Path},
 }
@@ -71,6 +72,8 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
         parser.add_argument(
             "--seed", type=int, help="with --configfile: the student seed (default: the first of `seeds`)"
         )
+    if stage.name == "sweep_summary":
+        parser.add_argument("--sweep", help="with --configfile: the sweep's name (default: the only one)")
     for name in stage.options:
         parser.add_argument(f"--{name.replace('_', '-')}", **OPTIONS[name])
     if stage.kind == "training":
@@ -110,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _params(args: argparse.Namespace) -> tuple[dict, str]:
     if args.configfile is not None:
         loaded = configuration.load_config(args.configfile)
-        params = configuration.stage_params(loaded, args.command, getattr(args, "seed", None))
+        # The advantage without --ref-model is adpa_no_ref's: the DPO teacher's log-probs alone.
+        if args.command == "sweep_summary":
+            params = configuration.sweep_summary_params(loaded, args.sweep)
+        else:
+            reference = {"advantage_reference": args.ref_model is not None} if args.command == "advantage" else {}
+            params = configuration.stage_params(loaded, args.command, getattr(args, "seed", None), **reference)
     else:
         params = json.loads(args.params)
     return params, configuration.params_json(params)

@@ -23,6 +23,7 @@ from adpa.batching import accumulation_steps
 from adpa.errors import ConfigError
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, TEACHER_MODELS, Stage, of_kind, student_models
+from adpa.sweeps import Sweep, plan_sweep
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 # libyaml's loader when present: the schema is read on every Snakemake start (`snakemake -n` latency).
@@ -110,6 +111,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"config key '{full}': unknown key{hint}"
     if error.validator == "oneOf" and key.startswith("models"):
         return f"config key '{key}': give exactly one of 'path' (hub id or local folder) or 'gguf'"
+    if error.schema.get("derived_from"):
+        return (
+            f"config key '{key}': derived from {error.schema['derived_from']}, not set "
+            f"(got {error.instance!r}): remove it ({error.schema.get('description', '')})"
+        )
     if error.validator == "pattern":
         return f"config key '{key}': {error.instance!r} must be a plain name (letters, digits, '.', '_', '-')"
     if error.validator == "required" and not error.absolute_path:
@@ -137,14 +143,20 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_finite(config)
-    if "vanilla_kd" in config["methods"] and config["vanilla_kd"]["max_length"] != config["dckd"]["max_length"]:
-        raise ConfigError(
-            f"config key 'vanilla_kd.max_length': {config['vanilla_kd']['max_length']} must equal dckd.max_length "
-            f"({config['dckd']['max_length']}): both read the teacher's top-k store, which is cut at dckd's length"
-        )
     for stage in TRAINING_STAGES:
         gradient_accumulation_steps(config, stage)
+    if config["sweeps"]:
+        plan_sweeps(config, schema)
     return config
+
+
+def plan_sweeps(config: Mapping, schema: Mapping | None = None) -> dict[str, Sweep]:
+    """The config's sweeps, each checked: its setting exists, every value passes the schema, it retrains something."""
+
+    def validate(changed: dict) -> dict:
+        return validate_config({**changed, "sweeps": {}}, schema)
+
+    return {name: plan_sweep(config, name, spec, validate, stage_params) for name, spec in config["sweeps"].items()}
 
 
 def load_config(path: str | os.PathLike | Sequence[str | os.PathLike], overrides: Mapping | None = None) -> dict:
@@ -256,7 +268,11 @@ def _training(config: Mapping, stage: Stage, common: dict[str, Any]) -> dict[str
     """A trained stage: its section's settings, its data and how its model is loaded."""
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
     base = teacher if stage.role == "teacher" else student
-    params = {**common, "training": config[stage.section], "trust_remote_code": base["trust_remote_code"]}
+    training = config[stage.section]
+    if stage.name == "vanilla_kd":
+        # It reads the top-k store, cut at dckd's length: one value, derived.
+        training = {**training, "max_length": config["dckd"]["max_length"]}
+    params = {**common, "training": training, "trust_remote_code": base["trust_remote_code"]}
     if "sft_data" in stage.reads:
         params.update(dataset=config["datasets"]["sft"], chat_template=config["chat_template"], base_model=base)
     if "preference_data" in stage.reads:
@@ -267,7 +283,7 @@ def _training(config: Mapping, stage: Stage, common: dict[str, Any]) -> dict[str
     return params
 
 
-def _inference(config: Mapping, stage: Stage) -> dict[str, Any]:
+def _inference(config: Mapping, stage: Stage, advantage_reference: bool) -> dict[str, Any]:
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
     preference = config["datasets"]["preference"]
     params: dict[str, Any] = {"precision": config["precision"]}
@@ -293,6 +309,7 @@ def _inference(config: Mapping, stage: Stage) -> dict[str, Any]:
             **params,
             "k": config["teacher_topk"]["k"],
             "max_length": config["adpa"]["max_length"],
+            "reference": advantage_reference,
             "trust_remote_code": teacher["trust_remote_code"],
         }
     # evaluate: per model family, the teachers' trust_remote_code never extends to the students, nor back.
@@ -306,10 +323,13 @@ def _inference(config: Mapping, stage: Stage) -> dict[str, Any]:
     }
 
 
-def stage_params(config: Mapping, stage: str, seed: int | None = None) -> dict[str, Any]:
+def stage_params(
+    config: Mapping, stage: str, seed: int | None = None, *, advantage_reference: bool = True
+) -> dict[str, Any]:
     """Exactly the settings a stage's result depends on: its rerun trigger and its input.
 
-    `seed` is the student seed of a per-seed stage (default: the first of `seeds`)."""
+    `seed` is the student seed of a per-seed stage (default: the first of `seeds`);
+    `advantage_reference`: the advantage store subtracts the REF teacher (false: adpa_no_ref's)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'")
     entry = STAGES[stage]
@@ -318,18 +338,39 @@ def stage_params(config: Mapping, stage: str, seed: int | None = None) -> dict[s
         seed = (student_seeds(config)[0] if seed is None else seed) if entry.per_seed else config["seed"]
         return _training(config, entry, {"seed": seed, "precision": config["precision"]})
     if entry.kind == "inference":
-        return _inference(config, entry)
+        return _inference(config, entry, advantage_reference)
     if stage == "base_teacher":
         return {"model": teacher, "chat_template": config["chat_template"]}
     if stage == "base_student":
         return {"model": student, "teacher": teacher}
     if stage == "generate_data":
         return {"generate": config["datasets"]["generate"]}
+    if stage == "sweep_summary":
+        return sweep_summary_params(config)
     return {
         "run_name": config["run_name"],
         "seed": config["seed"],
         "seeds": student_seeds(config),
         "models": evaluated_models(config),
+    }
+
+
+def sweep_summary_params(config: Mapping, name: str | None = None) -> dict[str, Any]:
+    """The parameters of one sweep's table: its points (the config's value's folder None) and models."""
+    sweeps = plan_sweeps(config)
+    if name is None and len(sweeps) == 1:
+        name = next(iter(sweeps))
+    if name not in sweeps:
+        raise ConfigError(f"config key 'sweeps': no sweep named {name!r} (sweeps: {', '.join(sweeps) or 'none'})")
+    sweep = sweeps[name]
+    return {
+        "name": sweep.name,
+        "setting": sweep.setting,
+        "baseline": sweep.baseline,
+        "points": [{"value": point.value, "folder": point.folder} for point in sweep.points],
+        "models": list(sweep.methods),
+        "seeds": student_seeds(config),
+        "run_name": config["run_name"],
     }
 
 

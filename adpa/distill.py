@@ -1,9 +1,12 @@
-"""Stages dckd, vanilla_kd, adpa and adpa_plus: one Trainer subclass that overrides `compute_loss`.
+"""Stages dckd, vanilla_kd, adpa, adpa_plus, adpa_no_ref and the control chosen_sft: one Trainer
+subclass that overrides `compute_loss`.
 
 Each example is one or two sequences, named by what they are, run through the student in one forward pass:
 - dckd: chosen (NLL + KL to the DPO teacher's top-k) and rejected (KL), teacher_topk stores;
 - vanilla_kd: chosen only (NLL + KL), the teacher_topk chosen store;
-- adpa / adpa_plus: chosen (NLL) and own, the student's own response (advantage term), advantage store.
+- adpa / adpa_plus / adpa_no_ref: chosen (NLL) and own, the student's own response (advantage
+  term), an advantage store (adpa_no_ref's: the DPO teacher's log-probs without the REF teacher's);
+- chosen_sft: chosen only (NLL), no store: the term all of the above share.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from adpa.data import load_preference
-from adpa.losses import TopKBatch, adpa_loss, clamp_advantage_like_reference, dckd_loss, vanilla_kd_loss
+from adpa.losses import TopKBatch, adpa_loss, clamp_advantage_like_reference, dckd_loss, nll_loss, vanilla_kd_loss
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.sequences import (
     Exchange,
@@ -30,14 +33,25 @@ from adpa.sequences import (
 from adpa.topk_store import TopKStore
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
-OBJECTIVES = {"dckd": "dckd", "vanilla_kd": "vanilla_kd", "adpa": "adpa", "adpa_plus": "adpa"}  # stage -> loss
+# stage -> loss
+OBJECTIVES = {
+    "dckd": "dckd",
+    "vanilla_kd": "vanilla_kd",
+    "adpa": "adpa",
+    "adpa_plus": "adpa",
+    "adpa_no_ref": "adpa",
+    "chosen_sft": "nll",
+}
 # The sequences of an example, in batch order, and the training settings read as the loss's weight keywords.
-SEQUENCES = {"dckd": ("chosen", "rejected"), "vanilla_kd": ("chosen",), "adpa": ("chosen", "own")}
+SEQUENCES = {"dckd": ("chosen", "rejected"), "vanilla_kd": ("chosen",), "adpa": ("chosen", "own"), "nll": ("chosen",)}
 WEIGHTS = {
     "dckd": ("nll_weight", "chosen_kl_weight", "rejected_kl_weight"),
     "vanilla_kd": ("nll_weight", "kl_weight"),
     "adpa": ("nll_weight", "adpa_weight"),
+    "nll": (),
 }
+# Which advantage store each ADPA stage reads: with the REF teacher subtracted, or without (the ablation).
+ADVANTAGE_WITH_REFERENCE = {"adpa": True, "adpa_plus": True, "adpa_no_ref": False}
 
 
 def check_store(store: TopKStore, tokenizer, exchanges: Sequence[Exchange], name: str) -> None:
@@ -71,12 +85,13 @@ class DistillationCollator:
 
     def __post_init__(self) -> None:
         ks = {store.k for store in self.stores.values() if store is not None}
-        if len(ks) != 1:
-            raise ValueError(f"the sequences' stores must share one k, got {sorted(ks) or 'no store'}")
+        if len(ks) > 1:
+            raise ValueError(f"the sequences' stores must share one k, got {sorted(ks)}")
 
     @property
     def k(self) -> int:
-        return next(store.k for store in self.stores.values() if store is not None)
+        """The stores' k; 1 (all-zero top-k tensors) when no sequence has a store (chosen_sft)."""
+        return next((store.k for store in self.stores.values() if store is not None), 1)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         exchanges = [Exchange(f[f"{name}_ids"], f[f"{name}_start"]) for name in self.stores for f in features]
@@ -151,7 +166,9 @@ def _distillation_trainer_class():
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             sequences = split_sequences(outputs.logits[:, :-1], inputs, SEQUENCES[self.objective])
             chosen = sequences["chosen"]
-            if self.objective == "dckd":
+            if self.objective == "nll":
+                loss = nll_loss(chosen.logits, chosen.labels, chosen.mask)
+            elif self.objective == "dckd":
                 rejected = sequences["rejected"]
                 loss = dckd_loss(
                     chosen_logits=chosen.logits,
@@ -197,8 +214,8 @@ def run_distillation(
     generations: Path | None = None,
     advantage: Path | None = None,
 ) -> None:
-    """dckd and vanilla_kd (the teacher's `topk` store) or adpa / adpa_plus (the student's own
-    `generations` and their `advantage` store), from the student `model`."""
+    """dckd and vanilla_kd (the teacher's `topk` store), adpa / adpa_plus / adpa_no_ref (the student's
+    own `generations` and their `advantage` store) or chosen_sft (neither), from the student `model`."""
     import datasets
     from transformers import TrainingArguments
 
@@ -215,7 +232,9 @@ def run_distillation(
     exchanges = {"chosen": tokenize_rows(tokenizer, prompts, pairs["chosen"], max_length, "chosen")}
     if objective == "dckd":
         exchanges["rejected"] = tokenize_rows(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
-    if objective in ("dckd", "vanilla_kd"):
+    if objective == "nll":
+        stores: dict[str, TopKStore | None] = {"chosen": None}
+    elif objective in ("dckd", "vanilla_kd"):
         stores = {name: TopKStore(topk / name) for name in SEQUENCES[objective]}
         for name, store in stores.items():
             check_store(store, tokenizer, exchanges[name], f"teacher_topk {name}")
@@ -227,6 +246,13 @@ def run_distillation(
         exchanges["own"] = tokenize_rows(tokenizer, prompts, own, max_length, "own response")
         stores = {"chosen": None, "own": TopKStore(advantage)}
         check_store(stores["own"], tokenizer, exchanges["own"], "advantage")
+        wanted = ADVANTAGE_WITH_REFERENCE[run.stage]
+        if stores["own"].metadata.get("reference", True) != wanted:
+            raise SequenceError(
+                f"{run.stage}: the advantage store {advantage} was computed "
+                f"{'without' if wanted else 'with'} the REF teacher; {run.stage} reads the one "
+                f"{'with' if wanted else 'without'} it"
+            )
     weights = {key: training[key] for key in WEIGHTS[objective]}
     columns: dict[str, list] = {"row": list(range(len(exchanges["chosen"])))}
     for name in SEQUENCES[objective]:

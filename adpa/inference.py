@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from adpa.errors import InputError
 from adpa.generation import batches, inference_autocast, load_for_stage
 from adpa.sequences import Exchange, pad_exchanges, pad_token_id, template_fingerprint, tokenize_rows
 from adpa.topk_store import TopKStoreWriter
@@ -67,14 +68,17 @@ def write_advantage(
     batch_size: int,
     metadata: dict,
 ) -> None:
-    """A(s_t, a) = log pi_dpo(a|s_t) - log pi_ref(a|s_t) for a in the DPO teacher's top-k, signed."""
+    """A(s_t, a) = log pi_dpo(a|s_t) - log pi_ref(a|s_t) for a in the DPO teacher's top-k, signed;
+    without `ref_model` (the ablation without the REF teacher) A(s_t, a) = log pi_dpo(a|s_t)."""
     vocab = dpo_model.config.vocab_size
     with TopKStoreWriter(store_dir, k, vocab, kind="advantage", has_rest=False, metadata=metadata) as store:
         for chunk in batches(exchanges, batch_size, "advantage"):
             batch = pad_exchanges(chunk, pad_id)
             dpo_top, top_ids = _response_logprobs(dpo_model, batch).topk(k, dim=-1)
-            ref_at_top = _response_logprobs(ref_model, batch).gather(-1, top_ids)
-            for ids, advantage in zip(_rows(top_ids, batch), _rows(dpo_top - ref_at_top, batch)):
+            advantages = dpo_top
+            if ref_model is not None:
+                advantages = dpo_top - _response_logprobs(ref_model, batch).gather(-1, top_ids)
+            for ids, advantage in zip(_rows(top_ids, batch), _rows(advantages, batch)):
                 store.append(ids, advantage)
 
 
@@ -102,19 +106,32 @@ def run_teacher_topk(params: Mapping[str, Any], output: Path, *, model: str, bat
 
 
 def run_advantage(
-    params: Mapping[str, Any], output: Path, *, model: str, ref_model: str, generations: Path, batch_size: int
+    params: Mapping[str, Any],
+    output: Path,
+    *,
+    model: str,
+    generations: Path,
+    batch_size: int,
+    ref_model: str | None = None,
 ) -> dict:
-    """Advantage of the DPO teacher (`model`) over the REF teacher at the states of the student's own responses."""
+    """Advantage of the DPO teacher (`model`) over the REF teacher at the states of the student's own
+    responses; with `reference: false`, the DPO teacher's log-probs alone (no `ref_model`)."""
     import datasets
 
+    if params["reference"] != (ref_model is not None):
+        raise InputError(
+            "advantage: --ref-model is needed with reference: true and not allowed with reference: false "
+            f"(got reference: {str(params['reference']).lower()}, --ref-model {ref_model!r})"
+        )
     own = datasets.load_from_disk(str(generations))
     dpo_teacher, tokenizer = load_for_stage(model, params)
-    ref_teacher, _ = load_for_stage(ref_model, params)
+    ref_teacher = load_for_stage(ref_model, params)[0] if ref_model is not None else None
     responses = [[{"role": "assistant", "content": text}] for text in own["response"]]
     exchanges = tokenize_rows(tokenizer, own["prompt"], responses, params["max_length"], "own response")
     metadata = {
         "dpo_teacher": model,
         "ref_teacher": ref_model,
+        "reference": params["reference"],
         "template": template_fingerprint(tokenizer),
     }
     with inference_autocast(params["precision"]):

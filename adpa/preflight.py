@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpa.config import produced_paths, student_seeds
+from adpa.config import plan_sweeps, produced_paths, student_seeds
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
 from adpa.paths import expand_path, is_local
-from adpa.stages import of_kind, reading, student_models
+from adpa.stages import STAGES, of_kind, reading, student_models
 
 # Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
 CHECKPOINT_BYTES_PER_PARAMETER = 14
@@ -367,7 +367,12 @@ def required_disk_bytes(config: Mapping[str, Any], parameters: Mapping[str, int 
         count * final_bytes * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds)
         for stage, count in known.items()
     )
-    return checkpoints + finals
+    # Each sweep point trains its retrained student stages again, per seed.
+    swept = sum(
+        len(sweep.swept) * sum(1 for stage in sweep.retrained if STAGES[stage].kind == "training")
+        for sweep in plan_sweeps(config).values()
+    )
+    return checkpoints + finals + (student or 0) * final_bytes * seeds * swept
 
 
 def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan: Plan | None = None) -> None:

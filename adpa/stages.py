@@ -43,6 +43,9 @@ SEED = "seed{seed}"
 FROM_SFT = {"model": f"{SEED}/student_sft"}
 TOP_K = {"topk": "teacher_topk"}
 OWN_ADVANTAGE = {"generations": f"{SEED}/student_generations", "advantage": f"{SEED}/advantage"}
+# The advantage stage's two stores, by folder: log pi_dpo - log pi_ref, or log pi_dpo alone (the
+# paper's ablation without the REF teacher). The folder name is the stage's setting.
+ADVANTAGE_REFERENCE = {"advantage": True, "advantage_no_ref": False}
 
 REGISTRY: tuple[Stage, ...] = (
     Stage(
@@ -131,7 +134,7 @@ REGISTRY: tuple[Stage, ...] = (
         "advantage",
         "inference",
         "adpa.inference:run_advantage",
-        "DPO-vs-REF teacher advantage on the student's own responses",
+        "DPO-vs-REF teacher advantage on the student's own responses (or the DPO teacher's log-probs alone)",
         per_seed=True,
         options=("model", "ref_model", "generations", "output", "batch_size"),
     ),
@@ -155,6 +158,18 @@ REGISTRY: tuple[Stage, ...] = (
         "baseline: SimPO of the student (reference-free; TRL CPOTrainer)",
         per_seed=True,
         section="simpo",
+        reads=("preference_data",),
+        role="student",
+        method=True,
+        inputs=FROM_SFT,
+    ),
+    Stage(
+        "chosen_sft",
+        "training",
+        "adpa.distill:run_distillation",
+        "control: NLL on the chosen responses alone, the term every distillation method shares",
+        per_seed=True,
+        section="chosen_sft",
         reads=("preference_data",),
         role="student",
         method=True,
@@ -225,6 +240,19 @@ REGISTRY: tuple[Stage, ...] = (
         inputs={"model": f"{SEED}/dckd", **OWN_ADVANTAGE},
     ),
     Stage(
+        "adpa_no_ref",
+        "training",
+        "adpa.distill:run_distillation",
+        "ablation: ADPA whose advantage is the DPO teacher's log-prob alone (no REF teacher)",
+        per_seed=True,
+        section="adpa",
+        options=("model", "generations", "advantage", "output"),
+        reads=("preference_data",),
+        role="student",
+        method=True,
+        inputs={**FROM_SFT, **OWN_ADVANTAGE, "advantage": f"{SEED}/advantage_no_ref"},
+    ),
+    Stage(
         "evaluate",
         "inference",
         "adpa.evaluate:run_evaluate",
@@ -240,6 +268,13 @@ REGISTRY: tuple[Stage, ...] = (
         "the results table (CSV, Markdown) and plots over every model",
         section="evaluation",
         options=("results", "csv", "markdown", "metrics_plot", "loss_plot", "paired_csv"),
+    ),
+    Stage(
+        "sweep_summary",
+        "cpu",
+        "adpa.sweep_summary:run_sweep_summary",
+        "one sweep's table (CSV, Markdown) and plot: each value's metrics against the config's own",
+        options=("results", "csv", "markdown", "plot"),
     ),
 )
 

@@ -46,12 +46,33 @@ TABLE_COLUMNS = {
 # (model, baseline) pairs of the paired-differences table: model - baseline on the same rows and seeds.
 # Pairs naming a model the config did not train (see `methods`) are left out.
 BASELINE_METHODS = ("student_dpo", "simpo", "vanilla_kd", "seq_kd")
-COMPARISONS: tuple[tuple[str, str], ...] = (
-    *((method, BASELINE) for method in (*BASELINE_METHODS, "dckd", "adpa", "adpa_plus")),
-    ("adpa", "dckd"),
-    ("adpa_plus", "dckd"),
-    *(("adpa_plus", baseline) for baseline in BASELINE_METHODS),
-    ("dpo_teacher", "ref_teacher"),
+# The control: NLL on the chosen responses alone, the term every distillation method shares.
+CONTROL = "chosen_sft"
+DISTILLATION_METHODS = ("vanilla_kd", "dckd", "adpa", "adpa_plus", "adpa_no_ref")
+# What each ingredient adds, one paired difference each (docs/embedded-default.md).
+INGREDIENTS: tuple[tuple[str, str, str], ...] = (
+    ("clean answers", CONTROL, BASELINE),
+    ("the teacher's distribution on chosen", "vanilla_kd", CONTROL),
+    ("the rejected side", "dckd", "vanilla_kd"),
+    ("the advantage", "adpa", CONTROL),
+    ("the reference teacher", "adpa", "adpa_no_ref"),
+    ("the DCKD start", "adpa_plus", "adpa"),
+)
+COMPARISONS: tuple[tuple[str, str], ...] = tuple(
+    dict.fromkeys(
+        (
+            *(
+                (method, BASELINE)
+                for method in (*BASELINE_METHODS, CONTROL, "dckd", "adpa", "adpa_plus", "adpa_no_ref")
+            ),
+            *((method, CONTROL) for method in DISTILLATION_METHODS),
+            *((model, baseline) for _, model, baseline in INGREDIENTS),
+            ("adpa", "dckd"),
+            ("adpa_plus", "dckd"),
+            *(("adpa_plus", baseline) for baseline in BASELINE_METHODS),
+            ("dpo_teacher", "ref_teacher"),
+        )
+    )
 )
 Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]
 # One model's per-row values of one metric, by seed (None: a teacher; for a teacher's win rate, student_sft's seed).
@@ -246,12 +267,16 @@ def model_table(intervals: pd.DataFrame) -> list[str]:
     return lines
 
 
-def paired_table(paired: pd.DataFrame) -> list[str]:
+def paired_table(paired: pd.DataFrame, labels: Mapping[tuple[str, str], str] | None = None) -> list[str]:
+    """One line per (model, baseline) pair; with `labels`, only the labelled pairs, each led by its label."""
+    lead = "ingredient | " if labels else ""
     lines = [
-        "| model − baseline | seeds | rows | " + " | ".join(TABLE_COLUMNS.values()) + " |",
-        "|---|---|---|" + "---|" * len(TABLE_COLUMNS),
+        f"| {lead}model − baseline | seeds | rows | " + " | ".join(TABLE_COLUMNS.values()) + " |",
+        "|---" * (3 + bool(labels)) + "|" + "---|" * len(TABLE_COLUMNS),
     ]
     for (model, baseline), comparison in paired.groupby(["model", "baseline"], sort=False):
+        if labels is not None and (model, baseline) not in labels:
+            continue
         by_metric = comparison.set_index("metric")
         cells = [
             interval_cell(
@@ -265,8 +290,15 @@ def paired_table(paired: pd.DataFrame) -> list[str]:
         ]
         # The models' own seeds: a teacher's win rate is also paired over student_sft's seeds.
         seeds, rows = by_metric.at["accuracy", "seeds"], by_metric.at["accuracy", "rows"]
-        lines.append(f"| {model} − {baseline} | {seeds} | {rows} | " + " | ".join(cells) + " |")
+        label = f"{labels[model, baseline]} | " if labels else ""
+        lines.append(f"| {label}{model} − {baseline} | {seeds} | {rows} | " + " | ".join(cells) + " |")
     return lines
+
+
+def ingredient_labels(paired: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """The attribution pairs (INGREDIENTS) this run has, in paired-table order."""
+    present = set(zip(paired["model"], paired["baseline"]))
+    return {(model, baseline): name for name, model, baseline in INGREDIENTS if (model, baseline) in present}
 
 
 def markdown(intervals: pd.DataFrame, paired: pd.DataFrame, run_name: str, seeds: Sequence[int]) -> str:
@@ -293,6 +325,17 @@ def markdown(intervals: pd.DataFrame, paired: pd.DataFrame, run_name: str, seeds
             "win rate vs SFT is half the difference in accuracy (against student_sft: win rate − 0.5).",
             "",
             *paired_table(paired),
+        ]
+    labels = ingredient_labels(paired) if not paired.empty else {}
+    if labels:
+        lines += [
+            "",
+            "## What each ingredient adds",
+            "",
+            "Each row adds one ingredient to its baseline (chosen_sft: NLL on the chosen answers alone, the term "
+            "every distillation method shares); the same paired differences as above.",
+            "",
+            *paired_table(paired, labels),
         ]
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,8 @@ from adpa import launch
 from adpa.errors import InputError
 from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
-from adpa.stages import METHODS, STAGES
+from adpa.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
+from adpa.sweeps import producer, with_setting
 
 try:
     adpa_config.check_config_files(workflow.configfiles)
@@ -75,17 +76,50 @@ def train_options(wildcards, threads):
     return " ".join(options)
 
 
+# Sweeps (config `sweeps`, adpa/sweeps.py): a point's outputs live under results/sweeps/<name>/<key>~<value>/,
+# its config is the main one with the swept setting at the point's value.
+SWEEPS = adpa_config.plan_sweeps(config)
+SWEEP_POINT = "sweeps/{sweep}/{point}"
+POINT_CONFIGS = {
+    (name, point.folder.rsplit("/", 1)[-1]): adpa_config.validate_config(
+        {**with_setting(config, sweep.setting, point.value), "sweeps": {}}
+    )
+    for name, sweep in SWEEPS.items()
+    for point in sweep.swept
+}
+
+
+SWEEP_WILDCARDS = {"sweep": "|".join(SWEEPS) or "no-sweep", "point": "[^/]+"}
+
+
+def config_at(wildcards):
+    """The config a job runs with: its sweep point's, or the main one."""
+    sweep = getattr(wildcards, "sweep", None)
+    return POINT_CONFIGS[(sweep, wildcards.point)] if sweep is not None else config
+
+
 def stage_fields(stage):
-    """The params of every stage's rule, its settings (per seed for per-seed stages: a function of
-    the wildcards, so a rerun trigger) and the hash of the code it runs."""
-    if STAGES[stage].per_seed:
+    """The params of every stage's rule: its settings (a function of the wildcards, so a rerun trigger
+    per seed, sweep point and advantage store) and the hash of the code it runs."""
 
-        def settings(wildcards):
-            return adpa_config.params_json(adpa_config.stage_params(config, stage, int(wildcards.seed)))
+    def settings(wildcards):
+        seed = int(wildcards.seed) if STAGES[stage].per_seed else None
+        options = {"advantage_reference": ADVANTAGE_REFERENCE[wildcards.advantage]} if stage == "advantage" else {}
+        return adpa_config.params_json(adpa_config.stage_params(config_at(wildcards), stage, seed, **options))
 
-    else:
-        settings = adpa_config.params_json(adpa_config.stage_params(config, stage))
     return {"stage": settings, "code": code_hash(stage)}
+
+
+def at_point(path):
+    """A results/ input of a job at a sweep point: the point's own output when the sweep retrains the
+    stage that writes it, else the main run's."""
+
+    def resolve(wildcards):
+        retrained = producer(path) in SWEEPS[wildcards.sweep].retrained
+        folder = f"{RESULTS}/sweeps/{wildcards.sweep}/{wildcards.point}" if retrained else RESULTS
+        return f"{folder}/{path}".replace("{seed}", getattr(wildcards, "seed", "{seed}"))
+
+    return resolve
 
 
 def cli_inputs(stage):
@@ -99,12 +133,28 @@ def cli_inputs(stage):
     return options
 
 
-def log_of(stage):
-    return f"logs/seed{{seed}}/{stage}.log" if STAGES[stage].per_seed else f"logs/{stage}.log"
+def reference_teacher(wildcards):
+    """The advantage store subtracts the REF teacher's log-probs, or (advantage_no_ref) does without them."""
+    return [f"{RESULTS}/ref_teacher"] if ADVANTAGE_REFERENCE[wildcards.advantage] else []
 
 
-def benchmark_of(stage):
-    return f"benchmarks/seed{{seed}}/{stage}.tsv" if STAGES[stage].per_seed else f"benchmarks/{stage}.tsv"
+def reference_option(wildcards, input):
+    return f"--ref-model {shlex.quote(input.ref_teacher[0])}" if input.ref_teacher else ""
+
+
+def log_of(stage, folder=None):
+    """logs/[<sweep point>/][seed<N>/]<folder>.log; folder: the output's name (default: the stage's)."""
+    return f"logs/{STAGES[stage].per_seed * 'seed{seed}/'}{folder or stage}.log"
+
+
+def benchmark_of(stage, folder=None):
+    return f"benchmarks/{STAGES[stage].per_seed * 'seed{seed}/'}{folder or stage}.tsv"
+
+
+def at_sweep_point(path):
+    """logs/x.log -> logs/sweeps/{sweep}/{point}/x.log (the same for benchmarks/ and results/)."""
+    root, rest = path.split("/", 1)
+    return f"{root}/{SWEEP_POINT}/{rest}"
 
 
 def local_or_none(reference):

@@ -127,14 +127,16 @@ use rule teacher_generations as student_generations with:
 rule advantage:
     input:
         dpo_teacher=f"{RESULTS}/dpo_teacher",
-        ref_teacher=f"{RESULTS}/ref_teacher",
+        ref_teacher=reference_teacher,
         generations=f"{STUDENTS}/student_generations",
     output:
-        directory(f"{STUDENTS}/advantage"),
+        directory(f"{STUDENTS}/{{advantage}}"),
     log:
-        log_of("advantage"),
+        log_of("advantage", "{advantage}"),
     benchmark:
-        benchmark_of("advantage")
+        benchmark_of("advantage", "{advantage}")
+    wildcard_constraints:
+        advantage="|".join(ADVANTAGE_REFERENCE),
     conda:
         "../envs/train.yaml"
     threads: threads_of("advantage")
@@ -142,41 +144,48 @@ rule advantage:
         **resources_of("advantage"),
     params:
         **stage_fields("advantage"),
+        reference=reference_option,
         adpa=adpa_command,
         options=inference_options,
     shell:
-        "{params.adpa} advantage --params {params.stage:q} --model {input.dpo_teacher:q}"
-        " --ref-model {input.ref_teacher:q} --generations {input.generations:q} --output {output:q}"
-        " {params.options} 2>&1 | tee {log:q}"
+        "{params.adpa} advantage --params {params.stage:q} --model {input.dpo_teacher:q} {params.reference}"
+        " --generations {input.generations:q} --output {output:q} {params.options} 2>&1 | tee {log:q}"
 
 
 # One rule per student method, from its registry entry: the inputs it names (results/ folders),
-# the preference data when it reads it, and its CLI options in the same order.
+# the preference data when it reads it, and its CLI options in the same order. Each has a twin
+# for sweep points (rules/sweeps.smk), whose inputs are the point's where the sweep retrains them.
 for method in (STAGES[name] for name in METHODS):
+    for at_sweep in (False, True):
 
-    rule:
-        name:
-            method.name
-        input:
-            **{option: f"{RESULTS}/{path}" for option, path in method.inputs.items()},
-            data=dataset_input("preference") if "preference_data" in method.reads else [],
-        output:
-            directory(f"{STUDENTS}/{method.name}"),
-        log:
-            log_of(method.name),
-        benchmark:
-            benchmark_of(method.name)
-        conda:
-            "../envs/train.yaml"
-        threads: threads_of(method.name)
-        resources:
-            **resources_of(method.name),
-        params:
-            **stage_fields(method.name),
-            method=method.name,
-            inputs=cli_inputs(method),
-            launch=train_command,
-            options=train_options,
-        shell:
-            "{params.launch} {params.method} --params {params.stage:q} {params.inputs}"
-            " --output {output:q} {params.options} 2>&1 | tee {log:q}"
+        rule:
+            name:
+                f"{method.name}_sweep" if at_sweep else method.name
+            input:
+                **{
+                    option: at_point(path) if at_sweep else f"{RESULTS}/{path}"
+                    for option, path in method.inputs.items()
+                },
+                data=dataset_input("preference") if "preference_data" in method.reads else [],
+            output:
+                directory(at_sweep_point(f"{STUDENTS}/{method.name}") if at_sweep else f"{STUDENTS}/{method.name}"),
+            log:
+                at_sweep_point(log_of(method.name)) if at_sweep else log_of(method.name),
+            benchmark:
+                at_sweep_point(benchmark_of(method.name)) if at_sweep else benchmark_of(method.name)
+            wildcard_constraints:
+                **(SWEEP_WILDCARDS if at_sweep else {}),
+            conda:
+                "../envs/train.yaml"
+            threads: threads_of(method.name)
+            resources:
+                **resources_of(method.name),
+            params:
+                **stage_fields(method.name),
+                method=method.name,
+                inputs=cli_inputs(method),
+                launch=train_command,
+                options=train_options,
+            shell:
+                "{params.launch} {params.method} --params {params.stage:q} {params.inputs}"
+                " --output {output:q} {params.options} 2>&1 | tee {log:q}"

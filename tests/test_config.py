@@ -166,7 +166,18 @@ def test_student_seeds_change_only_the_student_stages_seed():
         *[
             f"seed{seed}/{m}"
             for seed in (3, 4)
-            for m in ("student_sft", "student_dpo", "simpo", "vanilla_kd", "seq_kd", "dckd", "adpa", "adpa_plus")
+            for m in (
+                "student_sft",
+                "student_dpo",
+                "simpo",
+                "chosen_sft",
+                "vanilla_kd",
+                "seq_kd",
+                "dckd",
+                "adpa",
+                "adpa_plus",
+                "adpa_no_ref",
+            )
         ],
     ]
     assert adpa_config.stage_params(config, "summary")["models"] == adpa_config.evaluated_models(config)
@@ -180,8 +191,15 @@ def test_methods_select_the_students_of_the_table():
     assert [model.split("/")[1] for model in adpa_config.evaluated_models(config)[3:]] == ["student_sft", "seq_kd"]
     with pytest.raises(ConfigError, match=r"config key 'methods.0': 'simpoo' is not one of"):
         adpa_config.validate_config({**load("tiny.yaml"), "methods": ["simpoo"]})
-    with pytest.raises(ConfigError, match=r"'vanilla_kd.max_length': 64 must equal dckd.max_length \(128\)"):
+    # vanilla_kd reads the top-k store cut at dckd's length: derived, so naming the method is enough.
+    with pytest.raises(
+        ConfigError, match=r"'vanilla_kd.max_length': derived from dckd.max_length, not set \(got 64\)"
+    ):
         adpa_config.validate_config({**load("tiny.yaml"), "vanilla_kd": {"max_length": 64}})
+    derived = adpa_config.validate_config(
+        {**load("tiny.yaml"), "dckd": {**load("tiny.yaml")["dckd"], "max_length": 96}}
+    )
+    assert adpa_config.stage_params(derived, "vanilla_kd")["training"]["max_length"] == 96
 
 
 def test_seeds_given_on_the_command_line_are_read_as_integers():

@@ -1,4 +1,4 @@
-"""precision: auto resolves per machine (AMX-BF16 CPU, other CPU) and reaches the Trainer and the manifest."""
+"""precision: auto resolves per machine (CPUs with and without native bf16) and reaches the Trainer and the manifest."""
 
 from __future__ import annotations
 
@@ -8,40 +8,48 @@ import pytest
 import torch
 
 from adpa import precision
-from adpa.precision import Precision, autocast, cpu_has_amx_bf16, resolve
+from adpa.precision import Precision, autocast, cpu_flags, cpu_has_native_bf16, resolve
 
-FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep avx2 avx512f avx512_bf16"
-AMX_FLAGS = FLAGS + " amx_bf16 amx_tile amx_int8"
+FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep avx2 avx512f"
+AVX512_BF16_FLAGS = FLAGS + " avx512_bf16"  # AMD Zen 4, Intel Cooper Lake
+AMX_FLAGS = AVX512_BF16_FLAGS + " amx_bf16 amx_tile amx_int8"
+ARM_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop"
 
 
-def cpuinfo(tmp_path: Path, flags: str) -> Path:
+def cpuinfo(tmp_path: Path, flags: str, key: str = "flags") -> Path:
     path = tmp_path / "cpuinfo"
-    processor = f"processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\nflags\t\t: {flags}\n\n"
+    processor = f"processor\t: 0\nmodel name\t: some CPU\n{key}\t\t: {flags}\n\n"
     path.write_text(processor + processor.replace(": 0", ": 1"))
     return path
 
 
-def test_amx_cpu_gets_fp32_weights_under_bf16_autocast(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [(AMX_FLAGS, "flags"), (AVX512_BF16_FLAGS, "flags"), (ARM_FEATURES + " bf16 i8mm", "Features")],
+    ids=["amx_bf16", "avx512_bf16", "arm_bf16"],
+)
+def test_native_bf16_cpu_gets_fp32_weights_under_bf16_autocast(tmp_path, monkeypatch, flags, key):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    resolved = resolve("auto", cpuinfo(tmp_path, AMX_FLAGS))
+    resolved = resolve("auto", cpuinfo(tmp_path, flags, key))
     assert resolved == Precision("fp32", "bf16") and resolved.label == "fp32+bf16-autocast"
     with autocast(resolved, "cpu"):
         assert torch.is_autocast_enabled("cpu")
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
 
 
-def test_cpu_without_amx_stays_fp32(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("flags", "key"), [(FLAGS, "flags"), (ARM_FEATURES, "Features")], ids=["x86", "arm"])
+def test_cpu_without_native_bf16_stays_fp32(tmp_path, monkeypatch, flags, key):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    # avx512_bf16 alone is not AMX: bf16 there was 4-5x slower than fp32.
-    assert not cpu_has_amx_bf16(cpuinfo(tmp_path, FLAGS))
-    resolved = resolve("auto", cpuinfo(tmp_path, FLAGS))
+    assert not cpu_has_native_bf16(cpuinfo(tmp_path, flags, key))
+    resolved = resolve("auto", cpuinfo(tmp_path, flags, key))
     assert resolved == Precision("fp32", "no") and resolved.label == "fp32"
     with autocast(resolved, "cpu"):
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_unreadable_cpuinfo_means_no_amx(tmp_path):
-    assert not cpu_has_amx_bf16(tmp_path / "missing")
+def test_unreadable_cpuinfo_means_no_native_bf16(tmp_path):
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert not cpu_has_native_bf16(tmp_path / "missing")
 
 
 def test_gpu_with_bf16_gets_bf16(monkeypatch, tmp_path):

@@ -83,8 +83,12 @@ def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch
     config["launch"]["save_total_limit"] = 2
     config["seeds"] = [1, 2]
     needed = required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100})
-    # teacher checkpoints 1000 x 14 x 2, plus fp32 finals: 2 teachers + 5 student stages x 2 seeds
-    assert needed == 1000 * 14 * 2 + 4 * (2 * 1000 + 8 * 100 * 2)
+    # teacher checkpoints 1000 x 14 x 2, plus fp32 finals: 2 teachers + 10 student stages x 2 seeds
+    assert needed == 1000 * 14 * 2 + 4 * (2 * 1000 + 10 * 100 * 2)
+    # A sweep adds its retrained training stages per point and seed: 2 points x (dckd, adpa_plus).
+    config["sweeps"] = {"kl": {"setting": "dckd.chosen_kl_weight", "values": [0.0, 0.5], "methods": ["adpa_plus"]}}
+    assert required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100}) == needed + 4 * 100 * 2 * 2 * 2
+    config["sweeps"] = {}
     assert required_disk_bytes(config, {}) == 0
     monkeypatch.setattr("adpa.preflight.parameter_count", lambda reference: 10**12)
     config["models"]["base_teacher"] = {"path": str(tmp_path), "trust_remote_code": False}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from conftest import REPO
 
 from adpa import provenance
@@ -44,8 +45,11 @@ MODULES = {
     "dckd": DISTILLED,
     "adpa": DISTILLED,
     "adpa_plus": DISTILLED,
+    "chosen_sft": DISTILLED,
+    "adpa_no_ref": DISTILLED,
     "evaluate": LOADS_MODELS | {"evaluate.py", "judges.py", "results.py", "tasks.py"},
     "summary": {"artifacts.py", "results.py", "stats.py", "summary.py"},
+    "sweep_summary": {"artifacts.py", "errors.py", "results.py", "stats.py", "summary.py", "sweep_summary.py"},
 }
 
 
@@ -87,3 +91,41 @@ def test_comments_do_not_change_the_hash_but_code_does(tmp_path):
     assert after["dpo_teacher"] != before["dpo_teacher"]
     assert after["ref_teacher"] == before["ref_teacher"]
     assert after["generate_data"] == before["generate_data"]
+
+
+def test_a_word_list_edit_reruns_exactly_the_stages_that_run_tasks_py(tmp_path):
+    """adpa/tasks.py reads its word lists from adpa/task_data/ (its `_DATA_FOLDER`): their bytes are part of
+    the hash of every stage that runs tasks.py, and of no other."""
+    package = tmp_path / "adpa"
+    shutil.copytree(REPO / "adpa", package, ignore=shutil.ignore_patterns("__pycache__"))
+    runs_tasks = {stage for stage in provenance.STAGE_MODULES if "tasks.py" in names(stage)}
+    assert "generate_data" in runs_tasks
+    before = {stage: provenance.code_hash(stage, package) for stage in provenance.STAGE_MODULES}
+    words = package / "task_data" / "many_words.txt"
+    words.write_text(words.read_text().replace("\nable\n", "\nabel\n", 1))
+    after = {stage: provenance.code_hash(stage, package) for stage in provenance.STAGE_MODULES}
+    assert {stage for stage in before if after[stage] != before[stage]} == runs_tasks
+    # A new file in the folder counts too: the folder is hashed whole.
+    (package / "task_data" / "new_family.txt").write_text("word\n")
+    assert provenance.code_hash("generate_data", package) != after["generate_data"]
+
+
+def test_data_files_are_those_of_the_declared_folders():
+    data = {
+        path.relative_to(provenance.PACKAGE_DIR).as_posix() for path in provenance.stage_data_files("generate_data")
+    }
+    assert data == {f"task_data/{path.name}" for path in (REPO / "adpa" / "task_data").iterdir()}
+    assert provenance.stage_data_files("summary") == []
+    # Every folder in adpa/ is some module's declared data folder: none escapes the hash.
+    declared = {provenance._parsed(path)[2] for path in (REPO / "adpa").glob("*.py")} - {None}
+    folders = {path.name for path in (REPO / "adpa").iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert folders == declared
+
+
+def test_a_data_folder_must_be_named_by_a_string_literal(tmp_path):
+    package = tmp_path / "adpa"
+    shutil.copytree(REPO / "adpa", package, ignore=shutil.ignore_patterns("__pycache__"))
+    tasks = package / "tasks.py"
+    tasks.write_text(tasks.read_text().replace('_DATA_FOLDER = "task_data"', '_DATA_FOLDER = "task_" + "data"', 1))
+    with pytest.raises(ValueError, match="_DATA_FOLDER must be a string literal"):
+        provenance.code_hash("generate_data", package)

@@ -219,17 +219,24 @@ def test_write_summary_end_to_end(fake_results, tmp_path):
     sft = next(line for line in lines if line.startswith("| student_sft |"))
     assert sft.split(" | ")[4] == "-", "student_sft's win rate against itself is not shown"
     assert "## Paired differences" in text and "**bold** where the interval excludes 0" in text
-    paired_lines = [line for line in lines if " − " in line and line.startswith("| ")]
+    paired_section, ingredients = text.split("## Paired differences", 1)[1].split("## What each ingredient adds")
+    paired_lines = [line for line in paired_section.splitlines() if " − " in line and line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in paired_lines[1:]] == [
         "student_dpo − student_sft",
         "dckd − student_sft",
         "adpa − student_sft",
         "adpa_plus − student_sft",
+        "adpa_plus − adpa",
         "adpa − dckd",
         "adpa_plus − dckd",
         "adpa_plus − student_dpo",
         "dpo_teacher − ref_teacher",
     ]
+    # Of the attribution pairs, this run (no chosen_sft, vanilla_kd or adpa_no_ref) has the DCKD start only.
+    ingredient_lines = [line for line in ingredients.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [line.split(" | ")[:2] for line in ingredient_lines[1:]] == [["| the DCKD start", "adpa_plus − adpa"]]
+    same = next(line for line in paired_lines if line.startswith("| adpa_plus − adpa |"))
+    assert ingredient_lines[1].split(" | ", 2)[2] == same.split(" | ", 1)[1], "the same paired difference"
     dpo_vs_ref = next(line for line in paired_lines if line.startswith("| dpo_teacher − ref_teacher | 1 |"))
     assert dpo_vs_ref.split(" | ")[5].startswith("**+"), "pref. acc. of the DPO teacher is clearly higher"
     paired = pd.read_csv(tmp_path / "summary_paired.csv")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import hashlib
+import json
 import re
 import string
+from importlib import resources
 
 import pytest
+import tomllib
+from conftest import REPO
 
+from adpa import tasks
 from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples, verify
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -286,3 +294,93 @@ def test_all_letters_and_days_generate() -> None:
     asked = {m[1] for e in examples if (m := re.search(r"after '([a-z])'", e.prompt))}
     assert asked == set(string.ascii_lowercase[:-1])
     assert {e.answer for e in examples if e.family == "next_day"} == set(DAYS)
+
+
+def sha256_json(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+WORD_FAMILIES = (
+    "reverse_word",
+    "uppercase_word",
+    "lowercase_word",
+    "capitalize_word",
+    "plural_word",
+    "count_letter",
+    "first_letter",
+    "last_letter",
+)
+
+
+# sha256 of the examples' JSON, computed with the word lists still inline in adpa/tasks.py (before they moved
+# to adpa/task_data/). Every generated dataset is built from these examples: a generator change or a word list
+# edit that changes the generated data fails here. If the change is meant, update the pins.
+@pytest.mark.parametrize(
+    ("n", "seed", "families", "sha256"),
+    [
+        (300, 2024, FAMILY_NAMES, "8db287f67d663c7991ae7483ac6319d3ce4a6f741d1a6a3702a0fa3c2a1f005f"),
+        (
+            400,
+            0,
+            ("first_letter", "small_addition", "capitalize_word", "plural_word"),  # config/config.yaml's
+            "e09c0f4d5ed19a2a1fb264def6ab9baa5eabed308ea258d366f2cb36ac9bd950",
+        ),
+        (3000, 1, WORD_FAMILIES, "a72cc5eae82408f8f22e11f51022c0cfe722e61ed4c1231efb478f9ee19583fa"),
+    ],
+    ids=["all families", "config.yaml families", "word families"],
+)
+def test_generated_examples_are_pinned(n: int, seed: int, families: tuple[str, ...], sha256: str) -> None:
+    rows = [dataclasses.asdict(example) for example in generate_examples(n, seed, families)]
+    assert sha256_json(rows) == sha256, "the generated data changed; if that is meant, update the pin"
+
+
+# What tasks.py reads from each file in adpa/task_data/.
+DATA_FILES = {
+    "words.txt": "_WORDS",
+    "count_words.txt": "_COUNT_WORDS",
+    "many_words.txt": "_MANY_WORDS",
+    "no_s_plural.txt": "_NO_S_PLURAL",
+}
+
+
+def test_word_lists_are_pinned() -> None:
+    """Any change to a list's words or their order (which seeded picks index into) changes generated data,
+    even where the pinned generations above miss it; comments in the files may change freely."""
+    tables = {name: getattr(tasks, table) for name, table in DATA_FILES.items()}
+    tables = {name: sorted(words) if isinstance(words, frozenset) else list(words) for name, words in tables.items()}
+    assert sha256_json(tables) == "d36b488ca343a031c6f383d60016b93eda0a0ae357664cb34532ce71cde625a9", (
+        "a word list in adpa/task_data/ changed, and the generated data with it; if that is meant, update the pin"
+    )
+
+
+def test_each_data_file_is_unique_lowercase_words_and_read_as_written() -> None:
+    folder = resources.files("adpa") / "task_data"
+    assert {path.name for path in folder.iterdir()} == set(DATA_FILES), "every file in adpa/task_data/ is read"
+    for name, table in DATA_FILES.items():
+        lines = (folder / name).read_text(encoding="utf-8").splitlines()
+        entries = [line for line in lines if not line.startswith("#")]
+        assert entries, name
+        for entry in entries:
+            assert re.fullmatch(r"[a-z]+", entry), f"{name}: {entry!r} (blank, padded or not one lowercase word)"
+        assert len(set(entries)) == len(entries), f"{name}: a word repeats"
+        loaded = getattr(tasks, table)
+        assert loaded == (frozenset(entries) if isinstance(loaded, frozenset) else tuple(entries)), name
+
+
+def test_word_list_reader_skips_comments_and_rejects_bad_lines() -> None:
+    assert tasks._parse_words("# about\ncat\n\n  dog \n", "x.txt") == ("cat", "dog")
+    for text, message in (
+        ("cat\ndog\ncat\n", "x.txt line 3: 'cat' repeats line 1"),
+        ("cat\nDog\n", "x.txt line 2: 'Dog' is not one lowercase word"),
+        ("ice cream\n", "x.txt line 1: 'ice cream' is not one lowercase word"),
+        ("# only a comment\n\n", "x.txt: no words"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tasks._parse_words(text, "x.txt")
+
+
+def test_data_files_ship_with_the_package() -> None:
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools.get("package-data", {}).get("adpa", [])
+    for name in DATA_FILES:
+        assert any(fnmatch.fnmatch(f"task_data/{name}", pattern) for pattern in patterns), name

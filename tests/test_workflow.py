@@ -29,9 +29,13 @@ MODELS = (
     "simpo",
     "vanilla_kd",
     "seq_kd",
+    "chosen_sft",
+    "adpa_no_ref",
 )
 BASELINES = ("student_dpo", "simpo", "vanilla_kd", "seq_kd")
-TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", *BASELINES)
+# The control (NLL on chosen alone) and the ablation without the REF teacher.
+ATTRIBUTION = ("chosen_sft", "adpa_no_ref")
+TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", *BASELINES, *ATTRIBUTION)
 EVALUATED = ("base_teacher", *TRAINED)
 AFTER_DPO_TEACHER = {
     "teacher_topk",
@@ -42,8 +46,11 @@ AFTER_DPO_TEACHER = {
     "adpa_plus",
     "vanilla_kd",
     "seq_kd",
+    "adpa_no_ref",
 }
-PER_SEED = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", *BASELINES)
+PER_SEED = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", *BASELINES, *ATTRIBUTION)
+# Jobs per seed: the advantage stage writes two stores (with and without the REF teacher).
+JOBS_PER_SEED = {"advantage": 2}
 SEED = 0  # config/tiny.yaml's seed; its students live in results/seed0/
 
 
@@ -59,7 +66,7 @@ def stage_file(workdir: Path, kind: str, stage: str, suffix: str) -> Path:
 def jobs(*stages, seeds: int = 1) -> dict[str, int]:
     """The dry-run job table expected when exactly these stages rerun: each changed model is
     evaluated again, and the summary is rebuilt."""
-    table = {stage: seeds if stage in PER_SEED else 1 for stage in stages}
+    table = {stage: JOBS_PER_SEED.get(stage, 1) * seeds if stage in PER_SEED else 1 for stage in stages}
     evaluations = sum(table[stage] for stage in stages if stage in EVALUATED)
     if evaluations:
         table["evaluate"] = evaluations
@@ -142,8 +149,12 @@ def test_dckd_weights_rerun_dckd_and_adpa_plus_only(tiny):
     assert dry_run(tiny, "--config", "dckd={chosen_kl_weight: 0.3}") == jobs("dckd", "adpa_plus")
 
 
-def test_adpa_lambda_reruns_adpa_and_adpa_plus_only(tiny):
-    assert dry_run(tiny, "--config", "adpa={adpa_weight: 1.0}") == jobs("adpa", "adpa_plus")
+def test_adpa_lambda_reruns_the_adpa_stages_only(tiny):
+    assert dry_run(tiny, "--config", "adpa={adpa_weight: 1.0}") == jobs("adpa", "adpa_plus", "adpa_no_ref")
+
+
+def test_control_settings_rerun_the_control_only(tiny):
+    assert dry_run(tiny, "--config", "chosen_sft={learning_rate: 0.002}") == jobs("chosen_sft")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +171,7 @@ def test_baseline_settings_rerun_that_baseline_only(tiny, change, stages):
 
 
 def test_dropping_a_method_leaves_the_others_untouched(tiny):
-    methods = "methods=[student_dpo, vanilla_kd, seq_kd, dckd, adpa, adpa_plus]"
+    methods = "methods=[student_dpo, chosen_sft, vanilla_kd, seq_kd, dckd, adpa, adpa_plus, adpa_no_ref]"
     # simpo's model is no longer in the table: its evaluation goes, the summary is rebuilt.
     assert dry_run(tiny, "--config", methods) == {"summary": 1, "all": 1}
 
@@ -483,6 +494,12 @@ def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
     assert store.kind == "advantage" and len(store) == len(generations) and store.num_tokens > 0
     values = store.values.astype("float32")
     assert (values < 0).any() and (values > 0).any(), "advantages keep their sign (no clamp by default)"
+    # adpa_no_ref's store: the same DPO-teacher top-k ids, valued by log pi_dpo alone (no REF teacher).
+    without = TopKStore(stage_dir(tiny, "advantage_no_ref"))
+    assert without.metadata["reference"] is False and store.metadata["reference"] is True
+    assert (without.ids == store.ids).all() and (without.lengths == store.lengths).all()
+    logprobs = without.values.astype("float32")
+    assert (logprobs <= 1e-3).all() and (logprobs < -1e-2).any(), "log-probabilities, not differences"
 
 
 def test_vocabulary_mismatch_is_refused(tiny, tmp_path):
@@ -530,10 +547,77 @@ def test_two_seeds_share_the_teachers_and_the_table_reports_their_spread(tiny):
     second = json.loads((stage_dir(tiny, "adpa", seed=5) / "adpa_manifest.json").read_text())
     assert second["params"]["seed"] == 5
     table = pd.read_csv(tiny / "results" / "summary.csv")
-    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 8
+    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 10
     markdown = (tiny / "results" / "summary.md").read_text()
     assert "seeds 0, 5 (2 runs)" in markdown
     adpa_line = next(line for line in markdown.splitlines() if line.startswith("| adpa |"))
     assert adpa_line.startswith("| adpa | 2 |") and "[" in adpa_line  # mean [95% interval over seeds and rows]
     teacher_line = next(line for line in markdown.splitlines() if line.startswith("| dpo_teacher |"))
     assert teacher_line.startswith("| dpo_teacher | 1 |")
+
+
+# Sweeps: a per-seed setting (lambda, read by adpa only here) and a shared stage's (teacher_topk.k).
+SWEEPS = "sweeps={lam: {setting: adpa.adpa_weight, values: [0.0]}, k: {setting: teacher_topk.k, values: [4], methods: [dckd]}}"
+# The state the reruns above left on disk (seeds 0 and 5, dckd's rejected weight 0.3).
+ON_DISK = ("seeds=[0, 5]", "dckd={rejected_kl_weight: 0.3}")
+
+
+def test_sweeps_plan_only_what_the_swept_setting_changes(tiny):
+    sweep_jobs = {
+        # lambda: adpa, adpa_plus and adpa_no_ref read it; both teachers, student_sft, the generations
+        # and the advantage stores are reused.
+        "adpa_sweep": 2,
+        "adpa_plus_sweep": 2,
+        "adpa_no_ref_sweep": 2,
+        # k: teacher_topk once (shared by the seeds), then dckd per seed; the advantage is not read by dckd.
+        "teacher_topk_sweep": 1,
+        "dckd_sweep": 2,
+        "evaluate_sweep": 8,
+        "sweep_summary": 2,
+        "all": 1,
+    }
+    assert dry_run(tiny, "--config", *ON_DISK, SWEEPS) == sweep_jobs
+
+
+def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
+    import pandas as pd
+
+    arguments = ("--config", "seeds=[0]", "dckd={rejected_kl_weight: 0.3}", SWEEPS)
+    mtimes = {stage: (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns for stage in MODELS}
+    result = run_snakemake(tiny, *TINY, *arguments)
+    assert planned_jobs(result) == {
+        "adpa_sweep": 1,
+        "adpa_plus_sweep": 1,
+        "adpa_no_ref_sweep": 1,
+        "teacher_topk_sweep": 1,
+        "dckd_sweep": 1,
+        "evaluate_sweep": 4,
+        "sweep_summary": 2,
+        "summary": 1,  # seed 5 leaves the table
+        "all": 1,
+    }
+    for stage, mtime in mtimes.items():
+        assert (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns == mtime, f"{stage} was reused"
+    point = tiny / "results" / "sweeps" / "lam" / "adpa_weight~0.0" / "seed0" / "adpa"
+    trained = json.loads((point / "adpa_manifest.json").read_text())
+    assert trained["params"]["training"]["adpa_weight"] == 0.0 and trained["metrics"]["global_step"] > 0
+    from adpa.topk_store import TopKStore
+
+    assert TopKStore(tiny / "results" / "sweeps" / "k" / "k~4" / "teacher_topk" / "chosen").k == 4
+    table = pd.read_csv(tiny / "results" / "sweeps" / "lam.csv")
+    assert list(table["model"]) == ["adpa", "adpa", "adpa_plus", "adpa_plus", "adpa_no_ref", "adpa_no_ref"]
+    assert list(table["value"]) == [0.0, 1.6, 0.0, 1.6, 0.0, 1.6] and list(table["is_baseline"]) == [False, True] * 3
+    assert table.loc[~table["is_baseline"], "accuracy_difference"].notna().all()
+    assert (tiny / "results" / "sweeps" / "k.svg").read_text().lstrip().startswith("<?xml")
+    markdown = (tiny / "results" / "sweeps" / "k.md").read_text()
+    assert "teacher_topk.k" in markdown and "8 (config)" in markdown
+    # A new value plans its point alone; the trained point and the main run are reused.
+    changed = SWEEPS.replace("values: [0.0]", "values: [0.0, 2.0]")
+    assert dry_run(tiny, *arguments[:-1], changed) == {
+        "adpa_sweep": 1,
+        "adpa_plus_sweep": 1,
+        "adpa_no_ref_sweep": 1,
+        "evaluate_sweep": 3,
+        "sweep_summary": 1,
+        "all": 1,
+    }
