@@ -49,7 +49,8 @@ class Plan:
     @classmethod
     def of_jobs(cls, jobs: Iterable[tuple[str, Mapping[str, str]]]) -> Plan:
         """From (rule name, wildcards) of each job Snakemake is about to run."""
-        jobs = list(jobs)
+        # A sweep point's job (`<stage>_sweep`) reads what its stage reads.
+        jobs = [(rule.removesuffix("_sweep"), wildcards) for rule, wildcards in jobs]
         evaluated = {wildcards["model"] for rule, wildcards in jobs if rule == "evaluate" and "model" in wildcards}
         return cls(frozenset(rule for rule, _ in jobs), frozenset(evaluated))
 

@@ -204,3 +204,20 @@ def evaluated_model_input(wildcards):
 
 def run_name(wildcards, threads):
     return shlex.quote(config["run_name"])
+
+
+def sweep_evaluations(wildcards):
+    """Every point's evaluation of the sweep's methods per seed (the config's value: the main run's),
+    and student_sft's per seed (the win rate's opponent)."""
+    sweep = SWEEPS[wildcards.sweep]
+    seeds = adpa_config.student_seeds(config)
+    points = [f"{RESULTS}/{point.folder}" if point.folder else RESULTS for point in sweep.points]
+    models = [f"seed{seed}/{model}" for seed in seeds for model in sweep.methods]
+    return [
+        *(f"{point}/eval/{model}" for point in points for model in models),
+        *(f"{RESULTS}/eval/seed{seed}/student_sft" for seed in seeds),
+    ]
+
+
+def sweep_params(wildcards):
+    return adpa_config.params_json(adpa_config.sweep_summary_params(config, wildcards.sweep))

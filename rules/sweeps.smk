@@ -91,23 +91,6 @@ use rule evaluate as evaluate_sweep with:
         model=rf"seed\d+/({'|'.join(METHODS)})",
 
 
-def sweep_evaluations(wildcards):
-    """Every point's evaluation of the sweep's methods per seed (the config's value: the main run's),
-    and student_sft's per seed (the win rate's opponent)."""
-    sweep = SWEEPS[wildcards.sweep]
-    seeds = adpa_config.student_seeds(config)
-    points = [f"{RESULTS}/{point.folder}" if point.folder else RESULTS for point in sweep.points]
-    models = [f"seed{seed}/{model}" for seed in seeds for model in sweep.methods]
-    return [
-        *(f"{point}/eval/{model}" for point in points for model in models),
-        *(f"{RESULTS}/eval/seed{seed}/student_sft" for seed in seeds),
-    ]
-
-
-def sweep_params(wildcards):
-    return adpa_config.params_json(adpa_config.sweep_summary_params(config, wildcards.sweep))
-
-
 rule sweep_summary:
     input:
         sweep_evaluations,
@@ -131,7 +114,7 @@ rule sweep_summary:
     params:
         stage=sweep_params,
         code=code_hash("sweep_summary"),
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output.csv).parent.parent,
         adpa=adpa_command,
     shell:
         "{params.adpa} sweep_summary --params {params.stage:q} --results {params.results:q} --csv {output.csv:q}"

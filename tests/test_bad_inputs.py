@@ -338,6 +338,22 @@ CASES = [
         r"config key 'models.base_teacher.gguf': model package 'no_such_model_package' is not installed",
     ),
     Case(
+        "a derived setting set",
+        edit(nested("vanilla_kd.max_length", 64)),
+        r"config key 'vanilla_kd.max_length': derived from dckd.max_length, not set \(got 64\): remove it",
+    ),
+    Case(
+        "sweep of a teacher setting",
+        edit(nested("sweeps.lr", {"setting": "ref_teacher.learning_rate", "values": [1.0e-3]})),
+        r"config key 'sweeps.lr.setting': ref_teacher.learning_rate is not a student-side setting",
+        snakemake=True,
+    ),
+    Case(
+        "sweep value out of range",
+        edit(nested("sweeps.lam", {"setting": "adpa.adpa_weight", "values": [-1]})),
+        r"config key 'sweeps.lam.values\[0\]': -1: config key 'adpa.adpa_weight': -1 is less than the minimum of 0",
+    ),
+    Case(
         "judge questions missing",
         edit(nested("evaluation.mt_bench", "/nonexistent/question.jsonl")),
         r"config key 'evaluation.mt_bench': no such file or directory: /nonexistent/question.jsonl",

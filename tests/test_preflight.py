@@ -210,6 +210,11 @@ def test_preflight_checks_only_what_the_planned_jobs_read(tmp_path, monkeypatch)
         r"folder .* and the hub cannot be reached .*hf download someorg/not-downloaded-student",
     ):
         run_preflight(config, REPO, local_jobs=False, plan=Plan.of_jobs([("student_sft", {"seed": "0"})]))
+    # A sweep point's job reads what its stage reads.
+    sweep_point = Plan.of_jobs([("student_sft_sweep", {"seed": "0", "sweep": "lr", "point": "learning_rate~0.1"})])
+    assert sweep_point.runs("student_sft")
+    with pytest.raises(ConfigError, match=r"'models.base_student.path'"):
+        run_preflight(config, REPO, local_jobs=False, plan=sweep_point)
     with pytest.raises(
         ConfigError, match=r"'datasets.preference.test_split': null, but evaluation needs a held-out split"
     ):

@@ -251,7 +251,14 @@ def test_lint_is_clean(tiny):
 
 # The base teacher is a hub id there: no job makes it, but it is evaluated.
 PAPER_JOBS = jobs(
-    "ref_teacher", "dpo_teacher", "student_sft", "student_dpo", "simpo", "student_generations", *AFTER_DPO_TEACHER
+    "ref_teacher",
+    "dpo_teacher",
+    "student_sft",
+    "student_dpo",
+    "simpo",
+    "chosen_sft",
+    "student_generations",
+    *AFTER_DPO_TEACHER,
 ) | {"evaluate": len(EVALUATED)}
 
 
