@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from adpa.errors import ConfigError
 from adpa.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
 
@@ -83,6 +85,15 @@ def with_setting(config: Mapping[str, Any], setting: str, value: Any) -> dict[st
     return changed
 
 
+def _typed_like(value: Any, baseline: Any) -> Any:
+    """Snakemake's nested --config values arrive as text ("0.5"): read them as the setting's own type."""
+    if isinstance(value, str) and not isinstance(baseline, str):
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, (bool, int, float)):
+            return parsed
+    return value
+
+
 def _sort_key(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
@@ -110,9 +121,10 @@ def plan_sweep(
     if key not in config.get(section, {}):
         raise ConfigError(f"{where}.setting': section '{section}' has no setting '{key}'")
     baseline = config[section][key]
-    values = sorted({*spec["values"], baseline}, key=_sort_key)
+    given = [_typed_like(value, baseline) for value in spec["values"]]
+    values = sorted({*given, baseline}, key=_sort_key)
     configs = {}
-    for index, value in enumerate(spec["values"]):
+    for index, value in enumerate(given):
         try:
             configs[value_text(value)] = validate(with_setting(config, setting, value))
         except ConfigError as error:

@@ -46,6 +46,13 @@ def test_a_lambda_sweep_retrains_what_reads_lambda_and_reuses_the_rest():
     assert sweep.point("adpa_weight~3.0").value == 3.0 and len(sweep.swept) == 2
 
 
+def test_values_given_as_text_take_the_settings_type():
+    """Snakemake's --config hands nested lists over as text."""
+    sweep = plan({"lam": {"setting": "adpa.adpa_weight", "values": ["3.0", "0"]}})["lam"]
+    assert [point.value for point in sweep.points] == [0, 1.6, 3.0]
+    assert [point.folder for point in sweep.swept] == ["sweeps/lam/adpa_weight~0", "sweeps/lam/adpa_weight~3.0"]
+
+
 def test_a_topk_sweep_reruns_the_store_and_only_what_reads_it():
     sweep = plan({"k": {"setting": "teacher_topk.k", "values": [4, 16]}})["k"]
     # Both the top-k store and the advantage stores keep k tokens per position.

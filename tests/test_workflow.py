@@ -201,7 +201,14 @@ def edit(path: Path, addition: str) -> str:
     return original
 
 
-EVERYTHING_AFTER_SFT = ("dpo_teacher", "student_dpo", "simpo", "student_generations", *AFTER_DPO_TEACHER)
+EVERYTHING_AFTER_SFT = (
+    "dpo_teacher",
+    "student_dpo",
+    "simpo",
+    "chosen_sft",
+    "student_generations",
+    *AFTER_DPO_TEACHER,
+)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +216,7 @@ EVERYTHING_AFTER_SFT = ("dpo_teacher", "student_dpo", "simpo", "student_generati
     [
         ("dpo.py", jobs("dpo_teacher", "student_dpo", *AFTER_DPO_TEACHER)),
         ("sft.py", jobs("ref_teacher", "student_sft", *EVERYTHING_AFTER_SFT)),
-        ("distill.py", jobs("dckd", "adpa", "adpa_plus", "vanilla_kd")),
+        ("distill.py", jobs("dckd", "adpa", "adpa_plus", "vanilla_kd", "chosen_sft", "adpa_no_ref")),
         ("simpo.py", jobs("simpo")),
         ("config.py", {}),  # parse-time code only: no stage runs it
         ("stages.py", {}),
@@ -344,7 +351,18 @@ def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
         answers = (folder / "answers.jsonl").read_text().splitlines()
         assert len(answers) == 8 and (folder / "adpa_manifest.json").is_file()
     table = pd.read_csv(tiny / "results" / "summary.csv")
-    students = ["student_sft", "student_dpo", "simpo", "vanilla_kd", "seq_kd", "dckd", "adpa", "adpa_plus"]
+    students = [
+        "student_sft",
+        "student_dpo",
+        "simpo",
+        "chosen_sft",
+        "vanilla_kd",
+        "seq_kd",
+        "dckd",
+        "adpa",
+        "adpa_plus",
+        "adpa_no_ref",
+    ]
     assert list(table["model"]) == list(EVALUATED[:3]) + students, "registry order"
     assert set(table["config"]) == {"tiny"} and set(table["seed"]) == {SEED}
     assert table[["preference_accuracy", "margin", "win_rate_vs_student_sft"]].notna().all().all()
@@ -502,7 +520,7 @@ def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
     values = store.values.astype("float32")
     assert (values < 0).any() and (values > 0).any(), "advantages keep their sign (no clamp by default)"
     # adpa_no_ref's store: the same DPO-teacher top-k ids, valued by log pi_dpo alone (no REF teacher).
-    without = TopKStore(stage_dir(tiny, "advantage_no_ref"))
+    without = TopKStore(tiny / "results" / f"seed{SEED}" / "advantage_no_ref")
     assert without.metadata["reference"] is False and store.metadata["reference"] is True
     assert (without.ids == store.ids).all() and (without.lengths == store.lengths).all()
     logprobs = without.values.astype("float32")
@@ -618,6 +636,10 @@ def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
     assert (tiny / "results" / "sweeps" / "k.svg").read_text().lstrip().startswith("<?xml")
     markdown = (tiny / "results" / "sweeps" / "k.md").read_text()
     assert "teacher_topk.k" in markdown and "8 (config)" in markdown
+    run_snakemake(tiny, *TINY, "--report", "sweeps.html", *arguments)
+    html = (tiny / "sweeps.html").read_text()
+    for item in ("lam.csv", "k.svg", "Sweeps", "paired difference against the config's value"):
+        assert item in html, item
     # A new value plans its point alone; the trained point and the main run are reused.
     changed = SWEEPS.replace("values: [0.0]", "values: [0.0, 2.0]")
     assert dry_run(tiny, *arguments[:-1], changed) == {
