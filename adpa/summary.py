@@ -274,9 +274,9 @@ def paired_table(paired: pd.DataFrame, labels: Mapping[tuple[str, str], str] | N
         f"| {lead}model − baseline | seeds | rows | " + " | ".join(TABLE_COLUMNS.values()) + " |",
         "|---" * (3 + bool(labels)) + "|" + "---|" * len(TABLE_COLUMNS),
     ]
-    for (model, baseline), comparison in paired.groupby(["model", "baseline"], sort=False):
-        if labels is not None and (model, baseline) not in labels:
-            continue
+    groups = dict(list(paired.groupby(["model", "baseline"], sort=False)))
+    for model, baseline in labels or groups:
+        comparison = groups[model, baseline]
         by_metric = comparison.set_index("metric")
         cells = [
             interval_cell(
