@@ -8,18 +8,9 @@ from conftest import REPO
 
 from adpa import config as adpa_config
 from adpa.errors import ConfigError
+from adpa.stages import METHODS
 
-EVERY_METHOD = [
-    "student_dpo",
-    "simpo",
-    "chosen_sft",
-    "vanilla_kd",
-    "seq_kd",
-    "dckd",
-    "adpa",
-    "adpa_plus",
-    "adpa_no_ref",
-]
+EVERY_METHOD = list(METHODS)
 
 
 def tiny(**changes) -> dict:
