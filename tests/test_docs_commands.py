@@ -216,6 +216,8 @@ def scratch(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     # The report's inputs: the embedded run's table and plots, back where the workflow writes them.
     (workdir / "results" / "plots").mkdir(parents=True, exist_ok=True)
     for path in (workdir / "docs" / "results").iterdir():
+        if path.is_dir():  # results/ablations: another run's tables
+            continue
         shutil.copy2(path, workdir / "results" / ("plots" if path.suffix == ".svg" else "") / path.name)
     # `python` in a command is this interpreter (a script, not a link, so a virtualenv stays active).
     bin_dir = root / "bin"
