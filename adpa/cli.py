@@ -113,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _params(args: argparse.Namespace) -> tuple[dict, str]:
     if args.configfile is not None:
         loaded = configuration.load_config(args.configfile)
-        # The advantage without --ref-model is adpa_no_ref's: the DPO teacher's log-probs alone.
         if args.command == "sweep_summary":
             params = configuration.sweep_summary_params(loaded, args.sweep)
         else:
+            # The advantage without --ref-model is adpa_no_ref's: the DPO teacher's log-probs alone.
             reference = {"advantage_reference": args.ref_model is not None} if args.command == "advantage" else {}
             params = configuration.stage_params(loaded, args.command, getattr(args, "seed", None), **reference)
     else:

@@ -362,7 +362,11 @@ def sweep_summary_params(config: Mapping, name: str | None = None) -> dict[str, 
         name = next(iter(sweeps))
     if name not in sweeps:
         raise ConfigError(f"config key 'sweeps': no sweep named {name!r} (sweeps: {', '.join(sweeps) or 'none'})")
-    sweep = sweeps[name]
+    return sweep_table_params(config, sweeps[name])
+
+
+def sweep_table_params(config: Mapping, sweep: Sweep) -> dict[str, Any]:
+    """The sweep_summary stage's parameters for one planned sweep."""
     return {
         "name": sweep.name,
         "setting": sweep.setting,

@@ -2,9 +2,9 @@
 
 `auto` is resolved where the stage runs (a Slurm login node may differ from its compute nodes):
 bf16 where a GPU supports it; on a CPU with native bf16 arithmetic fp32 weights under bf16 autocast
-(AMX-BF16: a training step 2.5x faster than fp32; AVX512-BF16 without AMX, AMD Zen 4: 1.5-1.7x, the
-main job 1683 -> 1074 s; Arm's `bf16` feature likewise); fp32 on CPUs without it, where bf16 is
-emulated and slower.
+(AMX-BF16: a training step 2.5x faster than fp32; AVX512-BF16 without AMX, an AMD EPYC: 2.4-3.7x
+per step in bench/precision.py, the main job 1683 s in fp32 -> 800 s; Arm's `bf16` feature too);
+fp32 on CPUs without it (not measured here: no such machine was at hand).
 The config's word stays the rerun trigger; each manifest records what really ran.
 """
 

@@ -296,7 +296,7 @@ def paired_table(paired: pd.DataFrame, labels: Mapping[tuple[str, str], str] | N
 
 
 def ingredient_labels(paired: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """The attribution pairs (INGREDIENTS) this run has, in paired-table order."""
+    """The attribution pairs (INGREDIENTS) this run has, in INGREDIENTS order."""
     present = set(zip(paired["model"], paired["baseline"]))
     return {(model, baseline): name for name, model, baseline in INGREDIENTS if (model, baseline) in present}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -55,6 +55,8 @@ class Sweep:
     points: tuple[SweepPoint, ...]  # in ascending value order, the baseline among them
     retrained: frozenset[str]  # the stages trained again at each point
     methods: tuple[str, ...]  # the student methods tabulated
+    # Each swept point's config (the setting at its value, validated), by folder name (`key~value`).
+    configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -126,7 +128,7 @@ def plan_sweep(
     configs = {}
     for index, value in enumerate(given):
         try:
-            configs[value_text(value)] = validate(with_setting(config, setting, value))
+            configs[value] = validate(with_setting(config, setting, value))
         except ConfigError as error:
             raise ConfigError(f"{where}.values[{index}]': {value!r}: {error}") from error
     changed = {
@@ -158,4 +160,5 @@ def plan_sweep(
         for value in values
     )
     ordered = tuple(method for method in METHODS if method in methods)
-    return Sweep(name, setting, baseline, points, frozenset(retrained), ordered)
+    by_folder = {point.folder.rsplit("/", 1)[-1]: configs[point.value] for point in points if point.folder}
+    return Sweep(name, setting, baseline, points, frozenset(retrained), ordered, by_folder)

@@ -11,7 +11,7 @@ from adpa.errors import InputError
 from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
 from adpa.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
-from adpa.sweeps import producer, with_setting
+from adpa.sweeps import producer
 
 try:
     adpa_config.check_config_files(workflow.configfiles)
@@ -80,13 +80,7 @@ def train_options(wildcards, threads):
 # its config is the main one with the swept setting at the point's value.
 SWEEPS = adpa_config.plan_sweeps(config)
 SWEEP_POINT = "sweeps/{sweep}/{point}"
-POINT_CONFIGS = {
-    (name, point.folder.rsplit("/", 1)[-1]): adpa_config.validate_config(
-        {**with_setting(config, sweep.setting, point.value), "sweeps": {}}
-    )
-    for name, sweep in SWEEPS.items()
-    for point in sweep.swept
-}
+POINT_CONFIGS = {(name, folder): point for name, sweep in SWEEPS.items() for folder, point in sweep.configs.items()}
 
 
 SWEEP_WILDCARDS = {"sweep": "|".join(SWEEPS) or "no-sweep", "point": "[^/]+"}
@@ -220,4 +214,4 @@ def sweep_evaluations(wildcards):
 
 
 def sweep_params(wildcards):
-    return adpa_config.params_json(adpa_config.sweep_summary_params(config, wildcards.sweep))
+    return adpa_config.params_json(adpa_config.sweep_table_params(config, SWEEPS[wildcards.sweep]))

@@ -19,6 +19,10 @@ def tiny(**changes) -> dict:
     return config
 
 
+def plan_config(**changes) -> dict:
+    return adpa_config.validate_config(tiny(**changes))
+
+
 def plan(sweeps: dict, **changes) -> dict:
     return adpa_config.plan_sweeps(adpa_config.validate_config(tiny(sweeps=sweeps, **changes)))
 
@@ -35,6 +39,10 @@ def test_a_lambda_sweep_retrains_what_reads_lambda_and_reuses_the_rest():
         (3.0, "sweeps/lam/adpa_weight~3.0"),
     ]
     assert sweep.point("adpa_weight~3.0").value == 3.0 and len(sweep.swept) == 2
+    # Each swept point's validated config, by folder: the setting at the point's value, the rest the main one's.
+    assert set(sweep.configs) == {"adpa_weight~0.0", "adpa_weight~3.0"}
+    assert sweep.configs["adpa_weight~3.0"]["adpa"]["adpa_weight"] == 3.0
+    assert sweep.configs["adpa_weight~0.0"]["dckd"] == plan_config()["dckd"]
 
 
 def test_values_given_as_text_take_the_settings_type():
