@@ -31,11 +31,15 @@ def _rows(
     rng: random.Random,
     error_rates: Mapping[str, float],
     rejected_kind: str,
+    flip_rates: Mapping[str, float] | None = None,
+    flip_rng: random.Random | None = None,
 ) -> dict[str, list]:
     """Both dataset forms; a fraction of rows carries an earlier, answered exchange as context.
 
     The SFT answer is the family's typical mistake with the family's error rate (mixed-quality SFT
-    data, as in the paper's setting); the preference pair always prefers the correct answer."""
+    data, as in the paper's setting). The preference pair prefers the correct answer, except for
+    the family's flip rate of pairs, whose labels are swapped (a noisy rater). Flips draw from their
+    own generator, so data without flips is the same as before they existed."""
     sft, chosen, rejected, family, answer = [], [], [], [], []
     for example in examples:
         history: list[Message] = [{"role": "system", "content": GENERATED_SYSTEM_PROMPT}]
@@ -47,6 +51,9 @@ def _rows(
         chosen.append(history + _exchange(example, example.answer))
         wrong = example.typical_mistake if rejected_kind == "typical_mistake" else example.wrong_answer
         rejected.append(history + _exchange(example, wrong))
+        flip_rate = (flip_rates or {}).get(example.family, 0.0)
+        if flip_rate and flip_rng is not None and flip_rng.random() < flip_rate:
+            chosen[-1], rejected[-1] = rejected[-1], chosen[-1]
         family.append(example.family)
         answer.append(example.answer)
     return {"sft": sft, "chosen": chosen, "rejected": rejected, "family": family, "answer": answer}
@@ -58,9 +65,10 @@ def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, prefe
     families = spec.get("families") or FAMILY_NAMES
     seed, train_rows, test_rows = spec["seed"], spec["train_rows"], spec["test_rows"]
     validation_rows = spec.get("validation_rows", 0)
-    unknown = sorted(set(spec.get("sft_error_rates") or {}) - set(FAMILY_NAMES))
-    if unknown:
-        raise DataError(f"config key 'datasets.generate.sft_error_rates': unknown task family '{unknown[0]}'")
+    for key in ("sft_error_rates", "flipped_pair_rates"):
+        unknown = sorted(set(spec.get(key) or {}) - set(FAMILY_NAMES))
+        if unknown:
+            raise DataError(f"config key 'datasets.generate.{key}': unknown task family '{unknown[0]}'")
     sft_train = generate_examples(train_rows, seed, families)
     preference_train = generate_examples(train_rows, seed + 1, families)
     seen = {example.prompt for example in sft_train + preference_train}
@@ -80,12 +88,14 @@ def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, prefe
     rng = random.Random(seed)
     fraction, error_rates = spec["multi_turn_fraction"], spec.get("sft_error_rates") or {}
     rejected_kind = spec.get("rejected", "near_miss")
+    flip_rates, flip_rng = spec.get("flipped_pair_rates") or {}, random.Random(f"flipped-pairs-{seed}")
     sft_dict, preference_dict = {}, {}
     for split, (sft_examples, preference_examples) in splits.items():
         # Held-out SFT rows stay correct: they measure the SFT loss, not the annotators' sloppiness.
-        rates = error_rates if split == "train" else {}
+        # Held-out pairs stay correctly labelled too: preference accuracy is measured against the truth.
+        rates, flips = (error_rates, flip_rates) if split == "train" else ({}, {})
         sft_rows = _rows(sft_examples, families, fraction, rng, rates, rejected_kind)
-        preference_rows = _rows(preference_examples, families, fraction, rng, rates, rejected_kind)
+        preference_rows = _rows(preference_examples, families, fraction, rng, rates, rejected_kind, flips, flip_rng)
         sft_dict[split] = datasets.Dataset.from_dict(
             {"messages": sft_rows["sft"], "family": sft_rows["family"], "answer": sft_rows["answer"]}
         )

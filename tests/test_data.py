@@ -205,6 +205,35 @@ def test_mixed_quality_sft_data_validation_split_and_typical_mistakes(tmp_path):
             assert row["rejected"][-1]["content"] == row["answer"].capitalize()
 
 
+def test_flipped_pairs_swap_train_labels_only_and_leave_other_data_unchanged(tmp_path):
+    spec = {
+        "seed": 3,
+        "train_rows": 400,
+        "test_rows": 40,
+        "validation_rows": 40,
+        "multi_turn_fraction": 0.1,
+        "families": ["uppercase_word", "first_letter"],
+        "sft_error_rates": {"uppercase_word": 0.5},
+        "rejected": "typical_mistake",
+    }
+    generate_datasets(spec, tmp_path / "clean_sft", tmp_path / "clean")
+    generate_datasets({**spec, "flipped_pair_rates": {"uppercase_word": 0.4}}, tmp_path / "sft", tmp_path / "noisy")
+    clean, noisy = datasets.load_from_disk(str(tmp_path / "clean")), datasets.load_from_disk(str(tmp_path / "noisy"))
+    # The SFT data and the held-out pairs are the same rows, byte for byte: the flips draw from their own generator.
+    assert datasets.load_from_disk(str(tmp_path / "sft"))["train"].to_list() == (
+        datasets.load_from_disk(str(tmp_path / "clean_sft"))["train"].to_list()
+    )
+    for split in ("validation", "test"):
+        assert noisy[split].to_list() == clean[split].to_list()
+    flipped = {"uppercase_word": 0, "first_letter": 0}
+    for before, after in zip(clean["train"], noisy["train"], strict=True):
+        if after["chosen"] != before["chosen"]:
+            assert (after["chosen"], after["rejected"]) == (before["rejected"], before["chosen"])
+            flipped[after["family"]] += 1
+    uppercase_rows = sum(row["family"] == "uppercase_word" for row in clean["train"])
+    assert flipped["first_letter"] == 0 and 0.3 < flipped["uppercase_word"] / uppercase_rows < 0.5
+
+
 def test_unknown_family_in_error_rates_is_refused(tmp_path):
     spec = {
         "seed": 1,
