@@ -352,6 +352,7 @@ def stage_params(
         "seed": config["seed"],
         "seeds": student_seeds(config),
         "models": evaluated_models(config),
+        "split": config["evaluation"]["split"],
     }
 
 
@@ -375,6 +376,7 @@ def sweep_table_params(config: Mapping, sweep: Sweep) -> dict[str, Any]:
         "models": list(sweep.methods),
         "seeds": student_seeds(config),
         "run_name": config["run_name"],
+        "split": config["evaluation"]["split"],
     }
 
 

@@ -301,13 +301,24 @@ def ingredient_labels(paired: pd.DataFrame) -> dict[tuple[str, str], str]:
     return {(model, baseline): name for name, model, baseline in INGREDIENTS if (model, baseline) in present}
 
 
-def markdown(intervals: pd.DataFrame, paired: pd.DataFrame, run_name: str, seeds: Sequence[int]) -> str:
+def split_description(split: str | None) -> str:
+    """What the evaluated rows are: a table tuned on says so in its first words (evaluation.split)."""
+    if split in (None, "test"):
+        return "Held-out test split of the preference dataset"
+    if split == "validation":
+        return "**Validation split** of the preference dataset (for tuning; not the held-out test split)"
+    return f"Split '{split}' of the preference dataset"
+
+
+def markdown(
+    intervals: pd.DataFrame, paired: pd.DataFrame, run_name: str, seeds: Sequence[int], split: str | None = None
+) -> str:
     """The results table (mean [interval] per model) and the paired-differences table."""
     level = f"{CONFIDENCE:.0%}"
     lines = [
         f"# Results: {run_name}",
         "",
-        f"Held-out split of the preference dataset; students: seeds {', '.join(map(str, seeds))} "
+        f"{split_description(split)}; students: seeds {', '.join(map(str, seeds))} "
         f"({_plural(len(seeds), 'run')}), teachers trained once. Each cell: mean [{level} interval], a percentile "
         f"bootstrap ({RESAMPLES} resamples) over held-out rows, and over seeds too where there are several "
         "(the mean over seeds; every seed on the same resampled rows). Win rate against student_sft of the same "
@@ -427,6 +438,7 @@ def write_summary(
     metrics_plot: Path,
     loss_plot: Path,
     paired_csv: Path | None = None,
+    split: str | None = None,
 ) -> str:
     """Write the CSV, the Markdown tables, both plots and optionally the paired differences; return the Markdown."""
     results = Path(results)
@@ -434,7 +446,7 @@ def write_summary(
     table = collect(results, evaluations, run_name, teacher_seed)
     stages = rows_by_stage(evaluations)
     intervals, paired = model_intervals(table, stages), paired_differences(stages)
-    text = markdown(intervals, paired, run_name, seeds)
+    text = markdown(intervals, paired, run_name, seeds, split)
     for path in (csv_path, markdown_path, metrics_plot, loss_plot, *([paired_csv] if paired_csv else [])):
         path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv_path, index=False)
@@ -468,5 +480,6 @@ def run_summary(
         metrics_plot,
         loss_plot,
         paired_csv,
+        params.get("split"),
     )
     print(table, end="")

@@ -33,6 +33,7 @@ from adpa.summary import (
     model_intervals,
     paired_differences,
     rows_by_stage,
+    split_description,
 )
 
 CONFIG_LABEL = "config"
@@ -218,7 +219,7 @@ def markdown(table: pd.DataFrame, params: Mapping[str, Any]) -> str:
     lines = [
         f"# Sweep {params['name']}: {setting} (config: {baseline})",
         "",
-        f"Run {params.get('run_name', '')}; students: seeds {', '.join(map(str, seeds))} "
+        f"Run {params.get('run_name', '')}. {split_description(params.get('split'))}; students: seeds {', '.join(map(str, seeds))} "
         f"({_plural(len(seeds), 'run')}) per value. Each cell: mean [{level} interval], a percentile bootstrap "
         f"({RESAMPLES} resamples) over held-out rows and seeds; Δ: the paired difference against {setting} = "
         f"{baseline} (the main run) of the same model on the same rows and seeds, **bold** where its interval "

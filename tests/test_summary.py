@@ -278,3 +278,16 @@ def test_intervals_and_paired_differences_from_rows(fake_results):
     text = markdown(intervals, paired, "demo", [1, 2])
     line = next(line for line in text.splitlines() if line.startswith("| adpa − adpa |"))
     assert line.startswith("| adpa − adpa | 2 | 300 | +0.000 [+0.000, +0.000] |") and "**" not in line
+
+
+def test_a_table_of_the_validation_split_says_so_in_its_first_words():
+    """A tuning table must not read as a held-out result (evaluation.split: validation)."""
+    from adpa.summary import split_description
+
+    assert split_description(None).startswith("Held-out test split")
+    assert split_description("test").startswith("Held-out test split")
+    assert "not the held-out test split" in split_description("validation")
+    empty = pd.DataFrame()
+    held_out, tuning = markdown(empty, empty, "demo", [1]), markdown(empty, empty, "demo", [1], "validation")
+    assert "Held-out test split" in held_out and "Validation split" not in held_out
+    assert "**Validation split**" in tuning.splitlines()[2]
