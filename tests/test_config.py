@@ -256,3 +256,18 @@ def test_showcase_overlay_adds_student_seeds_only():
     # The teachers' settings are untouched: the overlay reuses the main job's teachers.
     for stage in ("ref_teacher", "dpo_teacher", "teacher_topk", "base_student"):
         assert adpa_config.stage_params(showcase, stage) == adpa_config.stage_params(main, stage)
+
+
+def test_noisy_pairs_overlay_changes_the_preference_labels_only():
+    """The second data design keeps every training setting of the embedded default (none tuned on held-out rows)."""
+    main = adpa_config.load_config(REPO / "config" / "config.yaml")
+    noisy = adpa_config.load_config([REPO / "config" / "config.yaml", REPO / "config" / "noisy_pairs.yaml"])
+    flips = noisy["datasets"]["generate"].pop("flipped_pair_rates")
+    assert set(flips) <= set(main["datasets"]["generate"]["sft_error_rates"]) and all(0 < rate < 0.5 for rate in flips.values())
+    assert main["datasets"]["generate"]["flipped_pair_rates"] == {}
+    assert {"chosen_sft", "adpa"} <= set(noisy["methods"])
+    assert {key: value for key, value in noisy.items() if key not in ("methods", "datasets")} == {
+        key: value for key, value in main.items() if key not in ("methods", "datasets")
+    }
+    main["datasets"]["generate"].pop("flipped_pair_rates")
+    assert noisy["datasets"] == main["datasets"]
