@@ -22,7 +22,16 @@ import pandas as pd
 
 from adpa.artifacts import MANIFEST
 from adpa.results import read_evaluation
-from adpa.stats import CONFIDENCE, RESAMPLES, Interval, bootstrap_mean, paired_difference, row_metrics, win_scores
+from adpa.stats import (
+    CONFIDENCE,
+    RESAMPLES,
+    Interval,
+    bootstrap_mean,
+    paired_difference,
+    row_metrics,
+    seed_mean,
+    win_scores,
+)
 
 WIN_RATE = "win_rate_vs_student_sft"
 BASELINE = "student_sft"
@@ -301,6 +310,65 @@ def ingredient_labels(paired: pd.DataFrame) -> dict[tuple[str, str], str]:
     return {(model, baseline): name for name, model, baseline in INGREDIENTS if (model, baseline) in present}
 
 
+def family_table(evaluations: Mapping[str, Evaluation]) -> pd.DataFrame:
+    """Accuracy and preference accuracy per model and task family: each seed's mean over the family's rows,
+    then the mean over seeds. Empty unless every answer record names its family and there are several
+    (the generated tasks do; a real dataset's rows do not)."""
+    records = []
+    for model, (_, answers) in evaluations.items():
+        families = [row.get("family") for row in answers]
+        if not answers or None in families:
+            return pd.DataFrame()
+        stage, seed = split_model(model)
+        values = row_metrics(answers)
+        for family in dict.fromkeys(families):
+            rows = np.array([name == family for name in families])
+            records.append(
+                {
+                    "model": stage,
+                    "seed": seed,
+                    "family": family,
+                    "rows": int(rows.sum()),
+                    **{key: seed_mean(values[key][rows]) for key in ("accuracy", "preference_accuracy")},
+                }
+            )
+    table = pd.DataFrame(records)
+    if table.empty or table["family"].nunique() < 2:
+        return pd.DataFrame()
+    return table.groupby(["model", "family"], sort=False)[["rows", "accuracy", "preference_accuracy"]].mean().reset_index()
+
+
+def family_lines(families: pd.DataFrame) -> list[str]:
+    """The per-family section of summary.md: one row per model, 'accuracy / pref. acc.' per family."""
+    if families.empty:
+        return []
+    names = list(dict.fromkeys(families["family"]))
+    rows = families.groupby("family", sort=False)["rows"].max()
+    lines = [
+        "",
+        "## Per task family",
+        "",
+        "Accuracy / preference accuracy on each family's rows: each seed's mean, then the mean over "
+        "seeds (no intervals: each family has a fraction of the rows; the paired differences above are the test).",
+        "",
+        "| model | " + " | ".join(f"{name} ({rows[name]:.0f} rows)" for name in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for model, group in families.groupby("model", sort=False):
+        cells = group.set_index("family")
+        lines.append(
+            f"| {model} | "
+            + " | ".join(
+                f"{cells.loc[name, 'accuracy']:.3f} / {cells.loc[name, 'preference_accuracy']:.3f}"
+                if name in cells.index
+                else "-"
+                for name in names
+            )
+            + " |"
+        )
+    return lines
+
+
 def split_description(split: str | None) -> str:
     """What the evaluated rows are: a table tuned on says so in its first words (evaluation.split)."""
     if split in (None, "test"):
@@ -311,7 +379,12 @@ def split_description(split: str | None) -> str:
 
 
 def markdown(
-    intervals: pd.DataFrame, paired: pd.DataFrame, run_name: str, seeds: Sequence[int], split: str | None = None
+    intervals: pd.DataFrame,
+    paired: pd.DataFrame,
+    run_name: str,
+    seeds: Sequence[int],
+    split: str | None = None,
+    families: pd.DataFrame | None = None,
 ) -> str:
     """The results table (mean [interval] per model) and the paired-differences table."""
     level = f"{CONFIDENCE:.0%}"
@@ -348,6 +421,7 @@ def markdown(
             "",
             *paired_table(paired, labels),
         ]
+    lines += family_lines(families if families is not None else pd.DataFrame())
     return "\n".join(lines) + "\n"
 
 
@@ -446,7 +520,7 @@ def write_summary(
     table = collect(results, evaluations, run_name, teacher_seed)
     stages = rows_by_stage(evaluations)
     intervals, paired = model_intervals(table, stages), paired_differences(stages)
-    text = markdown(intervals, paired, run_name, seeds, split)
+    text = markdown(intervals, paired, run_name, seeds, split, family_table(evaluations))
     for path in (csv_path, markdown_path, metrics_plot, loss_plot, *([paired_csv] if paired_csv else [])):
         path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv_path, index=False)

@@ -291,3 +291,35 @@ def test_a_table_of_the_validation_split_says_so_in_its_first_words():
     held_out, tuning = markdown(empty, empty, "demo", [1]), markdown(empty, empty, "demo", [1], "validation")
     assert "Held-out test split" in held_out and "Validation split" not in held_out
     assert "**Validation split**" in tuning.splitlines()[2]
+
+
+def _answer(family: str, correct: bool, prefers_chosen: bool) -> dict:
+    chosen, rejected = (-1.0, -2.0) if prefers_chosen else (-2.0, -1.0)
+    return {
+        "family": family,
+        "correct": correct,
+        "chosen_logprob": chosen,
+        "rejected_logprob": rejected,
+        "chosen_tokens": 2,
+        "rejected_tokens": 2,
+    }
+
+
+def test_per_family_table_averages_each_seed_then_the_seeds():
+    from adpa.summary import family_lines, family_table
+
+    # Family a: seed 1 right on 1 of 2 rows, seed 2 on 2 of 2 -> 0.75; family b: always wrong, always prefers chosen.
+    def answers(right_on_a: int) -> list[dict]:
+        return [_answer("a", index < right_on_a, False) for index in range(2)] + [_answer("b", False, True)]
+
+    evaluations = {"seed1/adpa": ({}, answers(1)), "seed2/adpa": ({}, answers(2)), "dpo_teacher": ({}, answers(0))}
+    table = family_table(evaluations).set_index(["model", "family"])
+    assert table.loc[("adpa", "a"), "accuracy"] == pytest.approx(0.75)
+    assert table.loc[("adpa", "a"), "preference_accuracy"] == 0.0 and table.loc[("adpa", "b"), "preference_accuracy"] == 1.0
+    assert table.loc[("dpo_teacher", "a"), "accuracy"] == 0.0 and table.loc[("adpa", "a"), "rows"] == 2
+    lines = family_lines(family_table(evaluations))
+    assert lines[5] == "| model | a (2 rows) | b (1 rows) |" and lines[7] == "| adpa | 0.750 / 0.000 | 0.000 / 1.000 |"
+    # Rows without a family (a real dataset), or a single family: no section.
+    unnamed = [{key: value for key, value in row.items() if key != "family"} for row in answers(1)]
+    assert family_table({"seed1/adpa": ({}, unnamed)}).empty
+    assert family_table({"seed1/adpa": ({}, [_answer("a", True, True)])}).empty
