@@ -67,7 +67,9 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
     parser = sub.add_parser(stage.name, help=stage.help, description=stage.help)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--params", help="stage parameters as canonical JSON (what the workflow passes)")
-    source.add_argument("--configfile", type=Path, help="a workflow config file instead of --params")
+    source.add_argument(
+        "--configfile", type=Path, nargs="+", help="workflow config files instead of --params (later overlay earlier)"
+    )
     if stage.per_seed:
         parser.add_argument(
             "--seed", type=int, help="with --configfile: the student seed (default: the first of `seeds`)"
