@@ -229,9 +229,13 @@ def run_distillation(
     pairs = load_preference(dataset, dataset["train_split"])
     prompts = pairs["prompt"]
     max_length = training["max_length"]
-    exchanges = {"chosen": tokenize_rows(tokenizer, prompts, pairs["chosen"], max_length, "chosen")}
+    # The distillation rows are aligned with the stores row by row: a prompt that fills max_length is an error.
+    key = run.max_length_key
+    exchanges = {"chosen": tokenize_rows(tokenizer, prompts, pairs["chosen"], max_length, f"{run.stage}: chosen", key)}
     if objective == "dckd":
-        exchanges["rejected"] = tokenize_rows(tokenizer, prompts, pairs["rejected"], max_length, "rejected")
+        exchanges["rejected"] = tokenize_rows(
+            tokenizer, prompts, pairs["rejected"], max_length, f"{run.stage}: rejected", key
+        )
     if objective == "nll":
         stores: dict[str, TopKStore | None] = {"chosen": None}
     elif objective in ("dckd", "vanilla_kd"):
@@ -243,7 +247,7 @@ def run_distillation(
         if responses["prompt"] != prompts:
             raise SequenceError("student_generations: prompts differ from the preference set's (stale generations?)")
         own = [[{"role": "assistant", "content": text}] for text in responses["response"]]
-        exchanges["own"] = tokenize_rows(tokenizer, prompts, own, max_length, "own response")
+        exchanges["own"] = tokenize_rows(tokenizer, prompts, own, max_length, f"{run.stage}: own response", key)
         stores = {"chosen": None, "own": TopKStore(advantage)}
         check_store(stores["own"], tokenizer, exchanges["own"], "advantage")
         wanted = ADVANTAGE_WITH_REFERENCE[run.stage]

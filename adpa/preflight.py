@@ -82,19 +82,20 @@ def _model_sources(config: Mapping[str, Any], names: Iterable[str]) -> list[tupl
     return [(name, config["models"][name]) for name in names if "path" in config["models"][name]]
 
 
-def check_hub_model(key: str, repo: str, revision: str | None) -> None:
-    """A hub id is usable if its config is cached, or if the hub answers for it."""
+def check_hub_model(key: str, repo: str, revision: str | None) -> bool:
+    """A hub id is usable if its config is cached, or if the hub answers for it. True: it is cached."""
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo, "config.json", revision=revision)
     if isinstance(cached, str):
-        return
+        return True
     if _offline():
         raise ConfigError(
             f"config key '{key}': hub id '{repo}' is not in the local cache and the hub is offline "
             f"(HF_HUB_OFFLINE); {PRE_DOWNLOAD.format(repo=repo, kind='')}"
         )
     _ask_hub(key, repo, revision, "model")
+    return False
 
 
 def _ask_hub(key: str, repo: str, revision: str | None, kind: str) -> None:
@@ -124,8 +125,50 @@ def _ask_hub(key: str, repo: str, revision: str | None, kind: str) -> None:
         ) from err
 
 
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def check_loadable(key: str, reference: str, spec: Mapping[str, Any], chat_template: str | None) -> None:
+    """Load what a job will load first, the way it loads it: the architecture (AutoConfig knows the
+    model_type) and the tokenizer; the teacher's tokenizer (every stage's) needs a chat template,
+    its own or the config's `chat_template`. Local folders, or hub ids already in the cache."""
+    from transformers import AutoConfig
+
+    from adpa.models import load_tokenizer
+
+    trust, revision = spec.get("trust_remote_code", False), spec.get("revision")
+    try:
+        AutoConfig.from_pretrained(expand_path(reference), trust_remote_code=trust, revision=revision)
+    except (ValueError, KeyError, OSError) as err:
+        model_type = _model_type(reference)
+        known = f"model_type '{model_type}' is not an architecture this transformers knows" if model_type else _first_line(err)
+        hint = "" if trust else " (custom code needs trust_remote_code: true, only for a model you trust)"
+        raise ConfigError(f"config key '{key}': '{reference}': {known}{hint}") from err
+    try:
+        tokenizer = load_tokenizer(reference, trust, revision)
+    except (ValueError, OSError, TypeError, KeyError) as err:
+        raise ConfigError(
+            f"config key '{key}': '{reference}' has no loadable tokenizer (tokenizer.json or tokenizer.model, "
+            f"with tokenizer_config.json): {_first_line(err)}"
+        ) from err
+    if chat_template is not None or key != "models.base_teacher.path":
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"config key '{key}': the tokenizer of '{reference}' has no chat template; set the config's chat_template"
+        )
+
+
+def _model_type(reference: str) -> str | None:
+    try:
+        return json.loads((Path(expand_path(reference)) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def check_models(config: Mapping[str, Any], plan: Plan | None = None) -> None:
-    """Local folders are complete model folders; hub ids are cached or answered by the hub."""
+    """Local folders are complete model folders that load; hub ids are cached (and then load) or answered by the hub."""
     for name, spec in _model_sources(config, models_read(config, plan or Plan.all())):
         reference, key = spec["path"], f"models.{name}.path"
         if is_local(reference):
@@ -136,8 +179,10 @@ def check_models(config: Mapping[str, Any], plan: Plan | None = None) -> None:
                 check_safetensors_headers(reference)
             except InputError as err:
                 raise ConfigError(f"config key '{key}': {err}") from err
-        else:
-            check_hub_model(key, reference, spec.get("revision"))
+            check_loadable(key, reference, spec, config.get("chat_template"))
+        elif check_hub_model(key, reference, spec.get("revision")) and _offline():
+            # Offline the jobs load from the cache alone, so all of it must be there; online they download the rest.
+            check_loadable(key, reference, spec, config.get("chat_template"))
 
 
 def check_gguf(config: Mapping[str, Any], plan: Plan) -> None:

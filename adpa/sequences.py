@@ -45,7 +45,12 @@ def _ids(encoded) -> list[int]:
 
 
 def tokenize_exchange(
-    tokenizer, prompt: Sequence[Message], response: Sequence[Message], max_length: int, where: str = "row"
+    tokenizer,
+    prompt: Sequence[Message],
+    response: Sequence[Message],
+    max_length: int,
+    where: str = "row",
+    key: str = "max_length",
 ) -> Exchange:
     """Template-tokenize a conversation; keep its first `max_length` tokens (at least one response token)."""
     prompt_ids = _ids(
@@ -56,14 +61,18 @@ def tokenize_exchange(
         # The reference code silently dropped such rows; a template that does this is a config error.
         raise SequenceError(f"{where}: the chat template's prompt is not a prefix of the full conversation")
     if len(prompt_ids) >= max_length:
-        raise SequenceError(f"{where}: prompt has {len(prompt_ids)} tokens, max_length is {max_length}")
+        raise SequenceError(
+            f"{where}: prompt has {len(prompt_ids)} tokens, {key} is {max_length}; no response token would be left"
+        )
     return Exchange(full_ids[:max_length], len(prompt_ids))
 
 
-def tokenize_rows(tokenizer, prompts, responses, max_length: int, where: str) -> list[Exchange]:
-    """tokenize_exchange for every (prompt, response) row; errors name `where` and the row index."""
+def tokenize_rows(
+    tokenizer, prompts, responses, max_length: int, where: str, key: str = "max_length"
+) -> list[Exchange]:
+    """tokenize_exchange for every (prompt, response) row; errors name `where`, the row index and `key`."""
     return [
-        tokenize_exchange(tokenizer, prompt, response, max_length, f"{where} row {index}")
+        tokenize_exchange(tokenizer, prompt, response, max_length, f"{where} row {index}", key)
         for index, (prompt, response) in enumerate(zip(prompts, responses))
     ]
 

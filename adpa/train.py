@@ -14,6 +14,7 @@ from typing import Any
 
 from adpa import artifacts
 from adpa.batching import accumulation_steps
+from adpa.errors import InputError
 from adpa.precision import resolve
 
 # TensorBoard event files: the Trainer writes them under the work folder's runs/ (one folder per
@@ -44,6 +45,18 @@ class StageRun:
     output: Path
     work_root: Path
     launch: LaunchOptions
+
+    @property
+    def section(self) -> str:
+        """The config section holding the stage's settings: the key error messages name."""
+        from adpa.stages import STAGES
+
+        return STAGES[self.stage].section
+
+    @property
+    def max_length_key(self) -> str:
+        """The config key of the stage's max_length (vanilla_kd's is dckd's: the top-k store's length)."""
+        return "dckd.max_length" if self.stage == "vanilla_kd" else f"{self.section}.max_length"
 
     @property
     def work_dir(self) -> Path:
@@ -167,8 +180,33 @@ def final_metrics(trainer, eval_metrics: Mapping[str, float], launch_throughput:
     return {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in metrics.items()}
 
 
-def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
-    """Train (resuming from the newest checkpoint), evaluate, and publish the model atomically."""
+class NothingLearnedError(InputError):
+    """Every logged step had a zero or non-finite loss and gradient: the model must not be published."""
+
+
+def check_learned(stage: str, log_history: list[Mapping[str, Any]]) -> None:
+    """Refuse a run whose every logged step has loss and gradient norm exactly 0, or a non-finite loss
+    or gradient norm: it learned nothing (or diverged), and later stages would build on it."""
+    steps = [entry for entry in log_history if "loss" in entry]
+    if not steps:  # fewer steps than logging_steps: only the run's mean loss is logged
+        steps = [{"loss": entry["train_loss"]} for entry in log_history if "train_loss" in entry]
+
+    def idle(entry: Mapping[str, Any]) -> bool:
+        loss, grad = float(entry["loss"]), float(entry.get("grad_norm", 0.0))
+        return not (math.isfinite(loss) and math.isfinite(grad)) or (loss == 0.0 and grad == 0.0)
+
+    if steps and all(idle(entry) for entry in steps):
+        last = steps[-1]
+        raise NothingLearnedError(
+            f"{stage}: loss and gradient norm were 0 or not finite at every one of the {len(steps)} logged steps "
+            f"(last: loss {last['loss']}, grad_norm {last.get('grad_norm')}); the model is not published"
+        )
+
+
+def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[str, int] | None = None) -> None:
+    """Train (resuming from the newest checkpoint), evaluate, and publish the model atomically.
+
+    `data_facts` (rows trained on, rows left out) go into the manifest's metrics."""
     accelerator = trainer.accelerator
     resume = last_checkpoint(run.work_dir)
     if accelerator.is_main_process:
@@ -177,6 +215,7 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
             log.warning("%s: resuming from checkpoint %s", run.stage, resume)
     tokens_before = tokens_seen(resume)  # read now: checkpoint rotation may delete it while training
     train_output = trainer.train(resume_from_checkpoint=resume)
+    check_learned(run.stage, trainer.state.log_history)
     launch_throughput = throughput(trainer, train_output, tokens_before)
     eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
     staging = artifacts.staging_dir(run.output)
@@ -193,6 +232,7 @@ def train_and_export(run: StageRun, trainer, eval_dataset) -> None:
         trainer.processing_class.save_pretrained(str(staging))
         metrics = final_metrics(trainer, eval_metrics, launch_throughput)
         metrics["precision"] = resolve(run.params["precision"]).label
+        metrics.update(data_facts or {})
         # Every logged training loss, for the results' loss plot.
         history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
         artifacts.write_manifest(

@@ -118,6 +118,46 @@ def work_dir_file(folder: Path, config: dict) -> None:
 MODEL_CONFIG = b'{"model_type": "llama"}'
 
 
+def _weights() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.zeros(1)})
+
+
+def _tokenizer_files(chat_template: str | None) -> dict[str, bytes]:
+    """A one-word tokenizer's files (tokenizer.json, tokenizer_config.json), with or without a chat template."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")), unk_token="[UNK]"
+    )
+    tokenizer.chat_template = chat_template
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir()}
+
+
+WEIGHTS = _weights()
+
+
+def teacher_folder(files: dict[str, bytes], chat_template: str | None = None) -> Callable[[Path, dict], None]:
+    """The base teacher replaced by a local folder holding these files (and the config's chat_template)."""
+
+    def setup(folder: Path, config: dict) -> None:
+        model = folder / "models" / "teacher"
+        model.mkdir(parents=True)
+        for name, content in files.items():
+            (model / name).write_bytes(content)
+        config["models"]["base_teacher"] = {"path": str(model)}
+        config["chat_template"] = chat_template
+
+    return setup
+
+
 @dataclass
 class Case:
     name: str
@@ -298,6 +338,28 @@ CASES = [
         student_folder({"config.json": MODEL_CONFIG, "model.safetensors": b'\x40\x00\x00\x00\x00\x00\x00\x00{"a"'}),
         r"config key 'models.base_student.path': model '.*student': model.safetensors is not a readable safetensors file",
         snakemake=True,
+    ),
+    # Model folders that look complete but do not load (checked the way the jobs load them)
+    Case(
+        "model folder without tokenizer files",
+        student_folder({"config.json": MODEL_CONFIG, "model.safetensors": WEIGHTS}),
+        r"config key 'models.base_student.path': '.*student' has no loadable tokenizer \(tokenizer.json or "
+        r"tokenizer.model, with tokenizer_config.json\)",
+        snakemake=True,
+    ),
+    Case(
+        "model folder of an architecture transformers does not know",
+        student_folder(
+            {"config.json": b'{"model_type": "llamma"}', "model.safetensors": WEIGHTS, **_tokenizer_files(None)}
+        ),
+        r"config key 'models.base_student.path': '.*student': model_type 'llamma' is not an architecture this "
+        r"transformers knows \(custom code needs trust_remote_code: true, only for a model you trust\)$",
+    ),
+    Case(
+        "teacher tokenizer without a chat template",
+        teacher_folder({"config.json": MODEL_CONFIG, "model.safetensors": WEIGHTS, **_tokenizer_files(None)}),
+        r"config key 'models.base_teacher.path': the tokenizer of '.*teacher' has no chat template; set the "
+        r"config's chat_template$",
     ),
     # Settings a later job would reject after hours
     Case(

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 from conftest import REPO, copy_workflow, run_snakemake
+from test_bad_inputs import MODEL_CONFIG, WEIGHTS, _tokenizer_files
 
 from adpa import config as adpa_config
 from adpa.errors import ConfigError, InputError
@@ -181,13 +182,15 @@ def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
 
 
 def model_folder(path) -> str:
-    """A loadable-looking local model folder: a config and one small safetensors file."""
+    """A loadable local model folder: a config, one small safetensors file and a tokenizer with a chat template."""
     import torch
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
     (path / "config.json").write_text('{"model_type": "llama", "vocab_size": 4, "num_hidden_layers": 2}')
     save_file({"weight": torch.zeros(2, 2)}, str(path / "model.safetensors"))
+    for name, content in _tokenizer_files("{{ messages }}").items():
+        (path / name).write_bytes(content)
     return str(path)
 
 
@@ -231,6 +234,8 @@ def test_cached_hub_model_passes_offline_and_online(tmp_path, monkeypatch):
     snapshot = tmp_path / "cache" / "models--someorg--cached-model" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    for name, content in _tokenizer_files("{{ messages }}").items():  # offline, the jobs need the tokenizer too
+        (snapshot / name).write_bytes(content)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
@@ -243,6 +248,22 @@ def test_cached_hub_model_passes_offline_and_online(tmp_path, monkeypatch):
     config["models"]["base_student"]["revision"] = "b" * 40  # a pinned revision that was never downloaded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="hub id 'someorg/cached-model' is not in the local cache"):
+        check_models(config)
+
+
+def test_a_model_folder_that_loads_passes(tmp_path):
+    """The loadability check accepts what the jobs accept: a chat template of its own or the config's."""
+    from adpa.preflight import check_models
+
+    for chat_template, own in ((None, "{{ messages }}"), ("{{ messages }}", None)):
+        model = tmp_path / f"teacher {own is None}"
+        model.mkdir()
+        (model / "config.json").write_bytes(MODEL_CONFIG)
+        (model / "model.safetensors").write_bytes(WEIGHTS)
+        for name, content in _tokenizer_files(own).items():
+            (model / name).write_bytes(content)
+        config = tiny()
+        config["models"]["base_teacher"], config["chat_template"] = {"path": str(model)}, chat_template
         check_models(config)
 
 
