@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from adpa.config import plan_sweeps, produced_paths, student_seeds
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
 from adpa.paths import expand_path, is_local
-from adpa.stages import STAGES, of_kind, reading, student_models
+from adpa.stages import STAGES, max_length_key, of_kind, reading, student_models
 
 # Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
 CHECKPOINT_BYTES_PER_PARAMETER = 14
@@ -311,9 +312,11 @@ def _generated_splits(config: Mapping[str, Any]) -> set[str]:
     return {"train", "test"} | ({"validation"} if generate.get("validation_rows") else set())
 
 
-def check_datasets(config: Mapping[str, Any], plan: Plan | None = None) -> None:
-    """Every row of the splits the planned jobs read is valid (generated splits: their names exist)."""
-    produced = produced_paths(config)
+def check_datasets(config: Mapping[str, Any], plan: Plan | None = None) -> dict[str, Any]:
+    """Every row of the splits the planned jobs read is valid (generated splits: their names exist).
+
+    Returns the training split of each configured (not generated) dataset it read, by name."""
+    produced, loaded = produced_paths(config), {}
     for name, splits in dataset_splits(config, plan or Plan.all()).items():
         spec = config["datasets"][name]
         if spec["path"] in produced:
@@ -333,12 +336,81 @@ def check_datasets(config: Mapping[str, Any], plan: Plan | None = None) -> None:
         load = data.load_sft if name == "sft" else data.load_preference
         for _, split in splits:
             try:
-                load(spec, split)
+                rows = load(spec, split)
             except ConnectionError as error:  # a hub dataset while the hub cannot be reached
                 raise ConfigError(
                     f"config key 'datasets.{name}.path': {error}; "
                     f"{PRE_DOWNLOAD.format(repo=spec['path'], kind=' --repo-type dataset')}"
                 ) from error
+            if split == spec.get("train_split", "train"):
+                loaded[name] = rows
+    return loaded
+
+
+# Stages that tokenize for themselves and align rows with stores: one prompt that fills max_length is an error.
+ROW_ALIGNED_RUNNERS = ("adpa.distill:run_distillation", "adpa.inference:")
+
+
+def _prompt_readers(config: Mapping[str, Any], plan: Plan) -> list[tuple[str, str, str, bool]]:
+    """(stage, dataset, max_length key, every row must fit) for the planned stages that truncate prompts."""
+    readers = []
+    for stage in STAGES.values():
+        key = max_length_key(stage.name)
+        if key is None or not plan.runs(stage.name):
+            continue
+        if "sft_data" in stage.reads and config[stage.section].get("completion_only_loss"):
+            readers.append((stage.name, "sft", key, False))  # loss on every token: a cut row still trains
+        elif "preference_data" in stage.reads:
+            readers.append((stage.name, "preference", key, stage.runner.startswith(ROW_ALIGNED_RUNNERS)))
+    return readers
+
+
+def check_prompt_lengths(config: Mapping[str, Any], plan: Plan, loaded: Mapping[str, Any]) -> list[str]:
+    """Prompts against each planned stage's max_length, with the teacher's tokenizer and chat template
+    (every stage's): no row left is one error line, some rows left out a warning (returned). Needs a
+    local teacher folder (or a cached one offline); the stages count again, exactly, when they start."""
+    teacher = config["models"]["base_teacher"]
+    readers = [reader for reader in _prompt_readers(config, plan) if reader[1] in loaded]
+    if not readers or "path" not in teacher or not (is_local(teacher["path"]) or _offline()):
+        return []
+    from adpa.models import load_tokenizer
+
+    tokenizer = load_tokenizer(teacher["path"], teacher.get("trust_remote_code", False), teacher.get("revision"))
+    if config.get("chat_template"):
+        tokenizer.chat_template = config["chat_template"]
+    lengths: dict[str, list[int]] = {}
+    warnings = []
+    for stage, dataset, key, every_row in readers:
+        if dataset not in lengths:
+            rows = loaded[dataset]
+            prompts = rows["prompt"] if "prompt" in rows.column_names else [row[:-1] for row in rows["messages"]]
+            lengths[dataset] = [
+                len(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+                for prompt in prompts
+            ]
+        section, _ = key.split(".", 1)
+        limit = config[section]["max_length"]
+        if limit is None:
+            continue
+        too_long = [index for index, length in enumerate(lengths[dataset]) if length >= limit]
+        where = f"datasets.{dataset}"
+        if len(too_long) == len(lengths[dataset]):
+            raise ConfigError(
+                f"config key '{key}': {limit} tokens leave no response token in any row of {where} for {stage} "
+                f"(the shortest prompt has {min(lengths[dataset])} tokens)"
+            )
+        if too_long and every_row:
+            first = too_long[0]
+            raise ConfigError(
+                f"config key '{key}': {limit} tokens leave no response token in {where} row {first} for {stage} "
+                f"(its prompt has {lengths[dataset][first]} tokens; {len(too_long)} rows like it)"
+            )
+        if too_long:
+            warnings.append(
+                f"warning: {stage}: {len(too_long)} of {len(lengths[dataset])} rows of {where} keep no response token "
+                f"within {key} = {limit} and will be left out"
+            )
+    return warnings
 
 
 def check_vocabularies(config: Mapping[str, Any], plan: Plan | None = None) -> None:
@@ -456,5 +528,7 @@ def run_preflight(
     check_models(config, plan)
     check_teacher_shape(config, plan)
     check_disk(config, workflow_dir, plan)
-    check_datasets(config, plan)
+    loaded = check_datasets(config, plan)
     check_vocabularies(config, plan)
+    for warning in check_prompt_lengths(config, plan, loaded):
+        print(warning, file=sys.stderr)

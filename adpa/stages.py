@@ -287,6 +287,19 @@ def of_kind(kind: Kind) -> tuple[str, ...]:
     return tuple(stage.name for stage in REGISTRY if stage.kind == kind)
 
 
+# The config key of a stage's max_length where it is not in the stage's own section: the top-k store
+# is cut at dckd's length (vanilla_kd reads it too), the advantage store at adpa's.
+MAX_LENGTH_KEYS = {"vanilla_kd": "dckd.max_length", "teacher_topk": "dckd.max_length", "advantage": "adpa.max_length"}
+
+
+def max_length_key(stage: str) -> str | None:
+    """'section.max_length' of the stage's token limit (None: a stage without one)."""
+    if stage in MAX_LENGTH_KEYS:
+        return MAX_LENGTH_KEYS[stage]
+    entry = STAGES[stage]
+    return f"{entry.section}.max_length" if entry.kind == "training" else None
+
+
 def reading(source: Source) -> tuple[str, ...]:
     """The stages that read a configured source."""
     return tuple(stage.name for stage in REGISTRY if source in stage.reads)

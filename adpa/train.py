@@ -56,7 +56,9 @@ class StageRun:
     @property
     def max_length_key(self) -> str:
         """The config key of the stage's max_length (vanilla_kd's is dckd's: the top-k store's length)."""
-        return "dckd.max_length" if self.stage == "vanilla_kd" else f"{self.section}.max_length"
+        from adpa.stages import max_length_key
+
+        return max_length_key(self.stage) or f"{self.section}.max_length"
 
     @property
     def work_dir(self) -> Path:

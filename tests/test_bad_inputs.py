@@ -129,12 +129,12 @@ def _tokenizer_files(chat_template: str | None) -> dict[str, bytes]:
     """A one-word tokenizer's files (tokenizer.json, tokenizer_config.json), with or without a chat template."""
     import tempfile
 
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")), unk_token="[UNK]"
-    )
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # one token per word: prompt lengths follow their text
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
     tokenizer.chat_template = chat_template
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)

@@ -294,3 +294,46 @@ def test_workflow_preflight_follows_the_targets(tmp_path):
         and "'models.base_student.path': hub id 'someorg/not-downloaded-student'" in lines[0]
     )
     assert not (workdir / "logs" / "ref_teacher.log").exists(), "no job ran after the refusal"
+
+
+def test_prompt_lengths_are_checked_against_each_planned_stage(tmp_path):
+    """With a local teacher the preflight counts what each stage will: all rows cut is an error for any stage,
+    one row cut is an error where rows align with stores (distillation) and a warning where TRL drops it."""
+    from adpa import data
+    from adpa.models import load_tokenizer
+    from adpa.preflight import Plan, check_prompt_lengths
+
+    teacher = model_folder(tmp_path / "teacher")
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    rows = [
+        {"prompt": user("short"), "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+        {"prompt": user("a much longer prompt " * 5), "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+    ]
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tiny()
+    config["models"]["base_teacher"] = {"path": teacher, "trust_remote_code": False}
+    config["datasets"]["preference"] = {"path": str(tmp_path / "pairs"), "train_split": "train", "test_split": None}
+    loaded = {"preference": data.load_preference(config["datasets"]["preference"], "train")}
+    tokenizer = load_tokenizer(teacher)
+    short, long = (
+        len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for row in rows
+    )
+    assert short < long
+    dpo = Plan.of_jobs([("dpo_teacher", {})])
+    config["dpo_teacher"]["max_length"] = long
+    assert check_prompt_lengths(config, dpo, loaded) == [
+        f"warning: dpo_teacher: 1 of 2 rows of datasets.preference keep no response token within "
+        f"dpo_teacher.max_length = {long} and will be left out"
+    ]
+    config["dpo_teacher"]["max_length"] = short
+    with pytest.raises(ConfigError, match=rf"'dpo_teacher.max_length': {short} tokens leave no response token in any row "
+                       rf"of datasets.preference for dpo_teacher \(the shortest prompt has {short} tokens\)"):
+        check_prompt_lengths(config, dpo, loaded)
+    config["dckd"]["max_length"] = long  # vanilla_kd and the top-k store read dckd's
+    with pytest.raises(ConfigError, match=rf"'dckd.max_length': {long} tokens leave no response token in "
+                       rf"datasets.preference row 1 for vanilla_kd \(its prompt has {long} tokens; 1 rows like it\)"):
+        check_prompt_lengths(config, Plan.of_jobs([("vanilla_kd", {"seed": "0"})]), loaded)
+    config["dckd"]["max_length"] = config["dpo_teacher"]["max_length"] = long + 1
+    assert check_prompt_lengths(config, Plan.all(), loaded) == [], "nothing cut: nothing said"
