@@ -62,17 +62,22 @@ def preference_rows(rows: list) -> Callable[[Path, dict], None]:
     return setup
 
 
-def student_folder(files: dict[str, bytes]) -> Callable[[Path, dict], None]:
-    """The base student replaced by a local folder holding these files."""
+def local_model(role: str, files: dict[str, bytes], **config_keys) -> Callable[[Path, dict], None]:
+    """The base `role` (student, teacher) replaced by a local folder holding these files; other top-level keys set."""
 
     def setup(folder: Path, config: dict) -> None:
-        model = folder / "models" / "student"
+        model = folder / "models" / role
         model.mkdir(parents=True)
         for name, content in files.items():
             (model / name).write_bytes(content)
-        config["models"]["base_student"] = {"path": str(model)}
+        config["models"][f"base_{role}"] = {"path": str(model)}
+        config.update(config_keys)
 
     return setup
+
+
+def student_folder(files: dict[str, bytes]) -> Callable[[Path, dict], None]:
+    return local_model("student", files)
 
 
 def edit(change: Callable[[dict], None]) -> Callable[[Path, dict], None]:
@@ -143,19 +148,6 @@ def _tokenizer_files(chat_template: str | None) -> dict[str, bytes]:
 
 WEIGHTS = _weights()
 
-
-def teacher_folder(files: dict[str, bytes], chat_template: str | None = None) -> Callable[[Path, dict], None]:
-    """The base teacher replaced by a local folder holding these files (and the config's chat_template)."""
-
-    def setup(folder: Path, config: dict) -> None:
-        model = folder / "models" / "teacher"
-        model.mkdir(parents=True)
-        for name, content in files.items():
-            (model / name).write_bytes(content)
-        config["models"]["base_teacher"] = {"path": str(model)}
-        config["chat_template"] = chat_template
-
-    return setup
 
 
 @dataclass
@@ -357,7 +349,9 @@ CASES = [
     ),
     Case(
         "teacher tokenizer without a chat template",
-        teacher_folder({"config.json": MODEL_CONFIG, "model.safetensors": WEIGHTS, **_tokenizer_files(None)}),
+        local_model(
+            "teacher", {"config.json": MODEL_CONFIG, "model.safetensors": WEIGHTS, **_tokenizer_files(None)}, chat_template=None
+        ),
         r"config key 'models.base_teacher.path': the tokenizer of '.*teacher' has no chat template; set the "
         r"config's chat_template$",
     ),
