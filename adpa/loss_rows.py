@@ -3,8 +3,8 @@
 TRL's trainers tokenize and truncate while they are built: SFTTrainer and DPOTrainer drop the rows
 that truncation leaves without a loss token, CPOTrainer (SimPO) keeps them with empty responses,
 and SFT packing (best-fit decreasing) truncates each row to max_length inside its pack, where an
-all-prompt row then trains on nothing at loss 0. So
-after a trainer is built, `require_loss_tokens` counts what is left against the rows given: none ->
+all-prompt row then trains on nothing at loss 0. So after a trainer is built, `require_loss_tokens`
+counts what is left against the rows given: none ->
 one error line naming the stage, its `max_length` key and the shortest prompt in tokens, before any
 step; some -> one warning line, and the count goes into the manifest. The distillation stages
 tokenize for themselves (adpa/sequences.py) and refuse any row whose prompt fills max_length.
@@ -52,13 +52,12 @@ def packed_rows_with_loss_tokens(rows: Iterable[dict[str, Any]]) -> list[list[bo
     return verdicts
 
 
-def shortest_prompt_tokens(tokenizer, prompts: Iterable[Sequence[dict[str, str]]]) -> int | None:
-    """The fewest tokens a prompt takes with the chat template's generation prompt (None: no prompts)."""
-    lengths = [
+def prompt_token_counts(tokenizer, prompts: Iterable[Sequence[dict[str, str]]]) -> list[int]:
+    """Tokens each prompt takes with the chat template and its generation prompt, as every stage tokenizes it."""
+    return [
         len(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for prompt in prompts
     ]
-    return min(lengths) if lengths else None
 
 
 def require_loss_tokens(
@@ -75,18 +74,20 @@ def require_loss_tokens(
     Returns the manifest facts {train_rows, rows_without_loss_tokens}. `prompts` (with `tokenizer`)
     name the shortest prompt in the error; they are read only when the stage fails."""
     dataset = trainer.train_dataset
-    if {"labels", "seq_lengths"} <= set(dataset.column_names):  # packed: count the rows inside each pack
-        packs = packed_rows_with_loss_tokens(dataset)
+    columns = dataset.column_names
+    if {"labels", "seq_lengths"} <= set(columns):  # packed: count the rows inside each pack
+        packs = packed_rows_with_loss_tokens(dataset.select_columns(["labels", "seq_lengths"]))
         keep, kept = [any(pack) for pack in packs], sum(map(sum, packs))
     else:
-        keep = rows_with_loss_tokens(dataset.column_names, dataset)
+        labels = [column for group in LABEL_COLUMNS for column in group if column in columns]
+        keep = rows_with_loss_tokens(columns, dataset.select_columns(labels) if labels else [{}] * len(dataset))
         kept = sum(keep)
     if not all(keep):
         trainer.train_dataset = dataset.select([index for index, ok in enumerate(keep) if ok])
     dropped = given - kept
     if kept == 0:
-        shortest = shortest_prompt_tokens(tokenizer, prompts) if tokenizer is not None and prompts else None
-        seen = f"; the shortest prompt has {shortest} tokens" if shortest is not None else ""
+        counts = prompt_token_counts(tokenizer, prompts) if tokenizer is not None and prompts else []
+        seen = f"; the shortest prompt has {min(counts)} tokens" if counts else ""
         raise NoLossTokensError(
             f"{stage}: none of the {given} training rows keeps a loss token within {key} = {max_length}{seen}; "
             f"raise {key}"

@@ -373,6 +373,7 @@ def check_prompt_lengths(config: Mapping[str, Any], plan: Plan, loaded: Mapping[
     readers = [reader for reader in _prompt_readers(config, plan) if reader[1] in loaded]
     if not readers or "path" not in teacher or not (is_local(teacher["path"]) or _offline()):
         return []
+    from adpa.loss_rows import prompt_token_counts
     from adpa.models import load_tokenizer
 
     tokenizer = load_tokenizer(teacher["path"], teacher.get("trust_remote_code", False), teacher.get("revision"))
@@ -384,10 +385,7 @@ def check_prompt_lengths(config: Mapping[str, Any], plan: Plan, loaded: Mapping[
         if dataset not in lengths:
             rows = loaded[dataset]
             prompts = rows["prompt"] if "prompt" in rows.column_names else [row[:-1] for row in rows["messages"]]
-            lengths[dataset] = [
-                len(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-                for prompt in prompts
-            ]
+            lengths[dataset] = prompt_token_counts(tokenizer, prompts)
         section, _ = key.split(".", 1)
         limit = config[section]["max_length"]
         if limit is None:
