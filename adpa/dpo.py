@@ -35,6 +35,12 @@ def run_dpo(run: StageRun, model: str) -> None:
     # No trainer-side evaluation: rule evaluate scores every model on the held-out pairs (the
     # trainer's would run policy and reference over them again, ~20% of this stage on CPU).
     facts = require_loss_tokens(
-        run.stage, run.max_length_key, training["max_length"], trainer, len(train_dataset), tokenizer, train_dataset["prompt"]
+        run.stage,
+        run.max_length_key,
+        training["max_length"],
+        trainer,
+        len(train_dataset),
+        tokenizer,
+        train_dataset["prompt"],
     )
     train_and_export(run, trainer, None, facts)

@@ -55,7 +55,11 @@ def packed_rows_with_loss_tokens(rows: Iterable[dict[str, Any]]) -> list[list[bo
 def prompt_token_counts(tokenizer, prompts: Iterable[Sequence[dict[str, str]]]) -> list[int]:
     """Tokens each prompt takes with the chat template and its generation prompt, as every stage tokenizes it."""
     return [
-        len(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        len(
+            tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
         for prompt in prompts
     ]
 

@@ -143,7 +143,11 @@ def check_loadable(key: str, reference: str, spec: Mapping[str, Any], chat_templ
         AutoConfig.from_pretrained(expand_path(reference), trust_remote_code=trust, revision=revision)
     except (ValueError, KeyError, OSError) as err:
         model_type = _model_type(reference)
-        known = f"model_type '{model_type}' is not an architecture this transformers knows" if model_type else _first_line(err)
+        known = (
+            f"model_type '{model_type}' is not an architecture this transformers knows"
+            if model_type
+            else _first_line(err)
+        )
         hint = "" if trust else " (custom code needs trust_remote_code: true, only for a model you trust)"
         raise ConfigError(f"config key '{key}': '{reference}': {known}{hint}") from err
     try:

@@ -35,6 +35,12 @@ def run_simpo(run: StageRun, model: str) -> None:
     trainer = CPOTrainer(model=policy, args=args, train_dataset=train_dataset, processing_class=tokenizer)
     # CPOTrainer keeps rows whose prompt fills max_length, with empty responses: left out here.
     facts = require_loss_tokens(
-        run.stage, run.max_length_key, training["max_length"], trainer, len(train_dataset), tokenizer, train_dataset["prompt"]
+        run.stage,
+        run.max_length_key,
+        training["max_length"],
+        trainer,
+        len(train_dataset),
+        tokenizer,
+        train_dataset["prompt"],
     )
     train_and_export(run, trainer, None, facts)

@@ -335,7 +335,11 @@ def family_table(evaluations: Mapping[str, Evaluation]) -> pd.DataFrame:
     table = pd.DataFrame(records)
     if table.empty or table["family"].nunique() < 2:
         return pd.DataFrame()
-    return table.groupby(["model", "family"], sort=False)[["rows", "accuracy", "preference_accuracy"]].mean().reset_index()
+    return (
+        table.groupby(["model", "family"], sort=False)[["rows", "accuracy", "preference_accuracy"]]
+        .mean()
+        .reset_index()
+    )
 
 
 def family_lines(families: pd.DataFrame) -> list[str]:

@@ -149,7 +149,6 @@ def _tokenizer_files(chat_template: str | None) -> dict[str, bytes]:
 WEIGHTS = _weights()
 
 
-
 @dataclass
 class Case:
     name: str
@@ -350,7 +349,9 @@ CASES = [
     Case(
         "teacher tokenizer without a chat template",
         local_model(
-            "teacher", {"config.json": MODEL_CONFIG, "model.safetensors": WEIGHTS, **_tokenizer_files(None)}, chat_template=None
+            "teacher",
+            {"config.json": MODEL_CONFIG, "model.safetensors": WEIGHTS, **_tokenizer_files(None)},
+            chat_template=None,
         ),
         r"config key 'models.base_teacher.path': the tokenizer of '.*teacher' has no chat template; set the "
         r"config's chat_template$",

@@ -263,7 +263,9 @@ def test_noisy_pairs_overlay_changes_the_preference_labels_only():
     main = adpa_config.load_config(REPO / "config" / "config.yaml")
     noisy = adpa_config.load_config([REPO / "config" / "config.yaml", REPO / "config" / "noisy_pairs.yaml"])
     flips = noisy["datasets"]["generate"].pop("flipped_pair_rates")
-    assert set(flips) <= set(main["datasets"]["generate"]["sft_error_rates"]) and all(0 < rate < 0.5 for rate in flips.values())
+    assert set(flips) <= set(main["datasets"]["generate"]["sft_error_rates"]) and all(
+        0 < rate < 0.5 for rate in flips.values()
+    )
     assert main["datasets"]["generate"]["flipped_pair_rates"] == {}
     assert {"chosen_sft", "adpa"} <= set(noisy["methods"])
     assert {key: value for key, value in noisy.items() if key not in ("methods", "datasets")} == {

@@ -54,7 +54,9 @@ def test_some_rows_dropped_is_a_warning_and_the_trainer_keeps_the_rest(caplog):
     facts = require_loss_tokens("simpo", "simpo.max_length", 16, trainer, 3)
     assert facts == {"train_rows": 2, "rows_without_loss_tokens": 1}
     assert trainer.train_dataset["chosen_labels"] == [[-100, 4], [7]]
-    assert "simpo: 1 of 3 training rows keep no loss token within simpo.max_length = 16 and are left out" in caplog.text
+    assert (
+        "simpo: 1 of 3 training rows keep no loss token within simpo.max_length = 16 and are left out" in caplog.text
+    )
     # TRL dropped rows before we counted: still counted against the rows given.
     assert require_loss_tokens("student_sft", "student_sft.max_length", 16, FakeTrainer({"labels": [[1]]}), 4) == {
         "train_rows": 1,
@@ -96,7 +98,13 @@ def test_packed_rows_are_counted_inside_their_packs(caplog):
     assert facts == {"train_rows": 2, "rows_without_loss_tokens": 3}
     assert trainer.train_dataset["seq_lengths"] == [[2, 3], [1, 2]], "a pack with no loss token is left out"
     with pytest.raises(NoLossTokensError, match="none of the 2 training rows"):
-        require_loss_tokens("ref_teacher", "ref_teacher.max_length", 5, FakeTrainer({**packs, "labels": [[-100] * 5, [-100] * 4, [-100] * 3]}), 2)
+        require_loss_tokens(
+            "ref_teacher",
+            "ref_teacher.max_length",
+            5,
+            FakeTrainer({**packs, "labels": [[-100] * 5, [-100] * 4, [-100] * 3]}),
+            2,
+        )
 
 
 def test_errors_name_the_key_the_stage_reads_its_max_length_from():

@@ -77,7 +77,9 @@ def test_max_length_shorter_than_every_prompt_is_one_line_and_publishes_nothing(
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    assert errors[0].startswith(f"error: {stage}: none of the 32 training rows keeps a loss token within {stage}.max_length = 12")
+    assert errors[0].startswith(
+        f"error: {stage}: none of the 32 training rows keeps a loss token within {stage}.max_length = 12"
+    )
     assert errors[0].endswith(f"tokens; raise {stage}.max_length") and "the shortest prompt has " in errors[0]
     assert not output.exists() and "'loss'" not in result.stderr, "no step ran"
 
@@ -92,7 +94,9 @@ def test_a_distillation_stage_names_the_row_and_its_key(inputs, tmp_path):
 
 
 def test_rows_too_long_are_left_out_with_a_warning_and_counted(inputs, tmp_path):
-    result, output = run_stage(inputs, tmp_path, "ref_teacher", max_length=40, packing=False, completion_only_loss=True)
+    result, output = run_stage(
+        inputs, tmp_path, "ref_teacher", max_length=40, packing=False, completion_only_loss=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     warning = next(line for line in result.stderr.splitlines() if "keep no loss token" in line)
     dropped = int(warning.split("ref_teacher: ")[1].split(" of 32")[0])

@@ -306,8 +306,16 @@ def test_prompt_lengths_are_checked_against_each_planned_stage(tmp_path):
     teacher = model_folder(tmp_path / "teacher")
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     rows = [
-        {"prompt": user("short"), "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-        {"prompt": user("a much longer prompt " * 5), "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+        {
+            "prompt": user("short"),
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        {
+            "prompt": user("a much longer prompt " * 5),
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
     ]
     (tmp_path / "pairs").mkdir()
     (tmp_path / "pairs" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -317,7 +325,11 @@ def test_prompt_lengths_are_checked_against_each_planned_stage(tmp_path):
     loaded = {"preference": data.load_preference(config["datasets"]["preference"], "train")}
     tokenizer = load_tokenizer(teacher)
     short, long = (
-        len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        len(
+            tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
         for row in rows
     )
     assert short < long
@@ -328,12 +340,18 @@ def test_prompt_lengths_are_checked_against_each_planned_stage(tmp_path):
         f"dpo_teacher.max_length = {long} and will be left out"
     ]
     config["dpo_teacher"]["max_length"] = short
-    with pytest.raises(ConfigError, match=rf"'dpo_teacher.max_length': {short} tokens leave no response token in any row "
-                       rf"of datasets.preference for dpo_teacher \(the shortest prompt has {short} tokens\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"'dpo_teacher.max_length': {short} tokens leave no response token in any row "
+        rf"of datasets.preference for dpo_teacher \(the shortest prompt has {short} tokens\)",
+    ):
         check_prompt_lengths(config, dpo, loaded)
     config["dckd"]["max_length"] = long  # vanilla_kd and the top-k store read dckd's
-    with pytest.raises(ConfigError, match=rf"'dckd.max_length': {long} tokens leave no response token in "
-                       rf"datasets.preference row 1 for vanilla_kd \(its prompt has {long} tokens; 1 rows like it\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"'dckd.max_length': {long} tokens leave no response token in "
+        rf"datasets.preference row 1 for vanilla_kd \(its prompt has {long} tokens; 1 rows like it\)",
+    ):
         check_prompt_lengths(config, Plan.of_jobs([("vanilla_kd", {"seed": "0"})]), loaded)
     config["dckd"]["max_length"] = config["dpo_teacher"]["max_length"] = long + 1
     assert check_prompt_lengths(config, Plan.all(), loaded) == [], "nothing cut: nothing said"

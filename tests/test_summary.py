@@ -315,7 +315,10 @@ def test_per_family_table_averages_each_seed_then_the_seeds():
     evaluations = {"seed1/adpa": ({}, answers(1)), "seed2/adpa": ({}, answers(2)), "dpo_teacher": ({}, answers(0))}
     table = family_table(evaluations).set_index(["model", "family"])
     assert table.loc[("adpa", "a"), "accuracy"] == pytest.approx(0.75)
-    assert table.loc[("adpa", "a"), "preference_accuracy"] == 0.0 and table.loc[("adpa", "b"), "preference_accuracy"] == 1.0
+    assert (
+        table.loc[("adpa", "a"), "preference_accuracy"] == 0.0
+        and table.loc[("adpa", "b"), "preference_accuracy"] == 1.0
+    )
     assert table.loc[("dpo_teacher", "a"), "accuracy"] == 0.0 and table.loc[("adpa", "a"), "rows"] == 2
     lines = family_lines(family_table(evaluations))
     assert lines[5] == "| model | a (2 rows) | b (1 rows) |" and lines[7] == "| adpa | 0.750 / 0.000 | 0.000 / 1.000 |"
