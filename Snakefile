@@ -29,6 +29,16 @@ onstart:
     preflight(config)
 
 
+# Every finished job is recorded now (also when another failed): the trained models kept in work
+# folders for a republish after a kill can go.
+onsuccess:
+    clean_work(config)
+
+
+onerror:
+    clean_work(config)
+
+
 # Everything: both teachers, the students of every seed, their evaluation, the table and plots,
 # and each sweep's table and plot.
 rule all:

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "adpa_manifest.json"
+# A trained model's files, hard-linked into its work folder when it is published, so that a kill
+# before Snakemake records the job costs one republish, not the training (republish, clean_work).
+EXPORTED = "exported"
 
 
 def staging_dir(output: str | os.PathLike) -> Path:
@@ -85,3 +88,75 @@ def discard(folder: str | os.PathLike) -> None:
     if folder.exists():
         os.replace(folder, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def link_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy a folder by hard links (free on one filesystem; a plain copy across two), the manifest
+    last: a copy cut off midway has no manifest and never counts as a model."""
+    source, target = Path(source), Path(target)
+    files = sorted((path for path in source.rglob("*") if path.is_file()), key=lambda path: path.name == MANIFEST)
+    target.mkdir(parents=True)
+    for path in files:
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(path, destination)
+
+
+def keep_exported(staging: str | os.PathLike, work_dir: str | os.PathLike) -> Path:
+    """Link a complete staging folder into `work_dir/exported` (replacing an older one) before it is published."""
+    exported = Path(work_dir) / EXPORTED
+    partial = exported.with_name(f".{EXPORTED}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    link_tree(staging, partial)
+    discard(exported)
+    os.replace(partial, exported)
+    return exported
+
+
+def clear_checkpoints(work_dir: str | os.PathLike) -> None:
+    """After publishing: free the checkpoints (and logs) of a work folder, keep its exported model."""
+    work_dir = Path(work_dir)
+    for entry in sorted(work_dir.iterdir()) if work_dir.is_dir() else ():
+        if entry.name == EXPORTED:
+            continue
+        if entry.is_dir():
+            discard(entry)
+        else:
+            entry.unlink()
+
+
+def republish(work_dir: str | os.PathLike, output: str | os.PathLike) -> bool:
+    """Publish the model a killed run already trained and exported (its manifest is there), without
+    training again; False when there is none. The work folder is keyed by settings and code, so an
+    exported model is exactly what this job would train."""
+    exported = Path(work_dir) / EXPORTED
+    if not (exported / MANIFEST).is_file():
+        return False
+    staging = staging_dir(output)
+    shutil.rmtree(staging, ignore_errors=True)
+    link_tree(exported, staging)
+    publish(staging, output)
+    return True
+
+
+def clean_work(results: str | os.PathLike, work_root: str | os.PathLike) -> list[Path]:
+    """Remove the work folders of models that are published under `results` (run once Snakemake has
+    recorded every job: the workflow's onsuccess). Returns what it removed."""
+    work_root = Path(work_root)
+    published = set()
+    for manifest_path in Path(results).rglob(MANIFEST):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            published.add((manifest["stage"], f"{manifest['config_hash']}-{manifest['code_hash']}"))
+        except (OSError, ValueError, KeyError):
+            continue
+    removed = []
+    for stage in sorted(work_root.iterdir()) if work_root.is_dir() else ():
+        for folder in sorted(stage.iterdir()) if stage.is_dir() else ():
+            if (stage.name, folder.name) in published:
+                discard(folder)
+                removed.append(folder)
+    return removed

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import socket
 import sys
 import warnings
@@ -133,8 +134,6 @@ def _runner(stage: Stage) -> Callable[..., Any]:
 def _set_threads(threads: int | None) -> None:
     """Split the job's cores between the local processes: oversubscribed CPU training runs 2x slower."""
     if threads:
-        import os
-
         import torch
 
         torch.set_num_threads(max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -142,6 +141,22 @@ def _set_threads(threads: int | None) -> None:
 
 def _outputs(stage: Stage) -> list[str]:
     return [name for name in stage.options if name.endswith("output")]
+
+
+def _republished(run) -> bool:
+    """A model this job already trained and exported, killed before Snakemake recorded it: rank 0 (the
+    one that publishes) publishes it again; every rank then skips training."""
+    if os.environ.get("RANK", "0") != "0":
+        return (run.work_dir / artifacts.EXPORTED / artifacts.MANIFEST).is_file()
+    if not artifacts.republish(run.work_dir, run.output):
+        return False
+    logging.getLogger("adpa").warning(
+        "%s: republished %s from %s (trained before; Snakemake had not recorded it)",
+        run.stage,
+        run.output,
+        run.work_dir / artifacts.EXPORTED,
+    )
+    return True
 
 
 def run_stage(args: argparse.Namespace) -> None:
@@ -172,6 +187,8 @@ def run_stage(args: argparse.Namespace) -> None:
                 logging_steps=args.logging_steps,
             ),
         )
+        if _republished(run):
+            return
         runner(run, **inputs)
     elif outputs:
         staged = {name: artifacts.fresh_staging_dir(path) for name, path in outputs.items()}

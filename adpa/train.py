@@ -246,7 +246,10 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
             metrics,
             extra={"loss_history": history},
         )
+        # Until Snakemake has recorded the job (the workflow's onsuccess cleans up), a kill loses
+        # only a republish: the work folder keeps the exported model, not the checkpoints.
+        artifacts.keep_exported(staging, run.work_dir)
         artifacts.publish(staging, run.output)
-        artifacts.discard(run.work_dir)
+        artifacts.clear_checkpoints(run.work_dir)
         log.warning("%s: wrote %s  %s", run.stage, run.output, json.dumps(metrics))
     accelerator.wait_for_everyone()

@@ -34,6 +34,14 @@ def preflight(config):
         sys.exit(f"error: {error}")
 
 
+def clean_work(config):
+    """Work folders of published models (kept until Snakemake has recorded their jobs)."""
+    from adpa.artifacts import clean_work as remove_published
+    from adpa.paths import expand_path
+
+    remove_published(RESULTS, expand_path(config["work_dir"]))
+
+
 RESULTS = "results"
 LAUNCH = config["launch"]
 ADPA = launch.adpa_command(workflow.basedir)

@@ -1,6 +1,6 @@
 """Kills at other moments than mid-training (real tiny runs, SIGKILL to the whole Snakemake process
-group): while teacher_topk writes its store, between a training stage's publish and the removal of
-its work folder, and during an evaluation. After each, `--unlock` and the same command finish, and
+group): while teacher_topk writes its store, right after a training stage publishes its model (and
+while its checkpoints go), and during an evaluation. After each, `--unlock` and the same command finish, and
 every output reads back complete. tests/pause_hook stops the run at the exact file operation."""
 
 from __future__ import annotations
@@ -107,17 +107,25 @@ def weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_kill_between_publish_and_work_folder_cleanup_reruns_the_stage(project, tmp_path):
-    import torch
-
+@pytest.mark.parametrize(
+    "pause",
+    [
+        "replace after */results/dpo_teacher",  # the rename that publishes the model
+        "replace after */work/dpo_teacher/*/.checkpoint-4.discarded",  # its checkpoints going, after it
+    ],
+    ids=["published", "checkpoints-cleared"],
+)
+def test_kill_after_publishing_costs_a_republish_not_the_training(project, tmp_path, pause):
     output, work = project / "results" / "dpo_teacher", project / "work" / "dpo_teacher"
+    shutil.rmtree(output, ignore_errors=True)  # the other moment's run left it finished
+    run_snakemake(project, "--unlock", *TINY)
     ref_mtime = (project / "results" / "ref_teacher" / "adpa_manifest.json").stat().st_mtime_ns
-    # Stopped right after the rename that publishes the model, before its checkpoints are removed.
-    kill_when_paused(project, "results/dpo_teacher", "replace after */results/dpo_teacher", tmp_path / "killed.log")
-    assert read_manifest(output)["metrics"]["global_step"] == 4
+    kill_when_paused(project, "results/dpo_teacher", pause, tmp_path / "killed.log")
+    killed_manifest = read_manifest(output)
+    assert killed_manifest["metrics"]["global_step"] == 4
     published = weights(output)
     (key,) = [folder for folder in work.iterdir() if not folder.name.startswith(".")]
-    assert (key / "checkpoint-4" / "trainer_state.json").is_file()
+    assert (key / "exported" / "adpa_manifest.json").is_file(), "the trained model outlives the kill"
 
     # Snakemake never saw the job finish: the output is marked incomplete, so it is not trusted;
     # the workflow profile (profiles/default) makes the same command rerun it.
@@ -125,19 +133,17 @@ def test_kill_between_publish_and_work_folder_cleanup_reruns_the_stage(project, 
     plain = run_snakemake(project, "-n", "results/dpo_teacher", "--workflow-profile", "none", *TINY, check=False)
     refusal = plain.stdout + plain.stderr
     assert plain.returncode != 0 and "IncompleteFilesException" in refusal and "results/dpo_teacher" in refusal
-    assert planned_jobs(run_snakemake(project, "-n", "results/dpo_teacher", *TINY)) == {"dpo_teacher": 1}
     result = run_snakemake(project, "results/dpo_teacher", *TINY)
     assert planned_jobs(result) == {"dpo_teacher": 1}
     log = (project / "logs" / "dpo_teacher.log").read_text()
-    assert f"resuming from checkpoint {(key / 'checkpoint-4').relative_to(project)}" in log
-    manifest = read_manifest(output)
-    assert manifest["metrics"]["global_step"] == 4
-    assert [step for step, _ in manifest["loss_history"]] == [1, 2, 3, 4]
+    assert f"dpo_teacher: republished {output.relative_to(project)} from" in log
+    assert "resuming from checkpoint" not in log and "'loss'" not in log, "no step trained again"
+    assert read_manifest(output) == killed_manifest, "the very model the killed run trained"
     rerun = weights(output)
-    assert rerun.keys() == published.keys()
-    for name, tensor in published.items():
-        assert torch.allclose(rerun[name], tensor, atol=1e-6), name
-    assert not any(work.iterdir()), sorted(work.iterdir())  # the work folder, and nothing else, is gone
+    assert rerun.keys() == published.keys() and all(
+        (rerun[name] == tensor).all() for name, tensor in published.items()
+    )
+    assert not any(work.iterdir()), sorted(work.iterdir())  # recorded now: its work folder is gone
     no_staging_left(project)
     assert (project / "results" / "ref_teacher" / "adpa_manifest.json").stat().st_mtime_ns == ref_mtime
     assert planned_jobs(run_snakemake(project, "-n", "results/dpo_teacher", *TINY)) == {}
