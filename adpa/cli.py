@@ -22,7 +22,7 @@ from typing import Any
 from adpa import artifacts
 from adpa import config as configuration
 from adpa.errors import InputError
-from adpa.stages import REGISTRY, STAGES, Stage
+from adpa.stages import REGISTRY, STAGES, Stage, max_length_key
 
 
 def _expanded_path(value: str) -> Path:
@@ -186,6 +186,7 @@ def run_stage(args: argparse.Namespace) -> None:
                 save_total_limit=args.save_total_limit,
                 logging_steps=args.logging_steps,
             ),
+            max_length_key=max_length_key(stage.name) or "max_length",
         )
         if _republished(run):
             return

@@ -45,20 +45,9 @@ class StageRun:
     output: Path
     work_root: Path
     launch: LaunchOptions
-
-    @property
-    def section(self) -> str:
-        """The config section holding the stage's settings: the key error messages name."""
-        from adpa.stages import STAGES
-
-        return STAGES[self.stage].section
-
-    @property
-    def max_length_key(self) -> str:
-        """The config key of the stage's max_length (vanilla_kd's is dckd's: the top-k store's length)."""
-        from adpa.stages import max_length_key
-
-        return max_length_key(self.stage) or f"{self.section}.max_length"
+    # The config key of its max_length, for error lines (adpa.stages.max_length_key; passed in, so
+    # that the stage's code hash does not cover the registry).
+    max_length_key: str = "max_length"
 
     @property
     def work_dir(self) -> Path:

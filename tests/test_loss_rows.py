@@ -108,11 +108,11 @@ def test_packed_rows_are_counted_inside_their_packs(caplog):
 
 
 def test_errors_name_the_key_the_stage_reads_its_max_length_from():
-    from adpa.train import LaunchOptions, StageRun
+    from adpa.stages import max_length_key
 
-    def key(stage: str) -> str:
-        launch = LaunchOptions(gradient_checkpointing=False, save_steps=1, save_total_limit=1, logging_steps=1)
-        return StageRun(stage, {}, "{}", "code", None, None, launch).max_length_key
-
-    assert key("student_sft") == "student_sft.max_length" and key("adpa_plus") == "adpa.max_length"
-    assert key("vanilla_kd") == "dckd.max_length", "vanilla_kd reads the top-k store cut at dckd's length"
+    assert (
+        max_length_key("student_sft") == "student_sft.max_length" and max_length_key("adpa_plus") == "adpa.max_length"
+    )
+    assert max_length_key("vanilla_kd") == "dckd.max_length", "vanilla_kd reads the top-k store cut at dckd's length"
+    assert max_length_key("teacher_topk") == "dckd.max_length" and max_length_key("advantage") == "adpa.max_length"
+    assert max_length_key("evaluate") is None
