@@ -26,22 +26,24 @@ TRAINED = {
 }
 LOADS_MODELS = {"data.py", "errors.py", "generation.py", "models.py", "paths.py", "precision.py", "sequences.py"}
 DISTILLED = TRAINED | {"distill.py", "losses.py", "sequences.py", "topk_store.py"}
+# TRL's trainers tokenize for themselves: these stages count the rows left with a loss token.
+TRL_TRAINED = TRAINED | {"loss_rows.py"}
 # The exact modules each stage's code hash covers: what it executes, nothing more.
 MODULES = {
     "generate_data": {"data.py", "datagen.py", "errors.py", "paths.py", "tasks.py"},
     "base_teacher": {"errors.py", "models.py", "paths.py", "precision.py"},
     "base_student": {"errors.py", "models.py", "paths.py", "precision.py"},
-    "ref_teacher": TRAINED | {"sft.py", "lm_head.py"},
-    "dpo_teacher": TRAINED | {"dpo.py", "lm_head.py"},
-    "student_sft": TRAINED | {"sft.py", "lm_head.py"},
+    "ref_teacher": TRL_TRAINED | {"sft.py", "lm_head.py"},
+    "dpo_teacher": TRL_TRAINED | {"dpo.py", "lm_head.py"},
+    "student_sft": TRL_TRAINED | {"sft.py", "lm_head.py"},
     "teacher_topk": LOADS_MODELS | {"inference.py", "topk_store.py"},
     "teacher_generations": LOADS_MODELS,
     "student_generations": LOADS_MODELS,
     "advantage": LOADS_MODELS | {"inference.py", "topk_store.py"},
-    "student_dpo": TRAINED | {"dpo.py", "lm_head.py"},
-    "simpo": TRAINED | {"simpo.py"},
+    "student_dpo": TRL_TRAINED | {"dpo.py", "lm_head.py"},
+    "simpo": TRL_TRAINED | {"simpo.py"},
     "vanilla_kd": DISTILLED,
-    "seq_kd": TRAINED | {"sft.py", "lm_head.py"},
+    "seq_kd": TRL_TRAINED | {"sft.py", "lm_head.py"},
     "dckd": DISTILLED,
     "adpa": DISTILLED,
     "adpa_plus": DISTILLED,
