@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "adpa_manifest.json"
+# Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
+CHECKPOINT_BYTES_PER_PARAMETER = 14
 # A trained model's files, hard-linked into its work folder when it is published, so that a kill
 # before Snakemake records the job costs one republish, not the training (republish, clean_work).
 EXPORTED = "exported"

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adpa.artifacts import CHECKPOINT_BYTES_PER_PARAMETER
 from adpa.config import plan_sweeps, produced_paths, student_seeds
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, max_length_key, of_kind, reading, student_models
 
-# Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
-CHECKPOINT_BYTES_PER_PARAMETER = 14
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 4}  # auto: fp32 weights at worst
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_TIMEOUT_S = 10

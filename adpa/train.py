@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -124,6 +125,45 @@ def last_checkpoint(work_dir: Path) -> str | None:
     return None
 
 
+class DiskFullError(InputError):
+    """A save ran out of space: one line naming the folder, what it needed and what is free."""
+
+
+def _gigabytes(count: float) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
+
+
+def _free_bytes(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
+    """ENOSPC however the writer reports it: an OSError, safetensors' 'os error 28', or torch.save's
+    bare stream error (recognised by the space left being less than the save needs)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(error, (OSError, RuntimeError)) and _free_bytes(folder) < needed
+
+
+def disk_full(stage: str, folder: Path, needed: int, error: BaseException) -> DiskFullError | None:
+    """The one-line error for a save that ran out of space (None if `error` is something else)."""
+    if not _out_of_space(error, folder, needed):
+        return None
+    return DiskFullError(
+        f"{stage}: no space left on the device of {folder}: about {_gigabytes(needed)} to write, "
+        f"{_gigabytes(_free_bytes(folder))} free there; free space and run again (it resumes from the last "
+        "complete checkpoint)"
+    )
+
+
 def launch_facts(trainer) -> dict[str, Any]:
     """How the run was really distributed, as recorded in the manifest."""
     accelerator = trainer.accelerator
@@ -205,7 +245,16 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
         if resume:
             log.warning("%s: resuming from checkpoint %s", run.stage, resume)
     tokens_before = tokens_seen(resume)  # read now: checkpoint rotation may delete it while training
-    train_output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume)
+    except (OSError, RuntimeError) as error:
+        # A checkpoint cut off by a full disk is removed (last_checkpoint), then the space is measured.
+        last_checkpoint(run.work_dir)
+        checkpoint = artifacts.CHECKPOINT_BYTES_PER_PARAMETER * model_parameters(trainer.model)
+        full = disk_full(run.stage, run.work_dir, checkpoint, error)
+        if full is None:
+            raise
+        raise full from error
     check_learned(run.stage, trainer.state.log_history)
     launch_throughput = throughput(trainer, train_output, tokens_before)
     eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
@@ -214,7 +263,16 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
         artifacts.fresh_staging_dir(run.output)
     accelerator.wait_for_everyone()
     # Under ZeRO-3 every rank takes part in gathering the weights.
-    trainer.save_model(str(staging))
+    try:
+        trainer.save_model(str(staging))
+    except (OSError, RuntimeError) as error:
+        weights = model_parameters(trainer.model) * next(trainer.model.parameters()).element_size()
+        full = disk_full(run.stage, staging, weights, error)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays
+        if full is None:
+            raise
+        raise full from error
     if accelerator.is_main_process:
         # The trainer also pickles its arguments there; a published model holds no pickle.
         (staging / "training_args.bin").unlink(missing_ok=True)
