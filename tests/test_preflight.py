@@ -244,6 +244,8 @@ def test_cached_hub_model_passes_offline_and_online(tmp_path, monkeypatch):
     config["models"]["base_student"] = {"path": "someorg/cached-model", "trust_remote_code": False}
     for offline in ("1", "0"):
         monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        # Libraries read the variable once, at import: set their flag too (a real run sets it before).
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline == "1")
         check_models(config)
     config["models"]["base_student"]["revision"] = "b" * 40  # a pinned revision that was never downloaded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
