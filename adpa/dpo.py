@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from adpa.data import load_preference
 from adpa.lm_head import dense_lm_head
-from adpa.loss_rows import require_loss_tokens
+from adpa.loss_rows import train_rows_with_loss_tokens
 from adpa.models import check_model_reference, load_model, load_tokenizer
-from adpa.train import StageRun, train_and_export, trainer_arguments
+from adpa.train import StageRun, trainer_arguments
 
 
 def run_dpo(run: StageRun, model: str) -> None:
@@ -34,13 +34,4 @@ def run_dpo(run: StageRun, model: str) -> None:
     dense_lm_head(trainer.ref_model)
     # No trainer-side evaluation: rule evaluate scores every model on the held-out pairs (the
     # trainer's would run policy and reference over them again, ~20% of this stage on CPU).
-    facts = require_loss_tokens(
-        run.stage,
-        run.max_length_key,
-        training["max_length"],
-        trainer,
-        len(train_dataset),
-        tokenizer,
-        train_dataset["prompt"],
-    )
-    train_and_export(run, trainer, None, facts)
+    train_rows_with_loss_tokens(run, trainer, train_dataset)

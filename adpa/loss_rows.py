@@ -106,3 +106,21 @@ def require_loss_tokens(
             max_length,
         )
     return {"train_rows": kept, "rows_without_loss_tokens": dropped}
+
+
+def train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset=None) -> None:
+    """A TRL stage's end: `require_loss_tokens` on the built trainer, then train and publish
+    (adpa.train.train_and_export) with the counts in the manifest."""
+    from adpa.train import train_and_export
+
+    prompts = train_dataset["prompt"] if "prompt" in train_dataset.column_names else None
+    facts = require_loss_tokens(
+        run.stage,
+        run.max_length_key,
+        run.params["training"]["max_length"],
+        trainer,
+        len(train_dataset),
+        trainer.processing_class,
+        prompts,
+    )
+    train_and_export(run, trainer, eval_dataset, facts)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from adpa.data import load_sft, to_prompt_completion
 from adpa.lm_head import dense_lm_head
-from adpa.loss_rows import require_loss_tokens
+from adpa.loss_rows import train_rows_with_loss_tokens
 from adpa.models import check_model_reference, check_same_vocabulary, load_model, load_tokenizer
-from adpa.train import StageRun, train_and_export, trainer_arguments
+from adpa.train import StageRun, trainer_arguments
 
 
 def teacher_responses(generations: Path):
@@ -70,13 +70,4 @@ def run_sft(run: StageRun, model: str, tokenizer: str | None = None, generations
         processing_class=processing_class,
     )
     dense_lm_head(trainer.model)
-    facts = require_loss_tokens(
-        run.stage,
-        run.max_length_key,
-        training["max_length"],
-        trainer,
-        len(train_dataset),
-        processing_class,
-        train_dataset["prompt"] if "prompt" in train_dataset.column_names else None,
-    )
-    train_and_export(run, trainer, eval_dataset, facts)
+    train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 from adpa.data import load_preference
-from adpa.loss_rows import require_loss_tokens
+from adpa.loss_rows import train_rows_with_loss_tokens
 from adpa.models import check_model_reference, load_model, load_tokenizer
-from adpa.train import StageRun, train_and_export, trainer_arguments
+from adpa.train import StageRun, trainer_arguments
 
 
 def run_simpo(run: StageRun, model: str) -> None:
@@ -34,13 +34,4 @@ def run_simpo(run: StageRun, model: str) -> None:
     policy = load_model(model, params["precision"], trust)
     trainer = CPOTrainer(model=policy, args=args, train_dataset=train_dataset, processing_class=tokenizer)
     # CPOTrainer keeps rows whose prompt fills max_length, with empty responses: left out here.
-    facts = require_loss_tokens(
-        run.stage,
-        run.max_length_key,
-        training["max_length"],
-        trainer,
-        len(train_dataset),
-        tokenizer,
-        train_dataset["prompt"],
-    )
-    train_and_export(run, trainer, None, facts)
+    train_rows_with_loss_tokens(run, trainer, train_dataset)
