@@ -20,6 +20,14 @@ CHECKPOINT_BYTES_PER_PARAMETER = 14
 EXPORTED = "exported"
 
 
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free space on the device of `folder`, or of its nearest existing parent (not created yet)."""
+    for candidate in (Path(folder), *Path(folder).parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
 def staging_dir(output: str | os.PathLike) -> Path:
     """A sibling of the output (same filesystem, so the final rename is atomic)."""
     output = Path(output)

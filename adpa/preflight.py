@@ -12,14 +12,13 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpa.artifacts import CHECKPOINT_BYTES_PER_PARAMETER
+from adpa.artifacts import CHECKPOINT_BYTES_PER_PARAMETER, free_bytes
 from adpa.config import plan_sweeps, produced_paths, student_seeds
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
@@ -505,9 +504,9 @@ def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan:
     if not needed:
         return
     folder = Path(workflow_dir, expand_path(config["work_dir"]))
-    while not folder.exists():
+    while not folder.exists():  # the message names the folder measured
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    free = free_bytes(folder)
     if free < needed:
         raise ConfigError(
             f"config key 'work_dir': about {needed / 1e9:.1f} GB of checkpoints and models to write, "

@@ -133,13 +133,6 @@ def _gigabytes(count: float) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
-def _free_bytes(folder: Path) -> int:
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return shutil.disk_usage(candidate).free
-    return 0
-
-
 def _out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
     """ENOSPC however the writer reports it: an OSError, safetensors' 'os error 28', or torch.save's
     bare stream error (recognised by the space left being less than the save needs)."""
@@ -150,7 +143,7 @@ def _out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
         if "No space left on device" in str(seen) or "os error 28" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    return isinstance(error, (OSError, RuntimeError)) and _free_bytes(folder) < needed
+    return isinstance(error, (OSError, RuntimeError)) and artifacts.free_bytes(folder) < needed
 
 
 def disk_full(stage: str, folder: Path, needed: int, error: BaseException) -> DiskFullError | None:
@@ -159,7 +152,7 @@ def disk_full(stage: str, folder: Path, needed: int, error: BaseException) -> Di
         return None
     return DiskFullError(
         f"{stage}: no space left on the device of {folder}: about {_gigabytes(needed)} to write, "
-        f"{_gigabytes(_free_bytes(folder))} free there; free space and run again (it resumes from the last "
+        f"{_gigabytes(artifacts.free_bytes(folder))} free there; free space and run again (it resumes from the last "
         "complete checkpoint)"
     )
 
