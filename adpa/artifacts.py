@@ -13,8 +13,19 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "adpa_manifest.json"
-# Checkpoint bytes per parameter under AdamW: fp32 weights, two moments, plus a 16-bit copy.
-CHECKPOINT_BYTES_PER_PARAMETER = 14
+# A training checkpoint holds AdamW's state (fp32 master weights and two moments) beside the
+# weights at their saved precision: 16 bytes per parameter in fp32, as a real 2-process ZeRO-3
+# checkpoint measures (tests/test_resume.py), 14 with 16-bit weights.
+OPTIMIZER_BYTES_PER_PARAMETER = 12
+# Plus the RNG, scheduler and trainer state and DeepSpeed's conversion scripts (about 0.12 MB).
+CHECKPOINT_STATE_BYTES = 1_000_000
+
+
+def checkpoint_bytes(parameters: int, weight_bytes: int, other_files: int = 0) -> int:
+    """Bytes of one checkpoint; `other_files`: what the model folder holds besides weights (tokenizer)."""
+    return parameters * (OPTIMIZER_BYTES_PER_PARAMETER + weight_bytes) + other_files + CHECKPOINT_STATE_BYTES
+
+
 # A trained model's files, hard-linked into its work folder when it is published, so that a kill
 # before Snakemake records the job costs one republish, not the training (republish, clean_work).
 EXPORTED = "exported"

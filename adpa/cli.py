@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adpa import artifacts
+from adpa import artifacts, preemption
 from adpa import config as configuration
 from adpa.errors import InputError
 from adpa.stages import REGISTRY, STAGES, Stage, max_length_key
@@ -165,6 +166,8 @@ def run_stage(args: argparse.Namespace) -> None:
     from adpa.provenance import code_hash
 
     stage = STAGES[args.command]
+    if stage.kind == "training":
+        preemption.install()  # before the models load: a signal while loading stops at the first step
     params, params_json = _params(args)
     _set_threads(getattr(args, "threads", None))
     runner = _runner(stage)
@@ -193,16 +196,33 @@ def run_stage(args: argparse.Namespace) -> None:
         runner(run, **inputs)
     elif outputs:
         staged = {name: artifacts.fresh_staging_dir(path) for name, path in outputs.items()}
-        metrics = runner(params, **staged, **inputs)
-        for name, path in outputs.items():
-            artifacts.write_manifest(staged[name], stage.name, params, params_json, code_hash(stage.name), metrics)
-            artifacts.publish(staged[name], path)
+        try:
+            metrics = runner(params, **staged, **inputs)
+            for name, path in outputs.items():
+                artifacts.write_manifest(staged[name], stage.name, params, params_json, code_hash(stage.name), metrics)
+                artifacts.publish(staged[name], path)
+        except (OSError, RuntimeError) as error:
+            _raise_if_disk_full(stage.name, next(iter(outputs.values())), list(staged.values()), error)
+            raise
         # The stage's metrics end its log, as the training stages' do.
         logging.getLogger("adpa").warning(
             "%s: wrote %s  %s", stage.name, " ".join(map(str, outputs.values())), json.dumps(metrics)
         )
     else:
         runner(params, **inputs)
+
+
+def _raise_if_disk_full(stage: str, output: Path, staged: list[Path], error: BaseException) -> None:
+    """A stage that does not train and ran out of space: one line naming its output, and its staging
+    folders go."""
+    from adpa.train import disk_full
+
+    full = disk_full(stage, Path(output), None, error)
+    if full is None:
+        return
+    for folder in staged:
+        shutil.rmtree(folder, ignore_errors=True)
+    raise full from error
 
 
 def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
@@ -260,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             _check(args.configfile, args.slurm)
         else:
             run_stage(args)
+    except preemption.Preempted as stopped:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; the first one says so
+            logging.getLogger("adpa").warning("%s", stopped)
+        return stopped.exit_code
     except (InputError, FileExistsError) as err:
         # One line naming the key, file or row; no traceback for input errors.
         print(f"error: {err}", file=sys.stderr)

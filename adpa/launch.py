@@ -66,11 +66,20 @@ def accelerate_arguments(config: Mapping[str, Any], workflow_dir: str | os.PathL
     return arguments
 
 
+def stop_signal_prefix(config: Mapping[str, Any]) -> str:
+    """The job's shell and its `tee` ignore the signals on which the ranks save and stop
+    (adpa/preemption.py): dying first, they would end the job step, and the ranks with it mid-save.
+    torch's launcher forwards SIGTERM to the ranks and then waits for them, 30 s by default before
+    it kills them: too short for a large checkpoint, so as long as Slurm's warning ahead of the limit."""
+    wait = config["launch"]["stop_signal_before_limit"] or 30
+    return f"trap '' TERM USR1; TORCH_ELASTIC_SHUTDOWN_TIMEOUT={wait}"
+
+
 def training_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
     """Shell prefix that runs `python -m adpa <stage> ...` (the rule appends the rest) on every process."""
     launch = config["launch"]
     options = " ".join(shlex.quote(argument) for argument in accelerate_arguments(config, workflow_dir))
-    prefix = pythonpath_prefix(workflow_dir)
+    prefix = f"{stop_signal_prefix(config)} {pythonpath_prefix(workflow_dir)}"
     if launch["num_machines"] == 1:
         port = launch["main_process_port"] or f'"$({adpa_command(workflow_dir)} free-port)"'
         return f"{prefix} accelerate launch {options} --main_process_port {port} -m adpa"
@@ -144,6 +153,10 @@ def job_resources(config: Mapping[str, Any], workflow_dir: str | os.PathLike, ru
         resources["gpu"] = gpus
         if spec["gpu_model"]:
             resources["gpu_model"] = spec["gpu_model"]
+    warning = config["launch"]["stop_signal_before_limit"]
+    if group == "training" and warning:
+        # TERM, not USR1: the Snakemake process that leads the job step exits on USR1.
+        extra.append(f"--signal=TERM@{warning}")
     if extra:
         resources["slurm_extra"] = " ".join(extra)
     return resources

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpa.artifacts import CHECKPOINT_BYTES_PER_PARAMETER, free_bytes
+from adpa.artifacts import checkpoint_bytes, free_bytes
 from adpa.config import plan_sweeps, produced_paths, student_seeds
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
@@ -466,41 +466,56 @@ def parameter_count(reference: str) -> int | None:
         return None
 
 
-def required_disk_bytes(config: Mapping[str, Any], parameters: Mapping[str, int | None]) -> int:
-    """Peak bytes: the largest stage's kept checkpoints plus every trained model's final weights."""
+def other_files_bytes(reference: str) -> int:
+    """What a local model folder holds besides its weights (tokenizer, config); 0 for a hub id."""
+    if not is_local(reference):
+        return 0
+    folder = Path(expand_path(reference))
+    return sum(path.stat().st_size for path in folder.glob("*") if path.is_file() and path.suffix != ".safetensors")
+
+
+def required_disk_bytes(
+    config: Mapping[str, Any], parameters: Mapping[str, int | None], other_files: Mapping[str, int] | None = None
+) -> int:
+    """Peak bytes: the largest stage's kept checkpoints plus every trained model. `parameters` and
+    `other_files` (tokenizer and config bytes) are those of the base models, by name."""
     keep = config["launch"]["save_total_limit"]
-    final_bytes = PRECISION_BYTES[config["precision"]]
-    teacher, student = parameters.get("base_teacher"), parameters.get("base_student")
-    per_stage = {
-        "ref_teacher": teacher,
-        "dpo_teacher": teacher,
-        **dict.fromkeys(student_models(config["methods"]), student),
+    weight_bytes = PRECISION_BYTES[config["precision"]]
+    files = other_files or {}
+    bases = {
+        "ref_teacher": "base_teacher",
+        "dpo_teacher": "base_teacher",
+        **dict.fromkeys(student_models(config["methods"]), "base_student"),
     }
-    known = {stage: count for stage, count in per_stage.items() if count}
+    known = {stage: base for stage, base in bases.items() if parameters.get(base)}
     if not known:
         return 0
+
+    def model(base: str) -> int:
+        return parameters[base] * weight_bytes + files.get(base, 0)
+
     seeds = len(student_seeds(config))
-    checkpoints = max(count * CHECKPOINT_BYTES_PER_PARAMETER * keep for count in known.values())
+    checkpoints = max(checkpoint_bytes(parameters[base], weight_bytes, files.get(base, 0)) for base in known.values())
     finals = sum(
-        count * final_bytes * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds)
-        for stage, count in known.items()
+        model(base) * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds) for stage, base in known.items()
     )
     # Each sweep point trains its retrained student stages again, per seed.
     swept = sum(
         len(sweep.swept) * sum(1 for stage in sweep.retrained if STAGES[stage].kind == "training")
         for sweep in plan_sweeps(config).values()
     )
-    return checkpoints + finals + (student or 0) * final_bytes * seeds * swept
+    student = model("base_student") if parameters.get("base_student") else 0
+    return checkpoints * keep + finals + student * seeds * swept
 
 
 def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan: Plan | None = None) -> None:
     plan = plan or Plan.all()
     if not plan.runs(*TRAINING_RULES):
         return
-    parameters = {
-        name: parameter_count(spec["path"]) for name, spec in _model_sources(config, models_read(config, plan))
-    }
-    needed = required_disk_bytes(config, parameters)
+    sources = dict(_model_sources(config, models_read(config, plan)))
+    parameters = {name: parameter_count(spec["path"]) for name, spec in sources.items()}
+    other_files = {name: other_files_bytes(spec["path"]) for name, spec in sources.items()}
+    needed = required_disk_bytes(config, parameters, other_files)
     if not needed:
         return
     folder = Path(workflow_dir, expand_path(config["work_dir"]))

@@ -8,12 +8,13 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adpa import artifacts
+from adpa import artifacts, preemption
 from adpa.batching import accumulation_steps
 from adpa.errors import InputError
 from adpa.precision import resolve
@@ -133,9 +134,9 @@ def _gigabytes(count: float) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.1f} MB"
 
 
-def _out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
+def _out_of_space(error: BaseException, folder: Path, needed: int | None) -> bool:
     """ENOSPC however the writer reports it: an OSError, safetensors' 'os error 28', or torch.save's
-    bare stream error (recognised by the space left being less than the save needs)."""
+    bare stream error (recognised by the space left being less than the save needs, when known)."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
@@ -143,17 +144,20 @@ def _out_of_space(error: BaseException, folder: Path, needed: int) -> bool:
         if "No space left on device" in str(seen) or "os error 28" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    return isinstance(error, (OSError, RuntimeError)) and artifacts.free_bytes(folder) < needed
+    return needed is not None and isinstance(error, (OSError, RuntimeError)) and artifacts.free_bytes(folder) < needed
 
 
-def disk_full(stage: str, folder: Path, needed: int, error: BaseException) -> DiskFullError | None:
-    """The one-line error for a save that ran out of space (None if `error` is something else)."""
+def disk_full(stage: str, folder: Path, needed: int | None, error: BaseException) -> DiskFullError | None:
+    """The one-line error for a save that ran out of space (None if `error` is something else).
+    `needed` is what the save writes; None for the stages that do not train (no checkpoint either)."""
     if not _out_of_space(error, folder, needed):
         return None
+    free = f"{_gigabytes(artifacts.free_bytes(folder))} free there"
+    if needed is None:
+        return DiskFullError(f"{stage}: no space left on the device of {folder}: {free}; free space and run again")
     return DiskFullError(
-        f"{stage}: no space left on the device of {folder}: about {_gigabytes(needed)} to write, "
-        f"{_gigabytes(artifacts.free_bytes(folder))} free there; free space and run again (it resumes from the last "
-        "complete checkpoint)"
+        f"{stage}: no space left on the device of {folder}: about {_gigabytes(needed)} to write, {free}; "
+        "free space and run again (it resumes from the last complete checkpoint)"
     )
 
 
@@ -189,6 +193,23 @@ def throughput(trainer, train_output, tokens_before: int) -> dict[str, Any]:
         "train_tokens_incl_padding": trainer.state.num_input_tokens_seen - tokens_before,
         "model_parameters": model_parameters(trainer.model),
     }
+
+
+def first_step_clock():
+    """A TrainerCallback that holds, once the first optimizer step begins, the seconds this process
+    took to get there (imports, loading the models and data, the trainer's and DeepSpeed's set-up)."""
+    import psutil
+    from transformers import TrainerCallback
+
+    class FirstStepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.seconds is None:
+                self.seconds = round(time.time() - psutil.Process().create_time(), 1)
+
+    return FirstStepClock()
 
 
 def final_metrics(trainer, eval_metrics: Mapping[str, float], launch_throughput: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,16 +259,23 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
         if resume:
             log.warning("%s: resuming from checkpoint %s", run.stage, resume)
     tokens_before = tokens_seen(resume)  # read now: checkpoint rotation may delete it while training
+    stop, clock = preemption.stop_on_signal(), first_step_clock()
+    trainer.add_callback(stop)
+    trainer.add_callback(clock)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
     except (OSError, RuntimeError) as error:
         # A checkpoint cut off by a full disk is removed (last_checkpoint), then the space is measured.
         last_checkpoint(run.work_dir)
-        checkpoint = artifacts.CHECKPOINT_BYTES_PER_PARAMETER * model_parameters(trainer.model)
+        weights = next(trainer.model.parameters()).element_size()
+        checkpoint = artifacts.checkpoint_bytes(model_parameters(trainer.model), weights)
         full = disk_full(run.stage, run.work_dir, checkpoint, error)
         if full is None:
             raise
         raise full from error
+    if stop.stopped and stop.stopped[1] < trainer.state.max_steps:
+        # A signal after the last step stops nothing: the stage publishes as usual.
+        raise preemption.Preempted(run.stage, *stop.stopped, last_checkpoint(run.work_dir))
     check_learned(run.stage, trainer.state.log_history)
     launch_throughput = throughput(trainer, train_output, tokens_before)
     eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
@@ -274,6 +302,7 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
         trainer.processing_class.save_pretrained(str(staging))
         metrics = final_metrics(trainer, eval_metrics, launch_throughput)
         metrics["precision"] = resolve(run.params["precision"]).label
+        metrics["seconds_before_first_step"] = clock.seconds
         metrics.update(data_facts or {})
         # Every logged training loss, for the results' loss plot.
         history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]

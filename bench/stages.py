@@ -2,14 +2,16 @@
 
 Usage (after `snakemake --cores 2`):  python bench/stages.py [--workdir .]
 Prints one Markdown table from Snakemake's `benchmarks/` (per stage; student stages per seed,
-evaluations per model), the run's elapsed wall time from its newest Snakemake log, then
-results/summary.md.
+evaluations per model), with, for the training stages, their training seconds and the seconds
+their (first) process took to reach its first step (from the model's manifest); then the run's
+elapsed wall time from its newest Snakemake log, then results/summary.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +48,18 @@ def benchmarks(workdir: Path) -> list[tuple[str, float, float]]:
     return sorted(rows, key=key)
 
 
+def training_seconds(workdir: Path, name: str) -> tuple[str, str]:
+    """(train s, s before the first step) from the manifest of the model a training job published."""
+    manifest = workdir / "results" / name / "adpa_manifest.json"
+    if name.startswith("eval/") or not manifest.is_file():
+        return "", ""
+    metrics = json.loads(manifest.read_text()).get("metrics", {})
+    if "train_seconds" not in metrics:
+        return "", ""
+    before = metrics.get("seconds_before_first_step")
+    return f"{metrics['train_seconds']:.0f}", "" if before is None else f"{before:.0f}"
+
+
 def elapsed(workdir: Path) -> str:
     """First to last timestamp of the newest Snakemake log (the whole run, jobs in parallel included)."""
     logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
@@ -63,15 +77,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("."))
     args = parser.parse_args()
     rows = benchmarks(args.workdir)
-    print("| job | wall s | max RSS MB |")
-    print("|---|---|---|")
+    print("| job | wall s | train s | s before first step | max RSS MB |")
+    print("|---|---|---|---|---|")
     for name, seconds, rss in rows:
-        print(f"| {name} | {seconds:.0f} | {rss:.0f} |")
+        train, before = training_seconds(args.workdir, name)
+        print(f"| {name} | {seconds:.0f} | {train} | {before} | {rss:.0f} |")
     training = sum(s for name, s, _ in rows if not name.startswith("eval/"))
     evaluation = sum(s for name, s, _ in rows if name.startswith("eval/"))
-    print(f"| **sum of stage jobs** | {training:.0f} | |")
-    print(f"| **sum of evaluate jobs** | {evaluation:.0f} | |")
-    print(f"| **run elapsed (newest Snakemake log)** | {elapsed(args.workdir)} | |")
+    print(f"| **sum of stage jobs** | {training:.0f} | | | |")
+    print(f"| **sum of evaluate jobs** | {evaluation:.0f} | | | |")
+    print(f"| **run elapsed (newest Snakemake log)** | {elapsed(args.workdir)} | | | |")
     summary = args.workdir / "results" / "summary.md"
     if summary.is_file():
         print()

@@ -5,6 +5,7 @@ once space is freed the same command resumes from the last complete checkpoint."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -29,16 +30,30 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpoint(tmp_path, small_disk):
-    inputs = tmp_path / "inputs"
+def tiny_inputs(folder):
+    """The tiny data and base teacher, made by their stages."""
     for args in (
-        ("generate_data", "--sft-output", str(inputs / "sft"), "--preference-output", str(inputs / "preference")),
-        ("base_teacher", "--output", str(inputs / "base_teacher")),
+        ("generate_data", "--sft-output", str(folder / "sft"), "--preference-output", str(folder / "preference")),
+        ("base_teacher", "--output", str(folder / "base_teacher")),
     ):
         result = adpa(args[0], "--configfile", "config/tiny.yaml", *args[1:])
         assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads(json.dumps(TINY))
-    config["datasets"]["sft"] = {"path": str(inputs / "sft"), "test_split": None}
+    config["datasets"]["sft"] = {"path": str(folder / "sft"), "test_split": None}
+    config["datasets"]["preference"] = {"path": str(folder / "preference")}
+    return config
+
+
+def folder_bytes(folder) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpoint(tmp_path, small_disk):
+    from adpa.artifacts import checkpoint_bytes
+    from adpa.preflight import other_files_bytes, parameter_count
+
+    inputs = tmp_path / "inputs"
+    config = tiny_inputs(inputs)
     # 32 rows, 2 per device x 4 accumulation: 4 steps, a checkpoint at 2 and 4.
     config["ref_teacher"].update(packing=False, completion_only_loss=True)
     path = tmp_path / "config.yaml"
@@ -59,6 +74,12 @@ def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpo
     checkpoints = sorted(folder.name for folder in key.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2"], "the cut-off checkpoint is removed, the complete one kept"
     assert (key / "checkpoint-2" / "trainer_state.json").is_file()
+    # The preflight's estimate of a checkpoint against the one written. One process without
+    # DeepSpeed keeps no separate fp32 master copy: 12 of the 16 bytes per parameter estimated for
+    # ZeRO (checked at 0.9 or more in tests/test_resume.py).
+    base = str(inputs / "base_teacher")
+    estimate = checkpoint_bytes(parameter_count(base), 4, other_files_bytes(base))
+    assert 0.7 * estimate <= folder_bytes(key / "checkpoint-2") <= estimate
 
     subprocess.run(["mount", "-o", "remount,size=200M", str(small_disk)], check=True)
     resumed = adpa(*stage)
@@ -66,3 +87,22 @@ def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpo
     assert f"resuming from checkpoint {key / 'checkpoint-2'}" in resumed.stderr
     manifest = json.loads((output / "adpa_manifest.json").read_text())
     assert manifest["metrics"]["global_step"] == 4 and [step for step, _ in manifest["loss_history"]][-1] == 4
+
+
+def test_a_stage_that_does_not_train_runs_out_of_space_in_one_line(tmp_path, small_disk):
+    config = tiny_inputs(tmp_path / "inputs")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (small_disk / "filler").write_bytes(bytes(shutil.disk_usage(small_disk).free))  # a full disk
+    output = small_disk / "results" / "teacher_topk"
+    stage = ["teacher_topk", "--configfile", str(path), "--model", str(tmp_path / "inputs" / "base_teacher")]
+    full = adpa(*stage, "--output", str(output), "--threads", "1")
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert full.returncode == 2 and len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert errors[0].startswith(f"error: teacher_topk: no space left on the device of {output}: ")
+    assert errors[0].endswith(" free there; free space and run again"), errors[0]
+    assert sorted(path.name for path in (small_disk / "results").iterdir()) == [], "no output, no staging folder"
+
+    (small_disk / "filler").unlink()
+    assert adpa(*stage, "--output", str(output), "--threads", "1").returncode == 0
+    assert (output / "adpa_manifest.json").is_file()

@@ -123,7 +123,7 @@ def test_requests_come_from_rule_then_group_then_default():
         "runtime": 99,
         "gpu": 2,
         "gpu_model": "h100",
-        "slurm_extra": "--qos=high",
+        "slurm_extra": "--qos=high --signal=TERM@300",
     }
     assert launch.job_threads(config, "dpo_teacher") == 12
     assert launch.job_resources(config, REPO, "ref_teacher")["runtime"] == 600
@@ -137,7 +137,7 @@ def test_multi_node_jobs_ask_slurm_for_nodes_and_gpus_per_node():
     resources = launch.job_resources(config, REPO, "ref_teacher")
     assert resources["nodes"] == 2 and resources["tasks"] == 2 and resources["mpi"] == "srun"
     assert "gpu" not in resources  # --gpus would count all nodes together
-    assert resources["slurm_extra"] == "--ntasks-per-node=1 --gpus-per-node=a100:8"
+    assert resources["slurm_extra"] == "--ntasks-per-node=1 --gpus-per-node=a100:8 --signal=TERM@300"
     assert launch.job_resources(config, REPO, "evaluate")["gpu"] == 1 and "nodes" not in launch.job_resources(
         config, REPO, "evaluate"
     )
@@ -147,7 +147,9 @@ def test_gres_asks_for_gpus_per_node_as_generic_resources():
     config = paper(TWO_NODES, resources={"training": {"gres": True, "gpu_model": "a100"}, "inference": {"gres": True}})
     training = launch.job_resources(config, REPO, "ref_teacher")
     assert (
-        training["gres"] == "gpu:a100:8" and "gpu" not in training and training["slurm_extra"] == "--ntasks-per-node=1"
+        training["gres"] == "gpu:a100:8"
+        and "gpu" not in training
+        and training["slurm_extra"] == "--ntasks-per-node=1 --signal=TERM@300"
     )
     assert launch.job_resources(config, REPO, "evaluate")["gres"] == "gpu:1"
     assert "gres" not in launch.job_resources(config, REPO, "summary")
@@ -190,7 +192,10 @@ def test_check_prints_the_derived_launch(capsys):
         "ref_teacher: gradient_accumulation_steps = 16  (effective batch 128 = 1 per device x 8 processes x 1 machines x 16)"
         in out
     )
-    assert "ref_teacher: threads=64 {'mem_mb': 256000, 'runtime': 2880, 'gpu': 8}" in out
+    assert (
+        "ref_teacher: threads=64 {'mem_mb': 256000, 'runtime': 2880, 'gpu': 8, 'slurm_extra': '--signal=TERM@300'}"
+        in out
+    )
 
 
 HOLD = "import sys, time; from adpa.generation import claim_device; print(claim_device(['gpu-a', 'gpu-b'], sys.argv[1]), flush=True); time.sleep(float(sys.argv[2]))"

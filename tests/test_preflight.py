@@ -12,6 +12,7 @@ from conftest import REPO, copy_workflow, run_snakemake
 from test_bad_inputs import MODEL_CONFIG, WEIGHTS, _tokenizer_files
 
 from adpa import config as adpa_config
+from adpa.artifacts import CHECKPOINT_STATE_BYTES
 from adpa.errors import ConfigError, InputError
 from adpa.preflight import check_devices, check_disk, check_models, check_vocabularies, required_disk_bytes
 
@@ -84,8 +85,13 @@ def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch
     config["launch"]["save_total_limit"] = 2
     config["seeds"] = [1, 2]
     needed = required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100})
-    # teacher checkpoints 1000 x 14 x 2, plus fp32 finals: 2 teachers + 10 student stages x 2 seeds
-    assert needed == 1000 * 14 * 2 + 4 * (2 * 1000 + 10 * 100 * 2)
+    # 2 teacher checkpoints of 1000 x (12 optimizer + 4 fp32 weights), plus fp32 finals: 2 teachers
+    # + 10 student stages x 2 seeds
+    assert needed == (1000 * 16 + CHECKPOINT_STATE_BYTES) * 2 + 4 * (2 * 1000 + 10 * 100 * 2)
+    # The tokenizer and config files of the base models come with each checkpoint and model.
+    assert required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100}, {"base_teacher": 7}) == (
+        needed + 7 * (2 + 2)
+    )
     # A sweep adds its retrained training stages per point and seed: 2 points x (dckd, adpa_plus).
     config["sweeps"] = {"kl": {"setting": "dckd.chosen_kl_weight", "values": [0.0, 0.5], "methods": ["adpa_plus"]}}
     assert required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100}) == needed + 4 * 100 * 2 * 2 * 2

@@ -22,6 +22,7 @@ TRAINED = {
     "models.py",
     "paths.py",
     "precision.py",
+    "preemption.py",
     "train.py",
 }
 LOADS_MODELS = {"data.py", "errors.py", "generation.py", "models.py", "paths.py", "precision.py", "sequences.py"}

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import copy_workflow, planned_jobs, run_snakemake
 
+from adpa.artifacts import checkpoint_bytes
+from adpa.preflight import other_files_bytes, parameter_count
+
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
 
@@ -50,6 +53,12 @@ def test_killed_dpo_teacher_resumes_and_matches_an_uninterrupted_run(tmp_path):
         process.wait()
     checkpoint = complete_checkpoint(workdir, "dpo_teacher")
     assert not (workdir / "results" / "dpo_teacher").exists(), "a killed stage leaves no output"
+    # The preflight's estimate of a checkpoint against a real 2-process ZeRO-3 one.
+    written = sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
+    base = str(workdir / "results" / "base_teacher")
+    estimate = checkpoint_bytes(parameter_count(base), 4, other_files_bytes(base))
+    print(f"ZeRO-3 checkpoint {written / 1e6:.1f} MB, estimated {estimate / 1e6:.1f} MB")
+    assert 0.9 * estimate <= written <= estimate
 
     # Snakemake's lock outlives a SIGKILL; --unlock is the documented first step.
     run_snakemake(workdir, "--unlock", *TINY)

@@ -95,7 +95,7 @@ def test_slurm_profile_trains_on_two_nodes_with_the_2node_overlay(workflow):
     for rule in TRAINING_RULES:
         for job in jobs[rule]:
             assert (job["nodes"], job["tasks"], job["mpi"]) == ("2", "2", "srun"), (rule, job)
-            assert job["slurm_extra"] == "--ntasks-per-node=1 --gpus-per-node=8" and "gpu" not in job
+            assert job["slurm_extra"] == "--ntasks-per-node=1 --gpus-per-node=8 --signal=TERM@300" and "gpu" not in job
             words = shlex.split(job["command"])
             assert words[words.index("srun") + 1 : words.index("srun") + 3] == ["--nodes", "2"]
             assert "--num_machines 2 --num_processes 16" in job["command"]

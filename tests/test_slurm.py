@@ -11,6 +11,8 @@ import json
 import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,64 @@ def test_training_job_gets_two_gpus_in_one_slurm_job(cluster, tmp_path):
     manifest = json.loads((workdir / "results" / "ref_teacher" / "adpa_manifest.json").read_text())
     assert manifest["slurm"]["job_id"] == job_id
     assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["device"] == "cpu"
+
+
+def complete_checkpoints(workdir: Path, stage: str) -> list[Path]:
+    return sorted(path.parent for path in (workdir / "work" / stage).glob("*/checkpoint-*/trainer_state.json"))
+
+
+def test_preempted_training_job_saves_its_step_and_the_rerun_resumes_there(cluster, tmp_path):
+    """`scancel --signal=TERM`, as Slurm preempts or warns before the time limit: the ranks save the
+    current step and the job fails; the rerun resumes from that step and ends with the weights of
+    an uninterrupted run. Regular checkpoints are off (save_steps 1000), so any checkpoint is the
+    signal's."""
+    import torch
+    from safetensors.torch import load_file
+
+    workdir = copy_workflow(tmp_path / "preempted project")
+    # 16 steps (32 pairs x 4 epochs / effective batch 8): room to signal in the middle.
+    settings = ("--configfile", "config/tiny.yaml", "--config", "launch={save_steps: 1000}", "dpo_teacher={epochs: 4}")
+    through_slurm = ("--profile", "profiles/slurm", *NO_ACCOUNTING, *QUICK_POLLING)
+    resources = "resources={training: {mem_mb: 3000, runtime: 30}}"
+    run_snakemake(workdir, "results/ref_teacher", *settings, env={"HF_HUB_OFFLINE": "1"})  # inputs, here
+
+    stage_log = workdir / "logs" / "dpo_teacher.log"
+    with open(tmp_path / "preempted.log", "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "results/dpo_teacher", *settings, resources, *through_slurm],
+            cwd=workdir,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 600
+        # Signal once the first step is done (its progress bar, on unbuffered stderr, shows 1/16).
+        while not (stage_log.is_file() and " 1/16 [" in stage_log.read_text(errors="replace")):
+            assert process.poll() is None, (tmp_path / "preempted.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "dpo_teacher logged no step within 10 minutes"
+            time.sleep(0.5)
+        job_id = slurm_jobs(workdir)["dpo_teacher"]["id"]
+        subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+        assert process.wait(timeout=600) != 0
+    assert slurm_jobs(workdir)["dpo_teacher"]["state"] == "FAILED"
+    stopped = re.search(r"dpo_teacher: stopped by SIGTERM at step (\d+), saved in (\S+);", stage_log.read_text())
+    assert stopped, stage_log.read_text()[-3000:]
+    step = int(stopped.group(1))
+    assert 1 <= step < 16
+    (checkpoint,) = complete_checkpoints(workdir, "dpo_teacher")
+    assert checkpoint.name == f"checkpoint-{step}" and str(checkpoint).endswith(stopped.group(2))
+    assert not (workdir / "results" / "dpo_teacher").exists()
+
+    run_snakemake(workdir, "results/dpo_teacher", *settings, resources, *through_slurm, env={"HF_HUB_OFFLINE": "1"})
+    log = stage_log.read_text()
+    assert f"resuming from checkpoint {checkpoint.relative_to(workdir)}" in log, log[-3000:]
+    manifest = json.loads((workdir / "results" / "dpo_teacher" / "adpa_manifest.json").read_text())
+    assert manifest["metrics"]["global_step"] == 16
+    assert [step for step, _ in manifest["loss_history"]] == list(range(1, 17))  # the stopped step logged too
+    resumed = load_file(str(workdir / "results" / "dpo_teacher" / "model.safetensors"))
+
+    run_snakemake(workdir, "results/dpo_teacher", "--forcerun", "dpo_teacher", *settings, env={"HF_HUB_OFFLINE": "1"})
+    uninterrupted = load_file(str(workdir / "results" / "dpo_teacher" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-5), name

@@ -7,12 +7,14 @@ is exercised quoted. Tests run in file order: dry-run checks first, real reruns 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_workflow, paper_home, planned_jobs, run_snakemake
+from conftest import REPO, copy_workflow, paper_home, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
@@ -102,7 +104,33 @@ def test_teachers_are_loadable_models_with_manifests(tiny):
         assert manifest["metrics"]["global_step"] >= 2 and manifest["metrics"]["train_loss_last"] > 0
         assert [step for step, _ in manifest["loss_history"]] == sorted({step for step, _ in manifest["loss_history"]})
         assert len(manifest["loss_history"]) == manifest["metrics"]["global_step"]
+        # Start-up (bench/stages.py's column): imports and loading take seconds, not none or minutes.
+        assert 1 < manifest["metrics"]["seconds_before_first_step"] < 300
+    bench = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "stages.py"), "--workdir", str(tiny)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| job | wall s | train s | s before first step | max RSS MB |" in bench
+    assert re.search(r"^\| ref_teacher \| \d+ \| \d+ \| \d+ \| \d+ \|$", bench, flags=re.M), bench
     assert not list((tiny / "results").glob("**/.*partial")), "no staging folders left behind"
+
+
+def test_preflight_disk_estimate_covers_what_the_run_leaves(tiny):
+    from adpa import config as adpa_config
+    from adpa.preflight import other_files_bytes, parameter_count, required_disk_bytes
+
+    config = adpa_config.load_config(tiny / "config" / "tiny.yaml")
+    bases = {name: str(tiny / "results" / name) for name in ("base_teacher", "base_student")}
+    counts = {name: parameter_count(folder) for name, folder in bases.items()}
+    estimate = required_disk_bytes(config, counts, {name: other_files_bytes(folder) for name, folder in bases.items()})
+    left = sum(path.stat().st_size for path in (tiny / "results").rglob("*") if path.is_file())
+    # The estimate (the largest stage's kept checkpoints plus every trained model) covers all the
+    # run leaves, the base models, data, stores and evaluations included, without asking for
+    # several times that. A checkpoint against its estimate: tests/test_disk_full.py.
+    print(f"disk estimate {estimate / 1e6:.1f} MB, the run left {left / 1e6:.1f} MB")
+    assert left <= estimate <= 3 * left
 
 
 def test_every_training_stage_publishes_tensorboard_curves(tiny):
