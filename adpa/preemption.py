@@ -2,7 +2,7 @@
 the current optimizer step and exits non-zero, so that the next run resumes from that step.
 
 Slurm sends SIGTERM when it preempts a job or at its time limit (SIGKILL follows after the grace
-time), and ahead of the limit when asked with --signal (launch.signal_before_time_limit). The
+time), and ahead of the limit when asked with --signal (launch.stop_signal_before_limit). The
 signal only sets a flag; the ranks act on it together, because saving a ZeRO-3 checkpoint is
 collective and a signal may reach them at different steps: at each step's end they all-reduce it.
 The job's shell ignores the two signals and torch's launcher forwards SIGTERM and waits for the
