@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from adpa.data import load_preference
+from adpa.lm_head import dense_lm_head
 from adpa.losses import TopKBatch, adpa_loss, clamp_advantage_like_reference, dckd_loss, nll_loss, vanilla_kd_loss
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.sequences import (
@@ -26,7 +27,6 @@ from adpa.sequences import (
     SequenceError,
     pad_exchanges,
     pad_token_id,
-    place_rows,
     template_fingerprint,
     tokenize_rows,
 )
@@ -74,8 +74,11 @@ def check_store(store: TopKStore, tokenizer, exchanges: Sequence[Exchange], name
 @dataclass
 class DistillationCollator:
     """Pads the sequences of each example into one [S*B, L] batch, sequence by sequence in `stores` order
-    (rows 0..B-1 the first sequence, B..2B-1 the second, ...), and places each sequence's stored top-k rows at
-    its label positions (zeros where its store is None).
+    (rows 0..B-1 the first sequence, B..2B-1 the second, ...), and lays out everything the loss reads in
+    response order [S*B, R] (R: the batch's longest response): `logit_positions`, the positions of the
+    logits that predict each response token, its `labels` and `response_mask`, and the stored top-k rows
+    as they are stored (zeros where a sequence's store is None). So the student's head projects only
+    the response positions (lm_head.dense_lm_head), a tenth of the tokens in the embedded default.
 
     A feature holds `row` (its row in the stores) and `<name>_ids`, `<name>_start` for each sequence name.
     """
@@ -96,26 +99,33 @@ class DistillationCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         exchanges = [Exchange(f[f"{name}_ids"], f[f"{name}_start"]) for name in self.stores for f in features]
         batch = pad_exchanges(exchanges, self.pad_id)
+        lengths = torch.tensor([exchange.response_length for exchange in exchanges])
+        width = int(lengths.max())
+        steps = torch.arange(width)[None, :]
+        response_mask = steps < lengths[:, None]
+        # Response token j of a row is input position start + j, predicted by the logits at start + j - 1.
+        last = batch["input_ids"].shape[1] - 1
+        positions = (batch["response_start"][:, None] - 1 + steps).clamp(max=last - 1)
+        labels = batch["input_ids"].gather(1, (positions + 1).clamp(max=last))
         rows = [f["row"] for f in features]
-        label_length = batch["input_ids"].shape[1] - 1
-        starts = batch["response_start"]
         size = len(features)
-        ids = torch.zeros((len(exchanges), label_length, self.k), dtype=torch.long)
-        values = torch.zeros((len(exchanges), label_length, self.k))
-        rest = torch.zeros((len(exchanges), label_length))
+        ids = torch.zeros((len(exchanges), width, self.k), dtype=torch.long)
+        values = torch.zeros((len(exchanges), width, self.k))
+        rest = torch.zeros((len(exchanges), width))
         for index, store in enumerate(self.stores.values()):
             if store is None:
                 continue
             part = slice(index * size, (index + 1) * size)
-            stored = store.padded_batch(rows)
-            ids[part] = place_rows(stored["ids"], starts[part], label_length)
-            values[part] = place_rows(stored["values"], starts[part], label_length)
+            stored = store.padded_batch(rows, width)
+            ids[part], values[part] = stored["ids"], stored["values"]
             if "rest" in stored:
-                rest[part] = place_rows(stored["rest"], starts[part], label_length)
+                rest[part] = stored["rest"]
         return {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
-            "response_mask": batch["response_mask"],
+            "logit_positions": positions,
+            "labels": torch.where(response_mask, labels, self.pad_id),
+            "response_mask": response_mask,
             "topk_ids": ids,
             "topk_values": values,
             "topk_rest": rest,
@@ -123,7 +133,8 @@ class DistillationCollator:
 
 
 class StudentSequence(NamedTuple):
-    """One named sequence of a batch: the student's logits [B,T,V], labels [B,T], mask [B,T], stored top-k."""
+    """One named sequence of a batch, in response order: the student's logits [B,R,V], labels [B,R],
+    mask [B,R], stored top-k."""
 
     logits: torch.Tensor
     labels: torch.Tensor
@@ -134,9 +145,9 @@ class StudentSequence(NamedTuple):
 def split_sequences(
     logits: torch.Tensor, inputs: Mapping[str, torch.Tensor], names: Sequence[str]
 ) -> dict[str, StudentSequence]:
-    """Cuts the collator's [S*B, ...] batch (logits already aligned with labels) back into its named sequences."""
+    """Cuts the collator's [S*B, R, ...] batch (logits at its `logit_positions`) back into its named sequences."""
     size = logits.shape[0] // len(names)
-    labels, mask = inputs["input_ids"][:, 1:], inputs["response_mask"]
+    labels, mask = inputs["labels"], inputs["response_mask"]
     topk = TopKBatch(inputs["topk_ids"], inputs["topk_values"], inputs["topk_rest"])
     parts = {}
     for index, name in enumerate(names):
@@ -159,12 +170,20 @@ def _distillation_trainer_class():
         ):
             super().__init__(*args, **kwargs)
             self.objective, self.weights, self.reference_clamp = objective, dict(weights), reference_clamp
+            # The head projects the response positions only, inside the model's forward (DDP, DeepSpeed).
+            self.head_takes_positions = dense_lm_head(self.model)
             # Our losses are means, so Trainer must scale them for gradient accumulation itself.
             self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            sequences = split_sequences(outputs.logits[:, :-1], inputs, SEQUENCES[self.objective])
+            ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["logit_positions"]
+            if self.head_takes_positions:
+                outputs = model(input_ids=ids, attention_mask=attention, logit_positions=positions)
+                logits = outputs.logits
+            else:
+                outputs = model(input_ids=ids, attention_mask=attention)
+                logits = outputs.logits.gather(1, positions[..., None].expand(-1, -1, outputs.logits.shape[-1]))
+            sequences = split_sequences(logits, inputs, SEQUENCES[self.objective])
             chosen = sequences["chosen"]
             if self.objective == "nll":
                 loss = nll_loss(chosen.logits, chosen.labels, chosen.mask)

@@ -8,7 +8,6 @@ those judges read. The verifier's per-row judgements are kept, so the summary ca
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import uuid
@@ -21,8 +20,9 @@ from tqdm.auto import tqdm
 
 from adpa.generation import greedy_responses
 from adpa.judges import REQUIRED_KEYS, read_records
+from adpa.prompt_cache import Prompts, continuation_logits, encode_prompts
 from adpa.results import ANSWERS_FILE, METRICS_FILE
-from adpa.sequences import pad_left, pad_right, pad_token_id, tokenize_rows
+from adpa.sequences import pad_right, pad_token_id, tokenize_rows
 
 ALPACA_EVAL_FILE = "alpaca_eval/model_outputs.json"
 Message = dict[str, str]
@@ -55,22 +55,12 @@ def judge(rows: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> list[b
     return verdicts
 
 
-@torch.no_grad()
-def _score_continuations(model, first_logprobs, cache, prompt_mask, prompt_positions, responses, pad):
+def _summed_logprobs(model, prompts: Prompts, responses: Sequence[list[int]], pad: int) -> torch.Tensor:
     """Summed log-probability of each response token list, continuing the cached prompts."""
-    device = prompt_mask.device
-    ids, mask = (tensor.to(device) for tensor in pad_right(responses, pad))
-    positions = prompt_positions[:, -1:] + 1 + torch.arange(ids.shape[1], device=device)[None, :]
-    logits = model(
-        input_ids=ids,
-        attention_mask=torch.cat([prompt_mask, mask], -1),
-        position_ids=positions,
-        cache=copy.deepcopy(cache),
-        use_cache=True,
-    ).logits
-    # The prompt's last logits predict response token 0; the response's own logits the rest.
-    logprobs = torch.cat([first_logprobs[:, None], torch.log_softmax(logits[:, :-1].float(), -1)], 1)
-    return (logprobs.gather(-1, ids[..., None]).squeeze(-1) * mask).sum(-1).cpu()
+    logits, mask = continuation_logits(model, prompts, responses, pad)
+    ids = pad_right(responses, pad)[0].to(logits.device)
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    return torch.where(mask, logprobs, 0).sum(-1).cpu()
 
 
 @torch.no_grad()
@@ -83,7 +73,6 @@ def score_and_answer(
     continue from its cache (the prompt is ~85% of a held-out row's tokens).
     """
     pad = pad_token_id(tokenizer)
-    device = next(model.parameters()).device
     prompts = [row["prompt"] for row in rows]
     chosen = tokenize_rows(tokenizer, prompts, [row["chosen"] for row in rows], max_length, "chosen")
     rejected = tokenize_rows(tokenizer, prompts, [row["rejected"] for row in rows], max_length, "rejected")
@@ -91,20 +80,16 @@ def score_and_answer(
     chosen_sums, rejected_sums = [], []
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch"):
         batch_chosen, batch_rejected = chosen[start : start + batch_size], rejected[start : start + batch_size]
-        prompt_ids = [exchange.input_ids[: exchange.response_start] for exchange in batch_chosen]
-        ids, mask = (tensor.to(device) for tensor in pad_left(prompt_ids, pad))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        first = torch.log_softmax(output.logits[:, -1].float(), -1)
+        encoded = encode_prompts(model, [e.input_ids[: e.response_start] for e in batch_chosen], pad)
         for exchanges, sums in ((batch_chosen, chosen_sums), (batch_rejected, rejected_sums)):
             responses = [exchange.input_ids[exchange.response_start :] for exchange in exchanges]
-            sums.append(_score_continuations(model, first, output.cache, mask, positions, responses, pad))
+            sums.append(_summed_logprobs(model, encoded, responses, pad))
         # generate() runs the last prompt token itself, so the cache gives it all but that one.
-        cache = output.cache
+        cache = encoded.cache
         cache.crop(-1)
         generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=encoded.ids,
+            attention_mask=encoded.mask,
             cache=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -112,7 +97,8 @@ def score_and_answer(
             pad_token_id=pad,
         )
         answers += [
-            text.strip() for text in tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
+            text.strip()
+            for text in tokenizer.batch_decode(generated[:, encoded.ids.shape[1] :], skip_special_tokens=True)
         ]
     counts = [torch.tensor([float(e.response_length) for e in exchanges]) for exchanges in (chosen, rejected)]
     return answers, torch.cat(chosen_sums), counts[0], torch.cat(rejected_sums), counts[1]

@@ -1,17 +1,26 @@
-"""One dense LM-head projection in place of TRL's tiled one.
+"""The LM head projected at the positions a stage needs, not at every position.
 
-TRL 1.16's SFT and DPO trainers call the model with `fused_lm_head=True` (`add_fused_lm_head`): a
-tiled projection with its own autograd that runs the head in fp32 tiles and again in backward.
-On CPU that made a training step 2.3x slower than the model's own forward (bench/train_throughput.py).
-This forward serves the same call with one matmul over the labelled positions only (under the
-run's autocast), so the trainers, their losses and their metrics stay TRL's.
+A response is ~10% of a row's tokens in the embedded default, and the head of a small model is a
+large share of its forward (SmolLM2's 49152 x 576 projection: ~20% of the 135M teacher's FLOPs,
+~45% of the 64M student's), followed by a softmax over the vocabulary at every projected position.
+
+- `positions_logits`: logits at given positions [B, R] (the inference stages and evaluation).
+- `dense_lm_head` patches `model.forward` (so DDP and DeepSpeed engines still run it) for two calls:
+  TRL 1.16's SFT and DPO trainers' `fused_lm_head=True`, which TRL serves with a tiled fp32
+  projection with its own autograd (2.3x slower per CPU step than the model's own forward), served
+  here by one matmul over the labelled positions under the run's autocast, so the trainers, their
+  losses and their metrics stay TRL's; and the distillation trainer's `logit_positions=[B, R]`.
 """
 
 from __future__ import annotations
 
 import types
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
 
 # Models whose heads scale or cap the logits keep TRL's head, which knows how.
 _LOGIT_TRANSFORMS = (
@@ -28,12 +37,29 @@ def supports_dense_head(model) -> bool:
     return all(getattr(config, name, None) in (None, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
+def _gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """values [B, L, D] at positions [B, R] of the sequence axis -> [B, R, D]."""
+    return values.gather(1, positions[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def positions_logits(model, positions: torch.Tensor, **inputs) -> tuple[torch.Tensor, ModelOutput]:
+    """The logits [B, R, V] at `positions` [B, R] of the sequence axis, and the decoder's output (its
+    `cache` where `use_cache`). The head projects those positions only; a head that transforms its
+    logits (`supports_dense_head` False) runs the model's own forward and is gathered from."""
+    if not supports_dense_head(model):
+        output = model(**inputs)
+        return _gather_positions(output.logits, positions), output
+    output = getattr(model, model.base_model_prefix)(**inputs)
+    return model.get_output_embeddings()(_gather_positions(output.last_hidden_state, positions)), output
+
+
 def dense_lm_head(model) -> bool:
-    """Patch `model.forward` so `fused_lm_head=True` returns TRL's FusedCausalLMOutput from one dense
-    projection of the positions whose label is not -100. Returns False (nothing patched) for heads
-    that transform their logits."""
+    """Patch `model.forward` so that `fused_lm_head=True` returns TRL's FusedCausalLMOutput from one
+    dense projection of the positions whose label is not -100, and `logit_positions=[B, R]` returns
+    the logits [B, R, V] at those positions (`positions_logits`). Returns False (nothing patched) for
+    heads that transform their logits."""
     from transformers import PreTrainedModel
-    from trl.trainer.utils import FusedCausalLMOutput
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # Under DeepSpeed the DPO reference arrives wrapped in its engine, which calls the module's forward.
     while not isinstance(model, PreTrainedModel) and hasattr(model, "module"):
@@ -42,11 +68,25 @@ def dense_lm_head(model) -> bool:
         return False
     original_forward = type(model).forward
 
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(
+        self,
+        *args,
+        fused_lm_head=False,
+        logit_positions=None,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        if logit_positions is not None:
+            kwargs.update(zip(("input_ids", "attention_mask"), args), use_cache=False)
+            return CausalLMOutputWithPast(logits=positions_logits(self, logit_positions, **kwargs)[0])
         if not fused_lm_head:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             kwargs.update({key: value for key, value in extra.items() if value is not None})
             return original_forward(self, *args, **kwargs)
+        from trl.trainer.utils import FusedCausalLMOutput  # only TRL's trainers ask for it
+
         kwargs["use_cache"] = False
         hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
         if shift_labels is None:

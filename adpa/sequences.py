@@ -119,17 +119,3 @@ def pad_exchanges(exchanges: Sequence[Exchange], pad_id: int) -> dict[str, torch
         "response_mask": response_mask,
         "response_start": starts,
     }
-
-
-def place_rows(values: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
-    """Shift per-row stored values [B, T, ...] (response token 0 first) to label positions [B, length, ...].
-
-    Response token 0 sits at label position start - 1 (logits[:, start-1] predict it).
-    """
-    batch, stored = values.shape[:2]
-    offsets = (starts - 1)[:, None] + torch.arange(stored)[None, :]  # [B, T]
-    placed = values.new_zeros((batch, length, *values.shape[2:]))
-    keep = offsets < length
-    rows = torch.arange(batch)[:, None].expand_as(offsets)
-    placed[rows[keep], offsets[keep]] = values[keep]
-    return placed

@@ -509,10 +509,10 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     pairs = load_preference({"path": str(tiny / "results" / "data" / "preference")}, "train").select(range(6))
     exchanges = tokenize_rows(tokenizer, pairs["prompt"], pairs["chosen"], 128, "chosen")
     assert len({len(e.input_ids) for e in exchanges}) > 1, "rows of different lengths exercise the padding"
-    store_dir = tmp_path / "store"
     fingerprint = {"template": template_fingerprint(tokenizer)}
-    write_teacher_topk(model, exchanges, tokenizer.pad_token_id, 8, store_dir, batch_size=4, metadata=fingerprint)
-    store = TopKStore(store_dir)
+    responses = {"chosen": exchanges}
+    write_teacher_topk(model, responses, tokenizer.pad_token_id, 8, tmp_path, batch_size=4, metadata=fingerprint)
+    store = TopKStore(tmp_path / "chosen")
     check_store(store, tokenizer, exchanges, "self-distillation store")
     features = [
         {
@@ -526,9 +526,12 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     ]
     batch = DistillationCollator(tokenizer.pad_token_id, {"chosen": store, "rejected": store})(features)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    positions = batch["logit_positions"]
+    logits = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
     mask = batch["response_mask"]
     assert mask.sum() == 2 * sum(e.response_length for e in exchanges)
+    assert torch.equal(batch["labels"][mask], batch["input_ids"].gather(1, positions + 1)[mask])
     logprobs = torch.log_softmax(logits.float(), -1)
     assert torch.equal(batch["topk_ids"][mask][:, 0], logprobs.argmax(-1)[mask])
     gathered = logprobs.gather(-1, batch["topk_ids"])[mask]
