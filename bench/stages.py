@@ -48,16 +48,20 @@ def benchmarks(workdir: Path) -> list[tuple[str, float, float]]:
     return sorted(rows, key=key)
 
 
-def training_seconds(workdir: Path, name: str) -> tuple[str, str]:
-    """(train s, s before the first step) from the manifest of the model a training job published."""
+def training_seconds(workdir: Path, name: str) -> tuple[str, str, str]:
+    """(train s, of which checkpoint saves, s before the first step) from the manifest of the model a
+    training job published."""
     manifest = workdir / "results" / name / "adpa_manifest.json"
     if name.startswith("eval/") or not manifest.is_file():
-        return "", ""
+        return "", "", ""
     metrics = json.loads(manifest.read_text()).get("metrics", {})
     if "train_seconds" not in metrics:
-        return "", ""
-    before = metrics.get("seconds_before_first_step")
-    return f"{metrics['train_seconds']:.0f}", "" if before is None else f"{before:.0f}"
+        return "", "", ""
+
+    def shown(key: str) -> str:
+        return "" if metrics.get(key) is None else f"{metrics[key]:.0f}"
+
+    return shown("train_seconds"), shown("checkpoint_seconds"), shown("seconds_before_first_step")
 
 
 def elapsed(workdir: Path) -> str:
@@ -77,16 +81,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("."))
     args = parser.parse_args()
     rows = benchmarks(args.workdir)
-    print("| job | wall s | train s | s before first step | max RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| job | wall s | train s | of which checkpoint saves s | s before first step | max RSS MB |")
+    print("|---|---|---|---|---|---|")
     for name, seconds, rss in rows:
-        train, before = training_seconds(args.workdir, name)
-        print(f"| {name} | {seconds:.0f} | {train} | {before} | {rss:.0f} |")
+        train, saves, before = training_seconds(args.workdir, name)
+        print(f"| {name} | {seconds:.0f} | {train} | {saves} | {before} | {rss:.0f} |")
     training = sum(s for name, s, _ in rows if not name.startswith("eval/"))
     evaluation = sum(s for name, s, _ in rows if name.startswith("eval/"))
-    print(f"| **sum of stage jobs** | {training:.0f} | | | |")
-    print(f"| **sum of evaluate jobs** | {evaluation:.0f} | | | |")
-    print(f"| **run elapsed (newest Snakemake log)** | {elapsed(args.workdir)} | | | |")
+    print(f"| **sum of stage jobs** | {training:.0f} | | | | |")
+    print(f"| **sum of evaluate jobs** | {evaluation:.0f} | | | | |")
+    print(f"| **run elapsed (newest Snakemake log)** | {elapsed(args.workdir)} | | | | |")
     summary = args.workdir / "results" / "summary.md"
     if summary.is_file():
         print()

@@ -3,7 +3,8 @@
 Usage (after a run, with nothing else on the cores):  python bench/train_throughput.py [--workdir .] [--steps 3]
 
 For every trained model under results/ it reads the stage's own throughput from its manifest
-(train tokens incl. padding / train seconds, as the Trainer counted them) and times a plain loop
+(train tokens incl. padding / train seconds, as the Trainer counted them, less the checkpoint saves
+inside train(): the Trainer saves a resume point at the last step) and times a plain loop
 on the published model: forward with the model's own loss, backward, AdamW step, at the batch
 shape the stage trained with (sequences per step x mean tokens per sequence) and under the same
 precision (adpa/precision.py), and once more in fp32 (what a CPU without AMX-BF16 runs). DPO's
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # adpa, from any working directory
 
 PAIRED = ("dpo_teacher", "student_dpo", "dckd", "adpa", "adpa_plus")  # two sequences per example
 DPO = ("dpo_teacher", "student_dpo")
@@ -39,7 +43,7 @@ def plain_loop_tokens_per_second(
     model = load_model(str(model_dir), precision)
     model.config.use_cache = False
     frozen = load_model(str(model_dir), precision).eval() if reference else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # the Trainer's default (adamw_torch_fused)
     ids = torch.randint(0, model.config.vocab_size, (sequences, length))
 
     def step() -> None:
@@ -79,7 +83,9 @@ def main() -> None:
         sequences *= 2 if stage in PAIRED else 1
         tokens_per_step = metrics["train_tokens_incl_padding"] / metrics["global_step"]
         length = max(8, round(tokens_per_step / sequences))
-        stage_rate = metrics["train_tokens_incl_padding"] / metrics["train_seconds"]
+        # The training loop's own time: the checkpoint saves inside train() are a resume point, not training.
+        loop_seconds = metrics["train_seconds"] - metrics.get("checkpoint_seconds", 0.0)
+        stage_rate = metrics["train_tokens_incl_padding"] / loop_seconds
         plain_rate = plain_loop_tokens_per_second(
             model_dir, params["precision"], sequences, length, args.steps, reference=stage in DPO
         )
