@@ -27,6 +27,7 @@ from adpa.sequences import (
     SequenceError,
     pad_exchanges,
     pad_token_id,
+    response_positions,
     template_fingerprint,
     tokenize_rows,
 )
@@ -99,14 +100,9 @@ class DistillationCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         exchanges = [Exchange(f[f"{name}_ids"], f[f"{name}_start"]) for name in self.stores for f in features]
         batch = pad_exchanges(exchanges, self.pad_id)
-        lengths = torch.tensor([exchange.response_length for exchange in exchanges])
-        width = int(lengths.max())
-        steps = torch.arange(width)[None, :]
-        response_mask = steps < lengths[:, None]
-        # Response token j of a row is input position start + j, predicted by the logits at start + j - 1.
-        last = batch["input_ids"].shape[1] - 1
-        positions = (batch["response_start"][:, None] - 1 + steps).clamp(max=last - 1)
-        labels = batch["input_ids"].gather(1, (positions + 1).clamp(max=last))
+        positions, response_mask = response_positions(exchanges, batch["input_ids"].shape[1])
+        labels = batch["input_ids"].gather(1, positions + 1)
+        width = positions.shape[1]
         rows = [f["row"] for f in features]
         size = len(features)
         ids = torch.zeros((len(exchanges), width, self.k), dtype=torch.long)

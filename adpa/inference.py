@@ -24,6 +24,7 @@ from adpa.sequences import (
     Exchange,
     pad_exchanges,
     pad_token_id,
+    response_positions,
     template_fingerprint,
     tokenize_rows,
 )
@@ -33,10 +34,7 @@ from adpa.topk_store import TopKStoreWriter
 def _whole_rows_logprobs(model, exchanges: Sequence[Exchange], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
     batch = pad_exchanges(exchanges, pad_id)
-    lengths = torch.tensor([exchange.response_length for exchange in exchanges])
-    steps = torch.arange(int(lengths.max()))[None, :]
-    # Response token j of a row is input position start + j, predicted by the logits at start + j - 1.
-    positions = (batch["response_start"][:, None] - 1 + steps).clamp(max=batch["input_ids"].shape[1] - 2)
+    positions, mask = response_positions(exchanges, batch["input_ids"].shape[1])
     logits, _ = positions_logits(
         model,
         positions.to(device),
@@ -44,7 +42,7 @@ def _whole_rows_logprobs(model, exchanges: Sequence[Exchange], pad_id: int) -> t
         attention_mask=batch["attention_mask"].to(device),
         use_cache=False,
     )
-    return torch.log_softmax(logits.float(), -1), (steps < lengths[:, None]).to(device)
+    return torch.log_softmax(logits.float(), -1), mask.to(device)
 
 
 def response_logprobs(

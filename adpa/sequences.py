@@ -119,3 +119,16 @@ def pad_exchanges(exchanges: Sequence[Exchange], pad_id: int) -> dict[str, torch
         "response_mask": response_mask,
         "response_start": starts,
     }
+
+
+def response_positions(exchanges: Sequence[Exchange], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For right-padded rows `width` tokens wide (pad_exchanges): the positions [B, R] of the logits
+    that predict each response token, in response order (R: the longest response), and its mask.
+
+    Response token j of a row is input position start + j, predicted by the logits at start + j - 1;
+    positions past a row's response are clamped into the row (masked).
+    """
+    lengths = torch.tensor([exchange.response_length for exchange in exchanges])
+    starts = torch.tensor([exchange.response_start for exchange in exchanges])
+    steps = torch.arange(int(lengths.max()))[None, :]
+    return (starts[:, None] - 1 + steps).clamp(max=width - 2), steps < lengths[:, None]
