@@ -102,6 +102,8 @@ def write_teacher_topk(
                 rest = logprobs.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
                 for row, length in enumerate(mask.sum(-1).tolist()):
                     stores[name].append(top_ids[row, :length], top_logprobs[row, :length], rest[row, :length])
+        for store in stores.values():  # in order (the exit stack would close the last first)
+            store.close()
 
 
 @torch.no_grad()
