@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,29 @@ def paper_home(home: Path) -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def ref_teacher_project(tmp_path_factory) -> Path:
+    """A workflow copy in which config/tiny.yaml's first stages ran for real, once per test session:
+    the base teacher, the generated data and the REF teacher. Read it or `copy_project` it; never
+    change it in place."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("template") / "ref project")
+    run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tiny.yaml")
+    return workdir
+
+
+def copy_tiny_inputs(project: Path, folder: Path) -> Path:
+    """The tiny config's generated data (`sft`, `preference`) and random base teacher
+    (`base_teacher`) of a project, copied into `folder` for the stages run directly."""
+    for name, source in (("sft", "data/sft"), ("preference", "data/preference"), ("base_teacher", "base_teacher")):
+        shutil.copytree(project / "results" / source, folder / name)
+    return folder
+
+
+def copy_project(project: Path, destination: Path) -> Path:
+    """A copy of a project folder that Snakemake finds in the same state: results, logs and its
+    .snakemake records (which hold no absolute path: rerun triggers compare relative paths,
+    params and code), with every modification time kept."""
+    shutil.copytree(project, destination, symlinks=True)
+    return destination

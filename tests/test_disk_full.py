@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, copy_tiny_inputs
 
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
 
@@ -30,14 +30,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def tiny_inputs(folder):
-    """The tiny data and base teacher, made by their stages."""
-    for args in (
-        ("generate_data", "--sft-output", str(folder / "sft"), "--preference-output", str(folder / "preference")),
-        ("base_teacher", "--output", str(folder / "base_teacher")),
-    ):
-        result = adpa(args[0], "--configfile", "config/tiny.yaml", *args[1:])
-        assert result.returncode == 0, result.stderr[-2000:]
+def tiny_inputs(project, folder):
+    """The tiny data and base teacher (made by their stages in `project`), and a config reading them."""
+    copy_tiny_inputs(project, folder)
     config = json.loads(json.dumps(TINY))
     config["datasets"]["sft"] = {"path": str(folder / "sft"), "test_split": None}
     config["datasets"]["preference"] = {"path": str(folder / "preference")}
@@ -48,12 +43,14 @@ def folder_bytes(folder) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpoint(tmp_path, small_disk):
+def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpoint(
+    tmp_path, small_disk, ref_teacher_project
+):
     from adpa.artifacts import checkpoint_bytes
     from adpa.preflight import other_files_bytes, parameter_count
 
     inputs = tmp_path / "inputs"
-    config = tiny_inputs(inputs)
+    config = tiny_inputs(ref_teacher_project, inputs)
     # 32 rows, 2 per device x 4 accumulation: 4 steps, a checkpoint at 2 and 4.
     config["ref_teacher"].update(packing=False, completion_only_loss=True)
     path = tmp_path / "config.yaml"
@@ -89,8 +86,8 @@ def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpo
     assert manifest["metrics"]["global_step"] == 4 and [step for step, _ in manifest["loss_history"]][-1] == 4
 
 
-def test_a_stage_that_does_not_train_runs_out_of_space_in_one_line(tmp_path, small_disk):
-    config = tiny_inputs(tmp_path / "inputs")
+def test_a_stage_that_does_not_train_runs_out_of_space_in_one_line(tmp_path, small_disk, ref_teacher_project):
+    config = tiny_inputs(ref_teacher_project, tmp_path / "inputs")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     (small_disk / "filler").write_bytes(bytes(shutil.disk_usage(small_disk).free))  # a full disk

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_workflow, planned_jobs, run_snakemake
+from conftest import copy_project, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
@@ -26,11 +26,9 @@ TRAIN_ROWS, TEST_ROWS = 32, 8  # datasets.generate in config/tiny.yaml
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, ref_teacher_project) -> Path:
     """One copy of the workflow for every kill, with the stages before the killed ones finished."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("kills") / "kill project")
-    run_snakemake(workdir, "results/ref_teacher", *TINY)
-    return workdir
+    return copy_project(ref_teacher_project, tmp_path_factory.mktemp("kills") / "kill project")
 
 
 def running(pid: int) -> bool:

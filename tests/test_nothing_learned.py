@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, copy_tiny_inputs
 
 TINY = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
 
@@ -21,22 +21,9 @@ def adpa(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    """The tiny config's random base teacher and generated data, built once."""
-    folder = tmp_path_factory.mktemp("learned") / "inputs dir"
-    data = adpa(
-        "generate_data",
-        "--configfile",
-        "config/tiny.yaml",
-        "--sft-output",
-        str(folder / "sft"),
-        "--preference-output",
-        str(folder / "preference"),
-    )
-    assert data.returncode == 0, data.stderr
-    teacher = adpa("base_teacher", "--configfile", "config/tiny.yaml", "--output", str(folder / "base_teacher"))
-    assert teacher.returncode == 0, teacher.stderr
-    return folder
+def inputs(tmp_path_factory, ref_teacher_project) -> Path:
+    """The tiny config's random base teacher and generated data."""
+    return copy_tiny_inputs(ref_teacher_project, tmp_path_factory.mktemp("learned") / "inputs dir")
 
 
 def run_stage(inputs: Path, tmp_path: Path, stage: str, **settings) -> tuple[subprocess.CompletedProcess, Path]:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_workflow, planned_jobs, run_snakemake
+from conftest import copy_project, planned_jobs, run_snakemake
 
 from adpa.artifacts import checkpoint_bytes
 from adpa.preflight import other_files_bytes, parameter_count
@@ -32,11 +32,10 @@ def weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_killed_dpo_teacher_resumes_and_matches_an_uninterrupted_run(tmp_path):
+def test_killed_dpo_teacher_resumes_and_matches_an_uninterrupted_run(tmp_path, ref_teacher_project):
     import torch
 
-    workdir = copy_workflow(tmp_path / "resume project")
-    run_snakemake(workdir, "results/ref_teacher", *TINY)
+    workdir = copy_project(ref_teacher_project, tmp_path / "resume project")
     ref_manifest = workdir / "results" / "ref_teacher" / "adpa_manifest.json"
     ref_mtime = ref_manifest.stat().st_mtime_ns
 

@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import copy_workflow, paper_home, run_snakemake
+from conftest import copy_project, copy_workflow, paper_home, run_snakemake
 
 from adpa.stages import of_kind
 
@@ -128,8 +128,8 @@ STAND_IN_SCONTROL = """#!/usr/bin/env bash
 """
 
 
-def test_two_machine_launch_trains_a_stage_for_real(tmp_path):
-    workdir = copy_workflow(tmp_path / "multi node")
+def test_two_machine_launch_trains_a_stage_for_real(tmp_path, ref_teacher_project):
+    workdir = copy_project(ref_teacher_project, tmp_path / "multi node")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", STAND_IN_SRUN), ("scontrol", STAND_IN_SCONTROL)):
@@ -144,7 +144,9 @@ def test_two_machine_launch_trains_a_stage_for_real(tmp_path):
         "STAND_IN_LOG": str(tmp_path / "srun.log"),
         "HF_HUB_OFFLINE": "1",
     }
-    run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tiny.yaml", "two-machines.yaml", env=env)
+    # Launch settings are not a rerun trigger: the REF teacher is trained again on purpose.
+    files = ("--configfile", "config/tiny.yaml", "two-machines.yaml")
+    run_snakemake(workdir, "results/ref_teacher", "--forcerun", "ref_teacher", *files, env=env)
     assert (tmp_path / "srun.log").read_text() == "srun 2 nodes\n"
     log = (workdir / "logs" / "ref_teacher.log").read_text()
     manifest = json.loads((workdir / "results" / "ref_teacher" / "adpa_manifest.json").read_text())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, copy_workflow, paper_home, planned_jobs, run_snakemake
+from conftest import REPO, copy_project, paper_home, planned_jobs, run_snakemake
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")
@@ -76,8 +76,8 @@ def jobs(*stages, seeds: int = 1) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "adpa project")
+def tiny(tmp_path_factory, ref_teacher_project) -> Path:
+    workdir = copy_project(ref_teacher_project, tmp_path_factory.mktemp("wf") / "adpa project")
     run_snakemake(workdir, *TINY)
     return workdir
 
@@ -592,20 +592,27 @@ def test_student_cut_keeps_the_listed_teacher_layers(tiny, tmp_path):
         cut_student_from_teacher(str(teacher_dir), [0, 1], tmp_path / "too many")
 
 
+# The state the two-seed run below leaves on disk (dckd's rejected weight: the real rerun's above).
+ON_DISK = ("seeds=[0, 5]", "dckd={rejected_kl_weight: 0.3}", "methods=[dckd, adpa]")
+
+
 def test_two_seeds_share_the_teachers_and_the_table_reports_their_spread(tiny):
     import pandas as pd
 
-    shared = ("ref_teacher", "dpo_teacher", "base_student")
+    shared = ("ref_teacher", "dpo_teacher", "base_student", "teacher_topk")
     mtimes = {stage: (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns for stage in shared}
-    # The dckd weight of the real rerun above, so that seed 0 is up to date.
-    result = run_snakemake(tiny, *TINY, "--config", "seeds=[0, 5]", "dckd={rejected_kl_weight: 0.3}")
-    assert planned_jobs(result) == jobs(*PER_SEED)
+    # The second seed for two methods (every method's run per seed is the first seed's, checked
+    # above): dckd reads the shared top-k store, adpa the seed's own advantage. The dckd weight is
+    # the real rerun's above, so that seed 0 is up to date.
+    result = run_snakemake(tiny, *TINY, "--config", *ON_DISK)
+    per_seed = {"student_sft": 1, "student_generations": 1, "advantage": 1, "dckd": 1, "adpa": 1}
+    assert planned_jobs(result) == {**per_seed, "evaluate": 3, "summary": 1, "all": 1}
     for stage, mtime in mtimes.items():
         assert (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns == mtime, stage
     second = json.loads((stage_dir(tiny, "adpa", seed=5) / "adpa_manifest.json").read_text())
     assert second["params"]["seed"] == 5
     table = pd.read_csv(tiny / "results" / "summary.csv")
-    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 10
+    assert sorted(table.loc[table["model"] == "adpa", "seed"]) == [0, 5] and len(table) == 3 + 2 * 3
     markdown = (tiny / "results" / "summary.md").read_text()
     assert "seeds 0, 5 (2 runs)" in markdown
     adpa_line = next(line for line in markdown.splitlines() if line.startswith("| adpa |"))
@@ -614,27 +621,34 @@ def test_two_seeds_share_the_teachers_and_the_table_reports_their_spread(tiny):
     assert teacher_line.startswith("| dpo_teacher | 1 |")
 
 
-# Sweeps: a per-seed setting (lambda, read by adpa only here) and a shared stage's (teacher_topk.k).
+# Sweeps: a per-seed setting (lambda, read by adpa, adpa_plus and adpa_no_ref) and a shared stage's
+# (teacher_topk.k).
 SWEEPS = "sweeps={lam: {setting: adpa.adpa_weight, values: [0.0]}, k: {setting: teacher_topk.k, values: [4], methods: [dckd]}}"
-# The state the reruns above left on disk (seeds 0 and 5, dckd's rejected weight 0.3).
-ON_DISK = ("seeds=[0, 5]", "dckd={rejected_kl_weight: 0.3}")
 
 
 def test_sweeps_plan_only_what_the_swept_setting_changes(tiny):
-    sweep_jobs = {
-        # lambda: adpa, adpa_plus and adpa_no_ref read it; both teachers, student_sft, the generations
-        # and the advantage stores are reused.
+    # Two seeds on disk, for dckd and adpa: k's top-k store once (shared by the seeds), then dckd per
+    # seed; lambda's points of adpa per seed. Students, generations and advantages are reused.
+    assert dry_run(tiny, "--config", *ON_DISK, SWEEPS) == {
         "adpa_sweep": 2,
-        "adpa_plus_sweep": 2,
-        "adpa_no_ref_sweep": 2,
-        # k: teacher_topk once (shared by the seeds), then dckd per seed; the advantage is not read by dckd.
         "teacher_topk_sweep": 1,
         "dckd_sweep": 2,
-        "evaluate_sweep": 8,
+        "evaluate_sweep": 4,
         "sweep_summary": 2,
         "all": 1,
     }
-    assert dry_run(tiny, "--config", *ON_DISK, SWEEPS) == sweep_jobs
+    # One seed, every method: lambda reaches adpa, adpa_plus and adpa_no_ref, and nothing else.
+    assert dry_run(tiny, "--config", "dckd={rejected_kl_weight: 0.3}", SWEEPS) == {
+        "adpa_sweep": 1,
+        "adpa_plus_sweep": 1,
+        "adpa_no_ref_sweep": 1,
+        "teacher_topk_sweep": 1,
+        "dckd_sweep": 1,
+        "evaluate_sweep": 4,
+        "sweep_summary": 2,
+        "summary": 1,  # seed 5 and its two methods leave the table
+        "all": 1,
+    }
 
 
 def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
@@ -651,7 +665,7 @@ def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
         "dckd_sweep": 1,
         "evaluate_sweep": 2,
         "sweep_summary": 2,
-        "summary": 1,  # seed 5 leaves the table
+        "summary": 1,  # seed 5 leaves the table, the other methods come back
         "all": 1,
     }
     for stage, mtime in mtimes.items():
