@@ -8,6 +8,7 @@ function each runs come from the registry (adpa/stages.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adpa import artifacts, preemption
+from adpa import artifacts, model_card, preemption
 from adpa import config as configuration
 from adpa.errors import InputError
 from adpa.stages import REGISTRY, STAGES, Stage, max_length_key
@@ -32,6 +33,7 @@ def _expanded_path(value: str) -> Path:
 
 
 # Each stage input: its argparse settings (the option is --<name with dashes>).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # config launch.report_to (schema enum)
 OPTIONS: dict[str, dict[str, Any]] = {
     "model": {"required": True, "help": "initial / inference model: hub id or local folder"},
     "output": {"required": True, "type": Path, "help": "output folder (appears complete at the end, or not at all)"},
@@ -61,7 +63,7 @@ def _launch_defaults() -> dict[str, Any]:
     launch = configuration.load_schema()["properties"]["launch"]["properties"]
     return {
         key: launch[key]["default"]
-        for key in ("save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing")
+        for key in ("save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing", "report_to")
     }
 
 
@@ -94,6 +96,14 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
             action=argparse.BooleanOptionalAction,
             default=launch_defaults["gradient_checkpointing"],
         )
+        parser.add_argument(
+            "--report-to",
+            nargs="*",
+            choices=TRACKERS,
+            default=launch_defaults["report_to"],
+            help="experiment trackers (none: nothing after the flag)",
+        )
+        parser.add_argument("--run-name", default="adpa", help="the config's run_name: groups the trackers' runs")
     if stage.kind != "cpu":
         parser.add_argument(
             "--threads", type=int, default=None, help="CPU threads of the whole job, split between processes"
@@ -173,6 +183,7 @@ def run_stage(args: argparse.Namespace) -> None:
     runner = _runner(stage)
     outputs = {name: getattr(args, name) for name in _outputs(stage)}
     inputs = {name: getattr(args, name) for name in stage.options if name not in outputs}
+    parents = model_card.lineage(inputs)
     if stage.kind == "training":
         from adpa.train import LaunchOptions, StageRun
 
@@ -188,8 +199,12 @@ def run_stage(args: argparse.Namespace) -> None:
                 save_steps=args.save_steps,
                 save_total_limit=args.save_total_limit,
                 logging_steps=args.logging_steps,
+                report_to=tuple(args.report_to),
+                run_name=args.run_name,
             ),
             max_length_key=max_length_key(stage.name) or "max_length",
+            parents=parents,
+            before_publish=functools.partial(model_card.write_card, shown_as=outputs["output"]),
         )
         if _republished(run):
             return
@@ -199,11 +214,19 @@ def run_stage(args: argparse.Namespace) -> None:
         try:
             metrics = runner(params, **staged, **inputs)
             for name, path in outputs.items():
-                artifacts.write_manifest(staged[name], stage.name, params, params_json, code_hash(stage.name), metrics)
+                code = code_hash(stage.name)
+                artifacts.write_manifest(
+                    staged[name], stage.name, params, params_json, code, metrics, {"parents": parents}
+                )
+                if (staged[name] / "config.json").is_file():  # a model folder (base_teacher, base_student)
+                    model_card.write_card(staged[name], shown_as=path)
                 artifacts.publish(staged[name], path)
         except (OSError, RuntimeError) as error:
             _raise_if_disk_full(stage.name, next(iter(outputs.values())), list(staged.values()), error)
             raise
+        if stage.name == "evaluate":
+            # The evaluated model's card gains its held-out metrics (a card is no stage's rerun key).
+            model_card.add_evaluation(str(inputs["model"]), metrics, params)
         # The stage's metrics end its log, as the training stages' do.
         logging.getLogger("adpa").warning(
             "%s: wrote %s  %s", stage.name, " ".join(map(str, outputs.values())), json.dumps(metrics)

@@ -28,7 +28,8 @@ def _rows(properties: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
         key = f"{prefix}{name}"
         if "$ref" in sub:
             kind = sub["$ref"].rsplit("/", 1)[-1]
-            yield f"| `{key}` | object |  | {'job requests' if kind == 'job_resources' else f'a {kind} source'} (see below) |"
+            what = {"job_resources": "job requests", "peft": "LoRA settings, unset: full fine-tuning"}.get(kind)
+            yield f"| `{key}` | object |  | {what or f'a {kind} source'} (see below) |"
             continue
         kind = sub.get("type", "object")
         kind = " or ".join(kind) if isinstance(kind, list) else kind
@@ -56,6 +57,7 @@ def render() -> str:
         ("Model source (`models.*`)", "model"),
         ("Dataset source (`datasets.sft`, `datasets.preference`)", "dataset"),
         ("Job requests (`resources.*`)", "job_resources"),
+        ("LoRA teachers (`ref_teacher.peft`, `dpo_teacher.peft`)", "peft"),
     ):
         parts += ["", f"## {title}", "", table, *_rows(schema["definitions"][definition]["properties"])]
     return "\n".join(parts) + "\n"

@@ -61,9 +61,12 @@ def dense_lm_head(model) -> bool:
     from transformers import PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    # Under DeepSpeed the DPO reference arrives wrapped in its engine, which calls the module's forward.
+    # Under DeepSpeed the DPO reference arrives wrapped in its engine, which calls the module's forward;
+    # a LoRA model (peft) calls its base model's forward, which is patched as TRL patches it.
     while not isinstance(model, PreTrainedModel) and hasattr(model, "module"):
         model = model.module
+    if not isinstance(model, PreTrainedModel) and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     if not supports_dense_head(model):
         return False
     original_forward = type(model).forward

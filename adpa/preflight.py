@@ -22,6 +22,7 @@ from adpa.artifacts import checkpoint_bytes, free_bytes
 from adpa.config import plan_sweeps, produced_paths, student_seeds
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
+from adpa.lora import check_quantization
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, max_length_key, of_kind, reading, student_models
 
@@ -442,6 +443,20 @@ def check_devices(config: Mapping[str, Any], workflow_dir: str | os.PathLike, av
         )
 
 
+# The package each tracker of `launch.report_to` needs (transformers' integrations import it).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_trackers(config: Mapping[str, Any]) -> None:
+    """Every configured tracker is importable here: otherwise the first training step would fail."""
+    for tracker in config["launch"]["report_to"]:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise ConfigError(
+                f"config key 'launch.report_to': {tracker} is not installed "
+                f'(pip install {TRACKER_PACKAGES[tracker]}, or pip install -e ".[trackers]"; or leave it out)'
+            )
+
+
 def parameter_count(reference: str) -> int | None:
     """From the safetensors headers of a local folder or, online, of the hub repo; None if unknown."""
     if is_local(reference):
@@ -536,6 +551,12 @@ def run_preflight(
     read is checked (all of it by default). The GPU count is only checked when training jobs run
     on this machine (not when Slurm places them on GPU nodes)."""
     plan = plan or Plan.all()
+    if plan.runs(*TRAINING_RULES):
+        check_trackers(config)
+    if local_jobs:
+        for stage in ("ref_teacher", "dpo_teacher"):
+            if plan.runs(stage):
+                check_quantization(f"{stage}.peft", config[stage].get("peft"))
     if local_jobs and plan.runs(*TRAINING_RULES):
         check_devices(config, workflow_dir)
     check_gguf(config, plan)

@@ -9,12 +9,12 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adpa import artifacts, preemption
+from adpa import artifacts, lora, preemption
 from adpa.batching import accumulation_steps
 from adpa.errors import InputError
 from adpa.precision import resolve
@@ -34,6 +34,8 @@ class LaunchOptions:
     save_steps: int
     save_total_limit: int
     logging_steps: int
+    report_to: tuple[str, ...] = ("tensorboard",)  # experiment trackers (config launch.report_to)
+    run_name: str = "adpa"  # groups the trackers' runs of one workflow run
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class StageRun:
     # The config key of its max_length, for error lines (adpa.stages.max_length_key; passed in, so
     # that the stage's code hash does not cover the registry).
     max_length_key: str = "max_length"
+    # What it read (adpa.model_card.lineage), for the manifest.
+    parents: Mapping[str, Any] = field(default_factory=dict)
+    # Called with the staged folder, manifest written, before it is published (the model card:
+    # passed in, so that no stage's code hash covers the card's code).
+    before_publish: Callable[[Path], None] | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -60,6 +67,18 @@ class StageRun:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def tracker_arguments(run: StageRun) -> dict[str, Any]:
+    """The trackers and this stage's run in them: named after its output under results/ (stage,
+    seed, sweep point), grouped by the workflow's run_name, unless the tracker's own environment
+    variables say otherwise."""
+    report_to = list(run.launch.report_to)
+    for variable in ("WANDB_PROJECT", "WANDB_RUN_GROUP", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.setdefault(variable, run.launch.run_name)
+    parts = run.output.parts
+    name = "/".join(parts[parts.index("results") + 1 :]) if "results" in parts[:-1] else run.output.name
+    return {"report_to": report_to or "none", "run_name": name, "project": run.launch.run_name}
 
 
 def trainer_arguments(run: StageRun) -> dict[str, Any]:
@@ -95,7 +114,7 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
         "include_num_input_tokens_seen": "all",
         "seed": run.params["seed"],
         "data_seed": run.params["seed"],
-        "report_to": ["tensorboard"],
+        **tracker_arguments(run),
         "disable_tqdm": False,
     }
 
@@ -184,6 +203,15 @@ def tokens_seen(checkpoint: str | None) -> int:
 def model_parameters(model) -> int:
     """All parameters (tied ones once); under ZeRO-3 each rank holds a shard, ds_numel is the full size."""
     return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
+
+
+def trainable_parameters(model) -> int:
+    """The parameters the optimizer trained (a LoRA model's adapter)."""
+    return sum(
+        getattr(parameter, "ds_numel", parameter.numel())
+        for parameter in model.parameters()
+        if parameter.requires_grad
+    )
 
 
 def throughput(trainer, train_output, tokens_before: int) -> dict[str, Any]:
@@ -310,6 +338,8 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
     if accelerator.is_main_process:
         # The trainer also pickles its arguments there; a published model holds no pickle.
         (staging / "training_args.bin").unlink(missing_ok=True)
+        # A LoRA teacher is published merged (the adapter kept in adapter/): later stages read a plain model.
+        merged = lora.merge_saved_adapter(staging, run.params["precision"], run.params["trust_remote_code"])
         if (run.work_dir / TENSORBOARD_DIR).is_dir():
             shutil.copytree(run.work_dir / TENSORBOARD_DIR, staging / TENSORBOARD_DIR)
         trainer.processing_class.save_pretrained(str(staging))
@@ -318,6 +348,8 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
         metrics["seconds_before_first_step"] = clock.seconds_before_first_step
         metrics["checkpoint_seconds"] = round(clock.checkpoint_seconds, 2)
         metrics.update(data_facts or {})
+        if merged:
+            metrics["trainable_parameters"] = trainable_parameters(trainer.model)
         # Every logged training loss, for the results' loss plot.
         history = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
         artifacts.write_manifest(
@@ -327,8 +359,10 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
             run.params_json,
             run.code,
             metrics,
-            extra={"loss_history": history},
+            extra={"loss_history": history, "parents": dict(run.parents)},
         )
+        if run.before_publish is not None:
+            run.before_publish(staging)
         # Until Snakemake has recorded the job (the workflow's onsuccess cleans up), a kill loses
         # only a republish: the work folder keeps the exported model, not the checkpoints.
         artifacts.keep_exported(staging, run.work_dir)

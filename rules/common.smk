@@ -78,6 +78,8 @@ def train_options(wildcards, threads):
         f"--save-steps {LAUNCH['save_steps']}",
         f"--save-total-limit {LAUNCH['save_total_limit']}",
         f"--logging-steps {LAUNCH['logging_steps']}",
+        "--report-to " + " ".join(LAUNCH["report_to"]),
+        f"--run-name {shlex.quote(config['run_name'])}",
         "--gradient-checkpointing" if LAUNCH["gradient_checkpointing"] else "--no-gradient-checkpointing",
         f"--threads {threads}",
     ]

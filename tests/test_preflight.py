@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, copy_workflow, run_snakemake
+from conftest import REPO, copy_project, copy_workflow, run_snakemake
 from test_bad_inputs import MODEL_CONFIG, WEIGHTS, _tokenizer_files
 
 from adpa import config as adpa_config
@@ -158,33 +158,32 @@ def test_workflow_stops_on_a_bad_row_before_any_job(tmp_path):
 
 
 @pytest.mark.workflow
-def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path):
+def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path, ref_teacher_project):
+    import shutil
+
     from adpa.datagen import generate_datasets
 
     home = tmp_path / "home dir"
     spec = {"seed": 0, "train_rows": 16, "test_rows": 4, "multi_turn_fraction": 0.1, "families": None}
     generate_datasets(spec, home / "data sets" / "sft", home / "data sets" / "preference")
-    workdir = copy_workflow(tmp_path / "paths project")
+    # The project's base teacher (its tokenizer) is reused; the student to fine-tune is a model
+    # folder under ~ with a space: the base teacher, copied.
+    workdir = copy_project(ref_teacher_project, tmp_path / "paths project")
+    shutil.copytree(workdir / "results" / "base_teacher", home / "my models" / "student")
     config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     config["datasets"] = {"sft": {"path": "~/data sets/sft"}, "preference": {"path": "~/data sets/preference"}}
     config["work_dir"] = "~/adpa work"
-    (workdir / "config" / "tilde paths.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(workdir, "results/ref_teacher", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)})
-    manifest = json.loads((workdir / "results" / "ref_teacher" / "adpa_manifest.json").read_text())
-    assert manifest["params"]["dataset"]["path"] == "~/data sets/sft" and manifest["metrics"]["global_step"] >= 1
-    assert (home / "adpa work" / "ref_teacher").is_dir(), "checkpoints went to the expanded ~ work folder"
-    assert not (workdir / "~").exists()
-    # A model folder under ~ with a space: the base teacher, copied, as the student to fine-tune.
-    import shutil
-
-    shutil.copytree(workdir / "results" / "base_teacher", home / "my models" / "student")
     config["models"]["base_student"] = {"path": "~/my models/student"}
     (workdir / "config" / "tilde paths.yaml").write_text(yaml.safe_dump(config))
-    run_snakemake(
+    result = run_snakemake(
         workdir, "results/seed0/student_sft", "--configfile", "config/tilde paths.yaml", env={"HOME": str(home)}
     )
+    assert "student_sft" in result.stderr and "rule base_teacher" not in result.stderr, "the base teacher was reused"
     manifest = json.loads((workdir / "results" / "seed0" / "student_sft" / "adpa_manifest.json").read_text())
+    assert manifest["params"]["dataset"]["path"] == "~/data sets/sft" and manifest["metrics"]["global_step"] >= 1
     assert manifest["params"]["base_model"]["path"] == "~/my models/student"
+    assert list((home / "adpa work").rglob("student_sft")), "checkpoints went to the expanded ~ work folder"
+    assert not (workdir / "~").exists()
 
 
 def model_folder(path) -> str:

