@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import REPO, copy_project, copy_workflow, run_snakemake
+from conftest import REPO, copy_project, run_snakemake
 
 from adpa import config as adpa_config
 from adpa import launch
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
-TEACHER_JOBS = ("base_teacher", "generate_data", "ref_teacher", "dpo_teacher")
 # Without slurmdbd there is no sacct: squeue reports job states (MinJobAge keeps finished jobs).
 NO_ACCOUNTING = ("--slurm-no-account", "--slurm-status-command", "squeue")
 QUICK_POLLING = ("--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2")
@@ -73,8 +72,10 @@ def slurm_jobs(workdir: Path) -> dict[str, dict[str, str]]:
     return {record["rule"]: record for record in slurm_records(workdir)}
 
 
-def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
-    workdir = copy_workflow(tmp_path / "slurm project")
+def test_dpo_teacher_trains_through_slurm_and_loads(cluster, tmp_path, ref_teacher_project):
+    # The REF teacher and its inputs were made here (tests/conftest.py); the REF teacher goes through
+    # Slurm in the GPU test below.
+    workdir = copy_project(ref_teacher_project, tmp_path / "slurm project")
     result = run_snakemake(
         workdir,
         "results/dpo_teacher",
@@ -91,21 +92,18 @@ def test_teachers_train_through_slurm_and_load(cluster, tmp_path):
     assert "has been submitted with SLURM jobid" in result.stdout + result.stderr
 
     jobs = slurm_jobs(workdir)
-    assert set(TEACHER_JOBS) <= set(jobs), jobs
-    for rule in TEACHER_JOBS:
-        assert jobs[rule]["state"] == "COMPLETED", (rule, jobs[rule])
-        # Slurm's own log of each job, kept after success by the profile.
-        log = workdir / "logs" / "slurm" / f"rule_{rule}" / f"{jobs[rule]['id']}.log"
-        assert "Finished jobid" in log.read_text(), log
-    for rule in ("ref_teacher", "dpo_teacher"):
-        # The config's requests reached sbatch: memory, runtime, both cores, no GPU on this machine.
-        assert (jobs[rule]["memory"], jobs[rule]["limit"], jobs[rule]["cpus"]) == ("3000M", "30:00", "2"), jobs[rule]
-        assert jobs[rule]["gres"] == "N/A" and jobs[rule]["nodes"] == "1"
-        manifest = json.loads((workdir / "results" / rule / "adpa_manifest.json").read_text())
-        # The model was trained inside that Slurm job, by 2 ZeRO-3 processes.
-        assert manifest["slurm"]["job_id"] == jobs[rule]["id"]
-        assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["zero_stage"] == 3
-    assert jobs["base_teacher"]["memory"] != "3000M"  # training requests stay on training jobs
+    assert set(jobs) == {"dpo_teacher"} and jobs["dpo_teacher"]["state"] == "COMPLETED", jobs
+    job = jobs["dpo_teacher"]
+    # Slurm's own log of the job, kept after success by the profile.
+    log = workdir / "logs" / "slurm" / "rule_dpo_teacher" / f"{job['id']}.log"
+    assert "Finished jobid" in log.read_text(), log
+    # The config's requests reached sbatch: memory, runtime, both cores, no GPU on this machine.
+    assert (job["memory"], job["limit"], job["cpus"]) == ("3000M", "30:00", "2"), job
+    assert job["gres"] == "N/A" and job["nodes"] == "1"
+    manifest = json.loads((workdir / "results" / "dpo_teacher" / "adpa_manifest.json").read_text())
+    # The model was trained inside that Slurm job, by 2 ZeRO-3 processes.
+    assert manifest["slurm"]["job_id"] == job["id"]
+    assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["zero_stage"] == 3
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -215,6 +213,8 @@ def test_training_job_gets_two_gpus_in_one_slurm_job(cluster, tmp_path, ref_teac
     # Slurm's record: the job asked for 2 GPUs, was given them on its one node, and ran one task.
     assert re.search(r"TresPerJob=gres[:/]gpu:2\b", record) and "JOB_GRES=gpu:2" in record, record
     assert "NumNodes=1 " in record and "NumTasks=1 " in record, record
+    # The config's training requests reached sbatch too.
+    assert (training[0]["memory"], training[0]["limit"], training[0]["cpus"]) == ("3000M", "30:00", "2"), training
 
     # One accelerate launch in the job, of 2 processes that form one world: the main process logs
     # the launch once, to the job's output (a second copy of the stage would log there too).
