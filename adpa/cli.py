@@ -33,7 +33,6 @@ def _expanded_path(value: str) -> Path:
 
 
 # Each stage input: its argparse settings (the option is --<name with dashes>).
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # config launch.report_to (schema enum)
 OPTIONS: dict[str, dict[str, Any]] = {
     "model": {"required": True, "help": "initial / inference model: hub id or local folder"},
     "output": {"required": True, "type": Path, "help": "output folder (appears complete at the end, or not at all)"},
@@ -59,12 +58,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def _launch_defaults() -> dict[str, Any]:
-    """The launch settings' defaults, from the schema: the one place they are written."""
+    """The launch settings' defaults (and the trackers), from the schema: the one place they are written."""
     launch = configuration.load_schema()["properties"]["launch"]["properties"]
-    return {
+    defaults = {
         key: launch[key]["default"]
         for key in ("save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing", "report_to")
     }
+    return {**defaults, "trackers": launch["report_to"]["items"]["enum"]}
 
 
 def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None:
@@ -99,7 +99,7 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
         parser.add_argument(
             "--report-to",
             nargs="*",
-            choices=TRACKERS,
+            choices=launch_defaults["trackers"],
             default=launch_defaults["report_to"],
             help="experiment trackers (none: nothing after the flag)",
         )
@@ -213,8 +213,8 @@ def run_stage(args: argparse.Namespace) -> None:
         staged = {name: artifacts.fresh_staging_dir(path) for name, path in outputs.items()}
         try:
             metrics = runner(params, **staged, **inputs)
+            code = code_hash(stage.name)
             for name, path in outputs.items():
-                code = code_hash(stage.name)
                 artifacts.write_manifest(
                     staged[name], stage.name, params, params_json, code, metrics, {"parents": parents}
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from adpa.data import load_preference
 from adpa.lm_head import dense_lm_head
-from adpa.lora import load_base, lora_config
+from adpa.lora import lora_config, quantization_config
 from adpa.loss_rows import train_rows_with_loss_tokens
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.train import StageRun, trainer_arguments
@@ -24,7 +24,7 @@ def run_dpo(run: StageRun, model: str) -> None:
     # Policy and reference both start from the same model (for the teacher: the REF teacher, never a student).
     # With LoRA (dpo_teacher.peft) the reference is the policy with its adapter disabled: no second copy.
     peft = training.get("peft")
-    policy = load_base(model, params["precision"], trust, None, peft)
+    policy = load_model(model, params["precision"], trust, quantization=quantization_config(peft))
     ref_model = None if peft else load_model(model, params["precision"], trust)
     trainer = DPOTrainer(
         model=policy,

@@ -68,30 +68,6 @@ def quantization_config(spec: Mapping[str, Any] | None):
     )
 
 
-def load_base(reference: str, precision: str, trust_remote_code: bool, revision: str | None, spec):
-    """The model a teacher stage trains: as adpa.models.load_model, or 4-bit for QLoRA."""
-    from adpa.models import load_model
-
-    quantization = quantization_config(spec)
-    if quantization is None:
-        return load_model(reference, precision, trust_remote_code, revision)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from adpa.models import check_model_reference
-    from adpa.paths import expand_path
-
-    check_model_reference(reference)
-    return AutoModelForCausalLM.from_pretrained(
-        expand_path(reference),
-        quantization_config=quantization,
-        dtype=torch.bfloat16,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        use_safetensors=True,
-    )
-
-
 @contextlib.contextmanager
 def _outside_zero3() -> Iterator[None]:
     """Models load whole, not partitioned across the ranks, while the training's ZeRO-3 config is set."""

@@ -238,13 +238,15 @@ def _write(folder: Path, text: str) -> Path:
     return folder / CARD
 
 
-def write_card(folder: str | os.PathLike, shown_as: str | os.PathLike | None = None) -> Path:
-    """Write `folder`'s card from its manifest. `shown_as` is the folder's published path (the
-    card is written while the folder is still staged)."""
+def write_card(
+    folder: str | os.PathLike, shown_as: str | os.PathLike | None = None, evaluation: Mapping[str, Any] | None = None
+) -> Path:
+    """Write `folder`'s card from its manifest (and an evaluation's metrics). `shown_as` is the
+    folder's published path (the card is first written while the folder is still staged)."""
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    manifest = _manifest(str(folder))
     shown = Path(shown_as) if shown_as is not None else folder
-    return _write(folder, card_text(shown, manifest, hub_base_model(manifest, folder), None))
+    return _write(folder, card_text(shown, manifest, hub_base_model(manifest, folder), evaluation))
 
 
 def add_evaluation(model: str, metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Path | None:
@@ -253,9 +255,7 @@ def add_evaluation(model: str, metrics: Mapping[str, Any], params: Mapping[str, 
     folder = Path(expand_path(model))
     if not (folder / CARD).is_file() or not (folder / MANIFEST).is_file():
         return None
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     dataset = dict(params["dataset"])
     if params["evaluation"].get("split"):
         dataset["test_split"] = params["evaluation"]["split"]
-    evaluation = {"metrics": dict(metrics), "dataset": dataset}
-    return _write(folder, card_text(Path(model), manifest, hub_base_model(manifest, folder), evaluation))
+    return write_card(folder, shown_as=model, evaluation={"metrics": dict(metrics), "dataset": dataset})

@@ -75,7 +75,14 @@ def load_tokenizer(reference: str, trust_remote_code: bool = False, revision: st
     )
 
 
-def load_model(reference: str, precision: str = "fp32", trust_remote_code: bool = False, revision: str | None = None):
+def load_model(
+    reference: str,
+    precision: str = "fp32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    quantization=None,
+):
+    """`quantization`: a transformers quantization config (QLoRA's 4-bit base, adpa/lora.py) or None."""
     from transformers import AutoModelForCausalLM
 
     from adpa.precision import resolve
@@ -87,6 +94,7 @@ def load_model(reference: str, precision: str = "fp32", trust_remote_code: bool 
         trust_remote_code=trust_remote_code,
         revision=revision,
         use_safetensors=True,
+        quantization_config=quantization,
     )
 
 

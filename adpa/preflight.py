@@ -443,17 +443,14 @@ def check_devices(config: Mapping[str, Any], workflow_dir: str | os.PathLike, av
         )
 
 
-# The package each tracker of `launch.report_to` needs (transformers' integrations import it).
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-
-
 def check_trackers(config: Mapping[str, Any]) -> None:
-    """Every configured tracker is importable here: otherwise the first training step would fail."""
+    """Every configured tracker is importable here (each is the package of its name, which transformers'
+    integration imports): otherwise the first training step would fail."""
     for tracker in config["launch"]["report_to"]:
-        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+        if importlib.util.find_spec(tracker) is None:
             raise ConfigError(
                 f"config key 'launch.report_to': {tracker} is not installed "
-                f'(pip install {TRACKER_PACKAGES[tracker]}, or pip install -e ".[trackers]"; or leave it out)'
+                f'(pip install {tracker}, or pip install -e ".[trackers]"; or leave it out)'
             )
 
 
@@ -553,12 +550,11 @@ def run_preflight(
     plan = plan or Plan.all()
     if plan.runs(*TRAINING_RULES):
         check_trackers(config)
-    if local_jobs:
+    if local_jobs and plan.runs(*TRAINING_RULES):
+        check_devices(config, workflow_dir)
         for stage in ("ref_teacher", "dpo_teacher"):
             if plan.runs(stage):
                 check_quantization(f"{stage}.peft", config[stage].get("peft"))
-    if local_jobs and plan.runs(*TRAINING_RULES):
-        check_devices(config, workflow_dir)
     check_gguf(config, plan)
     dataset_splits(config, plan)  # a missing held-out split, before anything is read
     check_models(config, plan)

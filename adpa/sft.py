@@ -11,9 +11,9 @@ from pathlib import Path
 
 from adpa.data import load_sft, to_prompt_completion
 from adpa.lm_head import dense_lm_head
-from adpa.lora import load_base, lora_config
+from adpa.lora import lora_config, quantization_config
 from adpa.loss_rows import train_rows_with_loss_tokens
-from adpa.models import check_model_reference, check_same_vocabulary, load_tokenizer
+from adpa.models import check_model_reference, check_same_vocabulary, load_model, load_tokenizer
 from adpa.train import StageRun, trainer_arguments
 
 
@@ -32,6 +32,12 @@ def teacher_responses(generations: Path):
 
 def run_sft(run: StageRun, model: str, tokenizer: str | None = None, generations: Path | None = None) -> None:
     """ref_teacher and student_sft train on the configured SFT data; seq_kd (`generations`) on the teacher's responses."""
+    trainer, train_dataset, eval_dataset = sft_trainer(run, model, tokenizer, generations)
+    train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset)
+
+
+def sft_trainer(run: StageRun, model: str, tokenizer: str | None = None, generations: Path | None = None):
+    """The stage's SFTTrainer (the projected head patched in) and its train and eval datasets."""
     from trl import SFTConfig, SFTTrainer
 
     params, training = run.params, run.params["training"]
@@ -60,7 +66,8 @@ def run_sft(run: StageRun, model: str, tokenizer: str | None = None, generations
     packing = training["packing"]
     args = SFTConfig(**trainer_arguments(run), packing=packing, completion_only_loss=completion_only)
     # Loaded after the config so that ZeRO-3 partitions the weights while loading.
-    loaded = load_base(model, params["precision"], trust, revision, training.get("peft"))
+    peft = training.get("peft")  # ref_teacher.peft: LoRA, published merged
+    loaded = load_model(model, params["precision"], trust, revision, quantization_config(peft))
     if packing:
         loaded.config.use_cache = False
     trainer = SFTTrainer(
@@ -69,7 +76,7 @@ def run_sft(run: StageRun, model: str, tokenizer: str | None = None, generations
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processing_class,
-        peft_config=lora_config(training.get("peft")),  # ref_teacher.peft: LoRA, published merged
+        peft_config=lora_config(peft),
     )
     dense_lm_head(trainer.model)
-    train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset)
+    return trainer, train_dataset, eval_dataset

@@ -10,8 +10,8 @@ machine's drift between the two moments all land in its ratio. Here both sides r
 a fresh process, alternating (trainer, plain, plain, trainer, ...), on the batches the stage's
 own data loader yields (padded, with their attention masks and completion labels):
 
-- trainer: TRL's SFTTrainer exactly as `adpa.sft.run_sft` builds it (the projected head, its
-  metrics, logging, clipping, fused AdamW), each step timed by a callback;
+- trainer: TRL's SFTTrainer as the stage builds it (`adpa.sft.sft_trainer`: the projected head,
+  its metrics, logging, clipping, fused AdamW), each step timed by a callback;
 - plain: the model's own forward with those labels (every position's logits, cross-entropy),
   backward, fused AdamW; no clipping, no logging;
 - plain, projected head: the same loop with the stage's head (logits at the labelled positions
@@ -37,38 +37,20 @@ sys.path.insert(0, str(REPO))
 
 
 def batches_and_trainer(workdir: Path, steps: int):
-    from trl import SFTConfig, SFTTrainer
-
+    """The stage's own trainer (adpa.sft.sft_trainer) on the run's data, and its first batches."""
     from adpa import config as configuration
-    from adpa.data import load_sft, to_prompt_completion
-    from adpa.lm_head import dense_lm_head
-    from adpa.models import load_model, load_tokenizer
-    from adpa.train import LaunchOptions, StageRun, trainer_arguments
+    from adpa.sft import sft_trainer
+    from adpa.train import LaunchOptions, StageRun
 
     config = configuration.load_config(REPO / "config" / "config.yaml")
     params = configuration.stage_params(config, "ref_teacher")
     params["dataset"]["path"] = str(workdir / params["dataset"]["path"])
-    training = params["training"]
     scratch = Path("/tmp") / "adpa-bench-sft-steps"
     launch = LaunchOptions(False, 10_000, 1, 1, report_to=())
     run = StageRun("ref_teacher", params, configuration.params_json(params), "bench", scratch / "out", scratch, launch)
     base = str(workdir / "results" / "base_teacher")
-    dataset = load_sft(params["dataset"], params["dataset"]["train_split"])
-    if training["completion_only_loss"]:
-        dataset = to_prompt_completion(dataset)
-    args = SFTConfig(
-        **trainer_arguments(run),
-        packing=training["packing"],
-        completion_only_loss=training["completion_only_loss"],
-        max_steps=steps,
-    )
-    trainer = SFTTrainer(
-        model=load_model(base, params["precision"]),
-        args=args,
-        train_dataset=dataset,
-        processing_class=load_tokenizer(base),
-    )
-    dense_lm_head(trainer.model)
+    trainer, _, _ = sft_trainer(run, base)
+    trainer.args.max_steps = steps
     loader = iter(trainer.get_train_dataloader())
     return [next(loader) for _ in range(steps)], trainer, params["precision"], base
 
