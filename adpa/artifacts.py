@@ -56,6 +56,15 @@ def params_hash(params_json: str) -> str:
     return hashlib.sha256(params_json.encode()).hexdigest()[:16]
 
 
+def work_key(config_hash: str, code_hash: str, parents: Mapping[str, Any]) -> str:
+    """The name of a training stage's work folder (checkpoints, the exported model): its settings,
+    its code and its inputs (each input's path and the settings and code that made it), so that no
+    run resumes or republishes what was trained from other inputs; the points of a top-k sweep, for
+    one, differ only in their store."""
+    inputs = hashlib.sha256(json.dumps(parents, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{config_hash}-{code_hash}-{inputs}"
+
+
 SLURM_FACTS = {"job_id": "SLURM_JOB_ID", "nodes": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION"}
 
 
@@ -151,8 +160,8 @@ def clear_checkpoints(work_dir: str | os.PathLike) -> None:
 
 def republish(work_dir: str | os.PathLike, output: str | os.PathLike) -> bool:
     """Publish the model a killed run already trained and exported (its manifest is there), without
-    training again; False when there is none. The work folder is keyed by settings and code, so an
-    exported model is exactly what this job would train."""
+    training again; False when there is none. The work folder is keyed by settings, code and inputs
+    (work_key), so an exported model is exactly what this job would train."""
     exported = Path(work_dir) / EXPORTED
     if not (exported / MANIFEST).is_file():
         return False
@@ -171,7 +180,12 @@ def clean_work(results: str | os.PathLike, work_root: str | os.PathLike) -> list
     for manifest_path in Path(results).rglob(MANIFEST):
         try:
             manifest = json.loads(manifest_path.read_text())
-            published.add((manifest["stage"], f"{manifest['config_hash']}-{manifest['code_hash']}"))
+            published.add(
+                (
+                    manifest["stage"],
+                    work_key(manifest["config_hash"], manifest["code_hash"], manifest.get("parents", {})),
+                )
+            )
         except (OSError, ValueError, KeyError):
             continue
     removed = []

@@ -60,8 +60,9 @@ class StageRun:
 
     @property
     def work_dir(self) -> Path:
-        """Checkpoints are keyed by settings and code, so a changed stage never resumes stale state."""
-        key = f"{artifacts.params_hash(self.params_json)}-{self.code}"
+        """Keyed by settings, code and inputs (adpa.artifacts.work_key): a changed stage, or the same
+        stage on other inputs, never resumes or republishes stale state."""
+        key = artifacts.work_key(artifacts.params_hash(self.params_json), self.code, self.parents)
         return self.work_root / self.stage / key
 
 

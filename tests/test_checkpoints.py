@@ -64,3 +64,28 @@ def test_a_work_folder_removal_cut_off_midway_leaves_nothing_to_resume(tmp_path,
     assert last_checkpoint(work) is None
     artifacts.discard(work)  # the stage's next publish removes the remains
     assert list(work.parent.iterdir()) == []
+
+
+def test_the_same_stage_on_other_inputs_gets_its_own_work_folder(tmp_path):
+    """The points of a top-k sweep run dckd with the same settings and code on different stores: a
+    work folder shared between them republished one point's model as the other's."""
+    from adpa.artifacts import clean_work, write_manifest
+    from adpa.train import LaunchOptions, StageRun
+
+    def run(store: str) -> StageRun:
+        parents = {"topk": {"path": store, "stage": "teacher_topk", "config_hash": store[-1] * 16, "code_hash": "c"}}
+        launch = LaunchOptions(False, 2, 2, 1)
+        return StageRun("dckd", {}, "{}", "code", tmp_path / "out", tmp_path / "work", launch, parents=parents)
+
+    k5, k20 = run("results/sweeps/topk/k~5/teacher_topk"), run("results/sweeps/topk/k~20/teacher_topk")
+    assert k5.work_dir != k20.work_dir and k5.work_dir.parent == k20.work_dir.parent
+    assert k5.work_dir == run("results/sweeps/topk/k~5/teacher_topk").work_dir  # a rerun finds its own
+
+    # The workflow's clean-up finds the folder of a published model from its manifest.
+    for folder in (k5.work_dir, k20.work_dir):
+        folder.mkdir(parents=True)
+    published = tmp_path / "results" / "dckd"
+    published.mkdir(parents=True)
+    write_manifest(published, "dckd", {}, "{}", "code", {}, {"parents": dict(k5.parents)})
+    assert clean_work(tmp_path / "results", tmp_path / "work") == [k5.work_dir]
+    assert k20.work_dir.is_dir()

@@ -691,15 +691,16 @@ def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
     import pandas as pd
 
     # The lambda sweep for adpa alone here: the dry run above covers what it plans for the others.
-    sweeps = SWEEPS.replace("values: [0.0]}", "values: [0.0], methods: [adpa]}")
+    # Two top-k points: dckd with the same settings and code on two stores, in one run.
+    sweeps = SWEEPS.replace("values: [0.0]}", "values: [0.0], methods: [adpa]}").replace("[4]", "[4, 6]")
     arguments = ("--config", "seeds=[0]", "dckd={rejected_kl_weight: 0.3}", sweeps)
     mtimes = {stage: (stage_dir(tiny, stage) / "adpa_manifest.json").stat().st_mtime_ns for stage in MODELS}
     result = run_snakemake(tiny, *TINY, *arguments)
     assert planned_jobs(result) == {
         "adpa_sweep": 1,
-        "teacher_topk_sweep": 1,
-        "dckd_sweep": 1,
-        "evaluate_sweep": 2,
+        "teacher_topk_sweep": 2,
+        "dckd_sweep": 2,
+        "evaluate_sweep": 3,
         "sweep_summary": 2,
         "summary": 1,  # seed 5 leaves the table, the other methods come back
         "all": 1,
@@ -712,6 +713,12 @@ def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
     from adpa.topk_store import TopKStore
 
     assert TopKStore(tiny / "results" / "sweeps" / "k" / "k~4" / "teacher_topk" / "chosen").k == 4
+    # Each top-k point trained from its own store (a shared work folder republished one as the other).
+    for k in (4, 6):
+        point = f"results/sweeps/k/k~{k}"
+        manifest = json.loads((tiny / point / "seed0" / "dckd" / "adpa_manifest.json").read_text())
+        assert manifest["parents"]["topk"]["path"] == f"{point}/teacher_topk"
+        assert "republished" not in (tiny / "logs" / "sweeps" / "k" / f"k~{k}" / "seed0" / "dckd.log").read_text()
     table = pd.read_csv(tiny / "results" / "sweeps" / "lam.csv")
     assert list(table["model"]) == ["adpa", "adpa"]
     assert list(table["value"]) == [0.0, 1.6] and list(table["is_baseline"]) == [False, True]
