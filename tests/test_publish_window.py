@@ -51,11 +51,12 @@ def test_a_killed_job_is_republished_not_retrained(tmp_path):
 
 def test_clean_work_removes_only_what_is_published(tmp_path):
     results, work = tmp_path / "results", tmp_path / "work"
-    for stage, key in (("dpo_teacher", "c0ffee-abc"), ("dpo_teacher", "0ld-abc"), ("adpa", "c0ffee-abc")):
+    published, old = artifacts.work_key("c0ffee", "abc", {}), artifacts.work_key("0ld", "abc", {})
+    for stage, key in (("dpo_teacher", published), ("dpo_teacher", old), ("adpa", published)):
         (work / stage / key / artifacts.EXPORTED).mkdir(parents=True)
     artifacts.publish(staged_model(results / "dpo_teacher"), results / "dpo_teacher")
     artifacts.publish(staged_model(results / "seed1" / "adpa", "adpa"), results / "seed1" / "adpa")
     removed = artifacts.clean_work(results, work)
-    assert sorted(str(path.relative_to(work)) for path in removed) == ["adpa/c0ffee-abc", "dpo_teacher/c0ffee-abc"]
-    assert (work / "dpo_teacher" / "0ld-abc").is_dir(), "a model no output holds is kept (its job may be rerun)"
+    assert sorted(str(path.relative_to(work)) for path in removed) == [f"adpa/{published}", f"dpo_teacher/{published}"]
+    assert (work / "dpo_teacher" / old).is_dir(), "a model no output holds is kept (its job may be rerun)"
     assert artifacts.clean_work(results, tmp_path / "no work") == []
