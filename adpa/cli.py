@@ -237,8 +237,10 @@ def run_stage(args: argparse.Namespace) -> None:
             _raise_if_disk_full(stage.name, next(iter(outputs.values())), list(staged.values()), error)
             raise
         if stage.name == "evaluate":
-            # The evaluated model's card gains its held-out metrics (a card is no stage's rerun key).
-            model_card.add_evaluation(str(inputs["model"]), metrics, params)
+            # The evaluated model's card gains its held-out metrics (a card is no stage's rerun key),
+            # if this run published it: a base teacher given by path is an input, never written.
+            published = model_card.published_beside(outputs["output"], inputs["name"])
+            model_card.add_evaluation(str(inputs["model"]), metrics, params, published)
         # The stage's metrics end its log, as the training stages' do.
         logging.getLogger("adpa").warning(
             "%s: wrote %s  %s", stage.name, " ".join(map(str, outputs.values())), json.dumps(metrics)

@@ -206,7 +206,12 @@ def card_text(
         if teachers:
             sections.append("Teachers: " + ", ".join(f"`{path}`" for path in teachers) + ".")
     if eval_results:
-        rows = [(name, f"{float(evaluation['metrics'][key]):.4f}") for key, name in EVAL_METRICS.items()]
+        # Only the metrics that exist: without a task verifier (real preference data) accuracy is None.
+        rows = [
+            (name, f"{float(evaluation['metrics'][key]):.4f}")
+            for key, name in EVAL_METRICS.items()
+            if evaluation["metrics"].get(key) is not None
+        ]
         rows += [("rows", evaluation["metrics"].get("rows")), ("split", f"`{path}` `{split}`")]
         sections += ["## Evaluation (held out)", _table(rows)]
     sections += [
@@ -249,10 +254,25 @@ def write_card(
     return _write(folder, card_text(shown, manifest, hub_base_model(manifest, folder), evaluation))
 
 
-def add_evaluation(model: str, metrics: Mapping[str, Any], params: Mapping[str, Any]) -> Path | None:
-    """Rewrite the card of the model folder an evaluation read, with its held-out metrics; a hub id
-    or a folder this workflow did not write is left alone. Returns the card written, if any."""
+def published_beside(output: str | os.PathLike, name: str) -> Path:
+    """The folder an evaluation's model is published in by this run: `<results>/eval/<name>` sits
+    beside `<results>/<name>` (results/ or a sweep point's folder)."""
+    results = Path(output)
+    for _ in range(len(Path(name).parts) + 1):
+        results = results.parent
+    return results / name
+
+
+def add_evaluation(
+    model: str, metrics: Mapping[str, Any], params: Mapping[str, Any], published: str | os.PathLike | None = None
+) -> Path | None:
+    """Rewrite the card of the model folder an evaluation read, with its held-out metrics. Only a folder
+    this run published (`published`, when given) gets it: a model given by path is an input, and a job
+    never writes into its inputs (it would change what the DAG reads, its mtime included). A hub id or
+    a folder this workflow did not write is left alone too. Returns the card written, if any."""
     folder = Path(expand_path(model))
+    if published is not None and folder.resolve() != Path(published).resolve():
+        return None
     if not (folder / CARD).is_file() or not (folder / MANIFEST).is_file():
         return None
     dataset = dict(params["dataset"])

@@ -47,3 +47,15 @@ def test_pins_are_the_versions_the_tests_run_with():
         assert version(name) == pinned, (
             f"pyproject.toml's slurm extra pins {name}=={pinned}, the tests run {version(name)}"
         )
+
+
+def test_every_test_tool_is_pinned_and_installed():
+    """A floating test tool broke a fresh install's suite (pytest 9.2 refused nested approx): every tool
+    of the `test` extra is pinned, and the suite runs the pinned version."""
+    from importlib.metadata import version
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    pinned = pins(extra)
+    assert len(pinned) == len(extra), f"unpinned test tools: {[item for item in extra if '==' not in item]}"
+    for name, wanted in pinned.items():
+        assert version(name) == wanted, f"pyproject.toml's test extra pins {name}=={wanted}, the tests run {version(name)}"

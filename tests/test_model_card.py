@@ -81,3 +81,63 @@ def test_evaluation_adds_its_metrics_to_the_card_and_leaves_other_folders_alone(
     (tmp_path / "user model").mkdir()
     assert model_card.add_evaluation(str(tmp_path / "user model"), {"accuracy": 1.0}, settings) is None
     assert not (tmp_path / "user model" / "README.md").exists()
+
+
+def test_a_card_shows_the_metrics_that_exist(tmp_path):
+    """Real preference data has no task verifier: accuracy is None, and the card shows what exists."""
+    folder = published(tmp_path / "dpo_teacher", "dpo_teacher", {"seed": 0})
+    settings = {"dataset": {"path": "org/dpo-mix-7k", "test_split": "test"}, "evaluation": {"split": None}}
+    metrics = {"accuracy": None, "preference_accuracy": 0.75, "rows": 4}
+    model_card.add_evaluation(str(folder), metrics, settings, published=folder)
+    card = ModelCard.load(folder / "README.md")
+    assert [result.metric_type for result in card.data.eval_results] == ["preference_accuracy"]
+    assert "| preference accuracy (log p(chosen) > log p(rejected)) | 0.7500 |" in card.text
+    assert "answer accuracy" not in card.text
+
+
+def test_evaluate_on_data_without_a_verifier_writes_no_card_into_its_input(tmp_path, ref_teacher_project):
+    """The paper recipes' evaluation: dpo-mix-shaped pairs (no task family, so no verifier), a base teacher
+    given by path that an earlier run wrote (card and manifest inside). Its evaluation runs, and leaves
+    that input folder exactly as it was; the model this run published gets its card."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+
+    base = shutil.copytree(ref_teacher_project / "results" / "ref_teacher", tmp_path / "my models" / "teacher")
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in base.iterdir() if path.is_file()}
+    folder_mtime = base.stat().st_mtime_ns
+    pair = {
+        "chosen": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Seven."}],
+    }
+    pairs = tmp_path / "dpo-mix"
+    pairs.mkdir()
+    for split in ("train", "test"):
+        (pairs / f"{split}.jsonl").write_text((json.dumps(pair) + "\n") * 2)
+    config = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
+    config["models"]["base_teacher"] = {"path": str(base)}
+    config["models"]["base_student"] = {"path": str(base)}
+    config["datasets"] = {"sft": {"path": str(pairs)}, "preference": {"path": str(pairs)}}
+    configfile = tmp_path / "recipe.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    published_folder = shutil.copytree(base, results / "ref_teacher")
+
+    def evaluate(model: Path, name: str) -> dict:
+        command = [sys.executable, "-m", "adpa", "evaluate", "--configfile", str(configfile), "--model", str(model)]
+        command += ["--name", name, "--output", str(results / "eval" / name), "--threads", "1"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((results / "eval" / name / MANIFEST).read_text())["metrics"]
+
+    metrics = evaluate(base, "base_teacher")
+    assert metrics["accuracy"] is None and metrics["preference_accuracy"] is not None
+    after = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in base.iterdir() if path.is_file()}
+    assert after == before and base.stat().st_mtime_ns == folder_mtime, "an input given by path is never written"
+
+    evaluate(published_folder, "ref_teacher")
+    card = ModelCard.load(published_folder / "README.md")
+    assert [result.metric_type for result in card.data.eval_results] == ["preference_accuracy"]
