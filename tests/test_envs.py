@@ -58,4 +58,6 @@ def test_every_test_tool_is_pinned_and_installed():
     pinned = pins(extra)
     assert len(pinned) == len(extra), f"unpinned test tools: {[item for item in extra if '==' not in item]}"
     for name, wanted in pinned.items():
-        assert version(name) == wanted, f"pyproject.toml's test extra pins {name}=={wanted}, the tests run {version(name)}"
+        assert version(name) == wanted, (
+            f"pyproject.toml's test extra pins {name}=={wanted}, the tests run {version(name)}"
+        )
