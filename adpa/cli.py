@@ -282,13 +282,12 @@ def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
 
 
 def _check(configfiles: list[Path], slurm: bool) -> None:
-    from adpa.judges import check_judge_inputs
+    from adpa.checks import check_files
     from adpa.preflight import run_preflight
 
     loaded = configuration.load_config(configfiles)
     workflow_dir = Path(__file__).resolve().parent.parent
-    configuration.check_local_sources(loaded, workflow_dir)
-    check_judge_inputs(loaded)
+    check_files(loaded, workflow_dir)
     run_preflight(loaded, workflow_dir, local_jobs=not slurm)
     _print_launch(loaded, workflow_dir)
     print(f"{' '.join(map(str, configfiles))}: ok")

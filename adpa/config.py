@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from adpa.batching import accumulation_steps
+from adpa.checks import Context, key_check, run_checks
 from adpa.errors import ConfigError
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, TEACHER_MODELS, Stage, of_kind, student_models
@@ -116,11 +117,25 @@ def _describe(error: jsonschema.ValidationError) -> str:
             f"config key '{key}': derived from {error.schema['derived_from']}, not set "
             f"(got {error.instance!r}): remove it ({error.schema.get('description', '')})"
         )
+    if error.validator == "pattern" and key.startswith("sweeps.") and key.endswith(".setting"):
+        return f"config key '{key}': {error.instance!r} {_setting_hint(str(error.instance))}"
     if error.validator == "pattern":
         return f"config key '{key}': {error.instance!r} must be a plain name (letters, digits, '.', '_', '-')"
     if error.validator == "required" and not error.absolute_path:
         return f"config: {error.message} (a config file must name its models and datasets)"
     return f"config key '{key}': {error.message}"
+
+
+def _setting_hint(setting: str) -> str:
+    """What a sweep's setting should have been: `section.key`, with the sections that have the key."""
+    from adpa.sweeps import SWEEPABLE
+
+    sections = sorted({STAGES[stage].section for stage in SWEEPABLE} - {None})
+    properties = load_schema()["properties"]
+    having = [section for section in sections if setting in properties[section].get("properties", {})]
+    if having:
+        return f"is not section.key; sections with '{setting}': {', '.join(having)} (e.g. {having[0]}.{setting})"
+    return f"is not section.key (e.g. adpa.adpa_weight); sweepable sections: {', '.join(sections)}"
 
 
 def _check_finite(value: Any, key: str = "") -> None:
@@ -143,11 +158,22 @@ def validate_config(config: dict, schema: Mapping | None = None) -> dict:
     if errors:
         raise ConfigError(_describe(errors[0]))
     _check_finite(config)
+    run_checks(config, "text", Context(SCHEMA_PATH.parent.parent))
+    return config
+
+
+@key_check(*(f"{STAGES[stage].section}.effective_batch_size" for stage in TRAINING_STAGES), phase="text")
+def check_batches(config: Mapping[str, Any], context: Context) -> None:
+    """A multiple of per_device_batch_size x processes: the gradient accumulation steps are derived from it."""
     for stage in TRAINING_STAGES:
         gradient_accumulation_steps(config, stage)
+
+
+@key_check("sweeps", phase="text")
+def check_sweeps(config: Mapping[str, Any], context: Context) -> None:
+    """Each sweep's setting exists and is student-side, each value passes the schema, and it retrains something."""
     if config["sweeps"]:
-        plan_sweeps(config, schema)
-    return config
+        plan_sweeps(config)
 
 
 def plan_sweeps(config: Mapping, schema: Mapping | None = None) -> dict[str, Sweep]:
@@ -230,6 +256,25 @@ def produced_paths(config: Mapping) -> set[str]:
 def accelerate_config_path(config: Mapping, workflow_dir: str | os.PathLike) -> Path:
     """launch.accelerate_config, relative to the workflow folder unless absolute or ~."""
     return Path(workflow_dir, expand_path(config["launch"]["accelerate_config"]))
+
+
+@key_check(
+    "launch.accelerate_config",
+    "work_dir",
+    "models.base_teacher.path",
+    "models.base_student.path",
+    "datasets.sft.path",
+    "datasets.preference.path",
+    "evaluation.alpaca_eval",
+    "evaluation.mt_bench",
+    phase="files",
+)
+def check_named_files(config: Mapping[str, Any], context: Context) -> None:
+    """Every local path named exists (hub ids: in the preflight); judge question files are read row by row."""
+    from adpa.judges import check_judge_inputs
+
+    check_local_sources(config, context.workflow_dir)
+    check_judge_inputs(config)
 
 
 def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEMA_PATH.parent.parent) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import yaml
 
+from adpa.checks import checks_of
 from adpa.config import load_schema
 
 HEADER = """# Configuration keys
@@ -14,7 +15,9 @@ HEADER = """# Configuration keys
 Generated from `config/schema.yaml`, the single source of defaults, by
 `python -m adpa config-docs > config/README.md` (a test checks it is current). Unknown keys are
 refused with the closest known key suggested. Numbers written as YAML text (`1e-3`) or given
-through `--config` are read as numbers.
+through `--config` are read as numbers. "Checked before any job" names what `python -m adpa check`
+and the workflow's preflight check of a key beyond its type and bounds (adpa/checks.py), each
+problem one line naming the key ([docs/troubleshooting.md](../docs/troubleshooting.md)).
 """
 
 
@@ -23,7 +26,19 @@ def _default(value: Any) -> str:
     return f"`{text.removesuffix('...').strip()}`"
 
 
-def _rows(properties: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+def _sentence_part(text: str) -> str:
+    """Lower-cased first letter, unless it starts an acronym (QLoRA, GGUF)."""
+    return text if text[1:2].isupper() else text[:1].lower() + text[1:]
+
+
+def _checks(key: str, owners: Sequence[str]) -> list[str]:
+    """The registered checks (adpa/checks.py) of a key, under each config path it is declared at."""
+    paths = [f"{owner}.{key}" for owner in owners] if owners else [key]
+    found = {_sentence_part(check.summary): None for path in paths for check in checks_of(path)}
+    return [f"checked before any job: {'; '.join(found)}"] if found else []
+
+
+def _rows(properties: Mapping[str, Any], prefix: str = "", owners: Sequence[str] = ()) -> Iterator[str]:
     for name, sub in properties.items():
         key = f"{prefix}{name}"
         if "$ref" in sub:
@@ -45,19 +60,21 @@ def _rows(properties: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
         ):
             if keyword in sub:
                 notes.append(f"{word} {sub[keyword]}")
+        notes += _checks(key, owners)
         yield f"| `{key}` | {kind} | {default} | {'; '.join(filter(None, notes))} |"
-        yield from _rows(sub.get("properties", {}), f"{key}.")
+        yield from _rows(sub.get("properties", {}), f"{key}.", owners)
 
 
 def render() -> str:
     schema = load_schema()
     table = "| key | type | default | meaning |\n|---|---|---|---|"
     parts = [HEADER, table, *_rows(schema["properties"])]
-    for title, definition in (
-        ("Model source (`models.*`)", "model"),
-        ("Dataset source (`datasets.sft`, `datasets.preference`)", "dataset"),
-        ("Job requests (`resources.*`)", "job_resources"),
-        ("LoRA teachers (`ref_teacher.peft`, `dpo_teacher.peft`)", "peft"),
+    for title, definition, owners in (
+        ("Model source (`models.*`)", "model", ("models.base_teacher", "models.base_student")),
+        ("Dataset source (`datasets.sft`, `datasets.preference`)", "dataset", ("datasets.sft", "datasets.preference")),
+        ("Job requests (`resources.*`)", "job_resources", ()),
+        ("LoRA teachers (`ref_teacher.peft`, `dpo_teacher.peft`)", "peft", ("ref_teacher.peft", "dpo_teacher.peft")),
     ):
-        parts += ["", f"## {title}", "", table, *_rows(schema["definitions"][definition]["properties"])]
+        rows = _rows(schema["definitions"][definition]["properties"], owners=owners)
+        parts += ["", f"## {title}", "", table, *rows]
     return "\n".join(parts) + "\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,7 @@ class RawSplit:
 
     rows: Sequence[Mapping[str, Any]]
     labels: Sequence[str] | None = None
+    source: str = ""  # the file(s) or folder read, for an error about the whole split
 
     def label(self, index: int) -> str:
         return f"row {index} ({self.labels[index]})" if self.labels is not None else f"row {index}"
@@ -118,7 +119,7 @@ class RawSplit:
         if not limit or limit >= len(self.rows):
             return self
         rows = self.rows.select(range(limit)) if isinstance(self.rows, datasets.Dataset) else self.rows[:limit]
-        return RawSplit(rows, self.labels[:limit] if self.labels is not None else None)
+        return RawSplit(rows, self.labels[:limit] if self.labels is not None else None, self.source)
 
 
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -161,7 +162,7 @@ def read_json_rows(path: Path, reference: str, in_folder: bool = False) -> RawSp
             raise DataError(
                 f"dataset '{reference}': {label}: expected a JSON object per row, got {type(row).__name__}"
             )
-    return RawSplit(rows, labels)
+    return RawSplit(rows, labels, str(path))
 
 
 def _folder_splits(path: Path, reference: str) -> dict[str, list[Path]]:
@@ -179,11 +180,68 @@ def _folder_splits(path: Path, reference: str) -> dict[str, list[Path]]:
 
 
 def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
-    """Load one split from a hub id, a save_to_disk folder, a data-file folder or a single file."""
+    """Load one split from a hub id, a save_to_disk folder, a data-file folder or a single file.
+
+    A split without rows is one DataError line naming it and where it lives: `datasets` itself fails on
+    an empty saved split or parquet file with an IndexError or ArrowInvalid that names neither."""
+    raw = _read_split(spec, split)
+    if not len(raw.rows):
+        raise DataError(f"dataset '{spec['path']}' split '{split}' has no rows ({raw.source})")
+    return raw
+
+
+def _names(splits: Iterable[Any]) -> str:
+    """Split names for a message, sorted: `datasets` keys are NamedSplit objects, which str.join refuses."""
+    return ", ".join(sorted(str(split) for split in splits))
+
+
+def _saved_split_is_empty(folder: Path) -> bool:
+    """Whether a save_to_disk Dataset folder holds no data file (how `datasets` saves zero rows)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # unreadable: loading it reports the error
+    return isinstance(state, dict) and state.get("_data_files") == []
+
+
+def _parquet_is_empty(files: Sequence[Path]) -> bool:
+    """Whether parquet files hold no row at all, from their footers (`datasets` cannot read such a file)."""
+    if not files or any(file.suffix != ".parquet" for file in files):
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        return all(pq.ParquetFile(file).metadata.num_rows == 0 for file in files)
+    except Exception:  # not parquet after all: loading it reports the error
+        return False
+
+
+def _saved_dict_splits(path: Path, reference: str) -> list[str]:
+    """The split names a save_to_disk DatasetDict folder lists in its dataset_dict.json."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"dataset '{reference}': cannot be read (dataset_dict.json: {type(err).__name__})") from err
+    return [str(split) for split in splits]
+
+
+def _shown(file: Path, folder: Path) -> str:
+    """A data file of `folder` as the user wrote the folder (`datasets` resolves the files' paths)."""
+    try:
+        return str(folder / file.relative_to(folder.resolve()))
+    except ValueError:
+        return str(file)
+
+
+def _read_split(spec: Mapping[str, Any], split: str) -> RawSplit:
     reference = spec["path"]
     path = Path(expand_path(reference))
     if not is_local(reference):
-        return RawSplit(_split_of(_load(reference, datasets.load_dataset, reference), reference, split))
+        return RawSplit(
+            _split_of(_load(reference, datasets.load_dataset, reference), reference, split),
+            None,
+            f"hub dataset {reference}",
+        )
     if not path.exists():
         raise DataError(f"dataset '{reference}': no such file or directory: {path}")
     if path.is_file():
@@ -194,14 +252,30 @@ def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
             raise DataError(f"dataset '{reference}': a single file holds only the split 'train', not '{split}'")
         if kind == "json":
             return read_json_rows(path, reference)
+        if _parquet_is_empty([path]):
+            return RawSplit([], None, str(path))
         loaded = _load(reference, datasets.load_dataset, "parquet", data_files=str(path))
-        return RawSplit(_split_of(loaded, reference, split))
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return RawSplit(_split_of(_load(reference, datasets.load_from_disk, str(path)), reference, split))
+        return RawSplit(_split_of(loaded, reference, split), None, str(path))
+    if (path / "dataset_dict.json").exists():
+        # Only the split asked for: another, empty split must not make this one unreadable.
+        splits = _saved_dict_splits(path, reference)
+        if split not in splits:
+            raise DataError(f"dataset '{reference}': no split '{split}' (have: {_names(splits)})")
+        folder = path / split
+        if _saved_split_is_empty(folder):
+            return RawSplit([], None, str(folder))
+        return RawSplit(_load(reference, datasets.load_from_disk, str(folder)), None, str(folder))
+    if (path / "state.json").exists():  # one saved Dataset: the split 'train'
+        if split != "train":
+            raise DataError(f"dataset '{reference}': no split '{split}' (have: train)")
+        if _saved_split_is_empty(path):
+            return RawSplit([], None, str(path))
+        return RawSplit(_load(reference, datasets.load_from_disk, str(path)), None, str(path))
     splits = _folder_splits(path, reference)
     if split not in splits:
-        raise DataError(f"dataset '{reference}': no split '{split}' (have: {', '.join(splits)})")
+        raise DataError(f"dataset '{reference}': no split '{split}' (have: {_names(splits)})")
     files = splits[split]
+    source = ", ".join(_shown(file, path) for file in files)
     kinds = sorted({"".join(file.suffixes) for file in files})
     if len(kinds) > 1:  # `datasets` would silently read one kind and ignore the rest
         raise DataError(
@@ -210,9 +284,13 @@ def load_split(spec: Mapping[str, Any], split: str) -> RawSplit:
     if all(file.suffix in JSON_SUFFIXES for file in files):
         parts = [read_json_rows(file, reference, in_folder=True) for file in files]
         return RawSplit(
-            [row for part in parts for row in part.rows], [label for part in parts for label in part.labels]
+            [row for part in parts for row in part.rows], [label for part in parts for label in part.labels], source
         )
-    return RawSplit(_split_of(_load(reference, datasets.load_dataset, str(path)), reference, split))
+    if _parquet_is_empty(files):
+        return RawSplit([], None, source)
+    # Only this split's files: another, empty split must not make this one unreadable.
+    loaded = _load(reference, datasets.load_dataset, str(path), data_files={split: [str(file) for file in files]})
+    return RawSplit(_split_of(loaded, reference, split), None, source)
 
 
 def _load(
@@ -233,7 +311,7 @@ def _split_of(loaded: datasets.Dataset | datasets.DatasetDict, reference: str, s
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     if split not in loaded:
-        raise DataError(f"dataset '{reference}': no split '{split}' (have: {', '.join(loaded)})")
+        raise DataError(f"dataset '{reference}': no split '{split}' (have: {_names(loaded)})")
     return loaded[split]
 
 

@@ -5,16 +5,20 @@ Apart from adpa/data.py (loading), so that a stage reading a real dataset never 
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from adpa.data import DataError, Message
-from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples
+from adpa.errors import ConfigError, InputError
+from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples, iter_examples, prompt_count
 
 # A short system turn: replaces chat templates' long default system prompts (fewer tokens on CPU).
 GENERATED_SYSTEM_PROMPT = "You are a concise assistant."
@@ -59,31 +63,137 @@ def _rows(
     return {"sft": sft, "chosen": chosen, "rejected": rejected, "family": family, "answer": answer}
 
 
+@dataclass(frozen=True)
+class HeldOutCapacity:
+    """How many prompts the held-out splits can still use: the families' distinct prompts less those the two
+    training splits drew (held-out prompts must be unseen in training and differ between test and validation)."""
+
+    families: tuple[str, ...]
+    train_rows: int
+    prompts: int  # distinct prompts the families hold
+    used: int  # of them, drawn by the training splits
+
+    @property
+    def left(self) -> int:
+        return self.prompts - self.used
+
+
+def _families(spec: Mapping[str, Any], error: type[InputError]) -> tuple[str, ...]:
+    families = tuple(spec.get("families") or FAMILY_NAMES)
+    unknown = [name for name in families if name not in FAMILY_NAMES]
+    if unknown:
+        raise error(
+            f"config key 'datasets.generate.families': unknown task family '{unknown[0]}' "
+            f"(expected one of {', '.join(FAMILY_NAMES)})"
+        )
+    return families
+
+
+def _training_examples(spec: Mapping[str, Any], families: Sequence[str]) -> tuple[list[TaskExample], ...]:
+    """The SFT and the preference training examples: the same families, seeds S and S+1."""
+    seed, train_rows = spec["seed"], spec["train_rows"]
+    return generate_examples(train_rows, seed, families), generate_examples(train_rows, seed + 1, families)
+
+
+def _capacity(families: Sequence[str], train_rows: int, seen: set[str]) -> HeldOutCapacity:
+    """Exact, because each family's prompts differ from every other family's: `seen` (the training
+    prompts) takes its share of the families' prompts and leaves the rest."""
+    distinct = tuple(dict.fromkeys(families))
+    return HeldOutCapacity(distinct, train_rows, sum(prompt_count(family) for family in distinct), len(seen))
+
+
+def heldout_capacity(spec: Mapping[str, Any]) -> HeldOutCapacity:
+    """The exact held-out capacity of a `datasets.generate` spec; regenerates the training examples
+    (deterministic and fast: well under a second for 20000 training rows)."""
+    families = _families(spec, ConfigError)
+    sft_train, preference_train = _training_examples(spec, families)
+    return _capacity(families, spec["train_rows"], {example.prompt for example in sft_train + preference_train})
+
+
+def _capacity_problem(spec: Mapping[str, Any], capacity: HeldOutCapacity) -> str | None:
+    """One line naming the key to change when the held-out rows asked exceed the capacity, else None."""
+    test_rows, validation_rows = spec["test_rows"], spec.get("validation_rows") or 0
+    if test_rows + validation_rows <= capacity.left:
+        return None
+    key = "test_rows" if test_rows > capacity.left else "validation_rows"
+    asked = f"{test_rows} test and {validation_rows} validation rows" if validation_rows else f"{test_rows} test rows"
+    return (
+        f"config key 'datasets.generate.{key}': {asked} asked, but the families {', '.join(capacity.families)} "
+        f"hold {capacity.prompts} distinct prompts and the training splits (train_rows {capacity.train_rows}, "
+        f"twice) use {capacity.used} of them: {capacity.left} left for the held-out splits; "
+        "lower train_rows or the held-out rows, or add families"
+    )
+
+
+def check_generated_capacity(spec: Mapping[str, Any] | None) -> None:
+    """For `python -m adpa check`: raise ConfigError (one line) when the generated held-out splits cannot get
+    the rows asked; nothing to check without a `datasets.generate` spec."""
+    if not spec:
+        return
+    problem = _capacity_problem(spec, heldout_capacity(spec))
+    if problem:
+        raise ConfigError(problem)
+
+
+# Coupon collector: N (ln N + 40) uniform draws miss one of N prompts with probability below e**-40.
+_MISS_EXPONENT = 40
+# A family this large is never drawn out: its unseen prompts come up at once (sort_numbers has 2e8).
+_LARGE_FAMILY = 100_000
+
+
+def _draw_limit(families: Sequence[str], rows: int) -> int:
+    """Draws after which a held-out split gives up: far more than needed to meet every unseen prompt of
+    every family (the capacity check runs first, so reaching it means a bug, not bad luck)."""
+    sizes = [min(prompt_count(family), _LARGE_FAMILY) for family in families]
+    return rows * 4 + len(families) * max(math.ceil(size * (math.log(size) + _MISS_EXPONENT)) for size in sizes)
+
+
+def _held_out(rows: int, seed: int, families: Sequence[str], seen: set[str], split: str) -> list[TaskExample]:
+    """`rows` examples with prompts not in `seen` (which they join), from the example stream of `seed`.
+
+    The first pass is the one the data were always made with (rows * 4 candidates, repeats dropped, the
+    last example of a repeated prompt kept): data that pass filled stay byte for byte the same. Only a
+    short pass continues the same stream, keeping each new prompt's first example, up to a draw limit."""
+    stream = iter_examples(seed, families)
+    candidates = list(itertools.islice(stream, rows * 4))
+    fresh = {example.prompt: example for example in candidates if example.prompt not in seen}
+    fresh = dict(itertools.islice(fresh.items(), rows))
+    drawn, limit = len(candidates), _draw_limit(families, rows)
+    while len(fresh) < rows and drawn < limit:
+        example = next(stream)
+        drawn += 1
+        if example.prompt not in seen and example.prompt not in fresh:
+            fresh[example.prompt] = example
+    if len(fresh) < rows:
+        raise DataError(
+            f"datasets.generate: the '{split}' split found {len(fresh)} of its {rows} unseen prompts in {drawn} "
+            "draws, though the capacity check passed (a bug in adpa/datagen.py)"
+        )
+    seen.update(fresh)
+    return list(fresh.values())
+
+
 def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, preference_dir: str | os.PathLike) -> None:
     """Write the verifiable task family as two DatasetDicts in the deita and dpo-mix forms: splits
-    train, test (held out) and, with validation_rows, validation (for tuning; disjoint from both)."""
-    families = spec.get("families") or FAMILY_NAMES
-    seed, train_rows, test_rows = spec["seed"], spec["train_rows"], spec["test_rows"]
+    train, test (held out) and, with validation_rows, validation (for tuning; disjoint from both).
+
+    Held-out rows the families cannot supply are a DataError naming the key, never short or empty splits."""
+    families = _families(spec, DataError)
+    seed, test_rows = spec["seed"], spec["test_rows"]
     validation_rows = spec.get("validation_rows", 0)
     for key in ("sft_error_rates", "flipped_pair_rates"):
         unknown = sorted(set(spec.get(key) or {}) - set(FAMILY_NAMES))
         if unknown:
             raise DataError(f"config key 'datasets.generate.{key}': unknown task family '{unknown[0]}'")
-    sft_train = generate_examples(train_rows, seed, families)
-    preference_train = generate_examples(train_rows, seed + 1, families)
+    sft_train, preference_train = _training_examples(spec, families)
     seen = {example.prompt for example in sft_train + preference_train}
-
-    def held_out(rows: int, offset: int) -> list[TaskExample]:
-        """Prompts never seen before (in training or an earlier held-out split); oversample, drop repeats."""
-        candidates = generate_examples(rows * 4, seed + offset, families)
-        fresh = list({example.prompt: example for example in candidates if example.prompt not in seen}.values())[:rows]
-        seen.update(example.prompt for example in fresh)
-        return fresh
-
-    test = held_out(test_rows, 2)
+    problem = _capacity_problem(spec, _capacity(families, spec["train_rows"], seen))
+    if problem:
+        raise DataError(problem)
+    test = _held_out(test_rows, seed + 2, families, seen, "test")
     splits = {"train": (sft_train, preference_train), "test": (test, test)}
     if validation_rows:
-        validation = held_out(validation_rows, 3)
+        validation = _held_out(validation_rows, seed + 3, families, seen, "validation")
         splits["validation"] = (validation, validation)
     rng = random.Random(seed)
     fraction, error_rates = spec["multi_turn_fraction"], spec.get("sft_error_rates") or {}
@@ -104,6 +214,20 @@ def generate_datasets(spec: Mapping[str, Any], sft_dir: str | os.PathLike, prefe
         )
     datasets.DatasetDict(sft_dict).save_to_disk(str(sft_dir))
     datasets.DatasetDict(preference_dict).save_to_disk(str(preference_dir))
+
+
+def training_prompts(spec: Mapping[str, Any]) -> dict[str, list[list[Message]]]:
+    """The prompts (every turn before the answer) of the training rows generate_datasets writes, by
+    dataset ("sft", "preference"): the preflight counts their tokens before the data exist. The
+    training split is drawn first there, from a fresh generator, as here."""
+    families = _families(spec, ConfigError)
+    sft_train, preference_train = _training_examples(spec, families)
+    rng = random.Random(spec["seed"])
+    fraction, error_rates = spec["multi_turn_fraction"], spec.get("sft_error_rates") or {}
+    rejected_kind = spec.get("rejected", "near_miss")
+    sft = _rows(sft_train, families, fraction, rng, error_rates, rejected_kind)
+    preference = _rows(preference_train, families, fraction, rng, error_rates, rejected_kind)
+    return {"sft": [row[:-1] for row in sft["sft"]], "preference": [row[:-1] for row in preference["chosen"]]}
 
 
 def run_generate_data(params: Mapping[str, Any], *, sft_output: Path, preference_output: Path) -> dict:

@@ -1,9 +1,10 @@
 """Checks that read more than the config text: models, dataset rows, vocabularies, devices, disk.
 
-Run by `python -m adpa check --configfile ...` (every stage) and, before the first job, by the
-workflow (`onstart`, only what the planned jobs read). The first problem found is raised as one
-InputError line naming the key, file or row. The config-text checks (schema, local paths, judge
-files) run earlier, when the workflow is parsed.
+Each is registered under the keys it judges (adpa/checks.py, phase "preflight"; the table at the
+end of this module) and run by `python -m adpa check --configfile ...` (every stage) and, before
+the first job, by the workflow (`onstart`, only what the planned jobs read). The first problem
+found is raised as one InputError line naming the key, file or row. The config-text checks (schema,
+local paths, judge files) run earlier, when the workflow is parsed.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adpa.artifacts import checkpoint_bytes, free_bytes
-from adpa.config import plan_sweeps, produced_paths, student_seeds
+from adpa.checks import Context, Plan, key_check, run_checks
+from adpa.config import gradient_accumulation_steps, plan_sweeps, produced_paths, student_seeds, world_size
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
-from adpa.lora import check_quantization
+from adpa.lora import check_quantization, check_target_modules, teacher_model_config
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, max_length_key, of_kind, reading, student_models
 
@@ -32,33 +33,7 @@ HUB_TIMEOUT_S = 10
 PRE_DOWNLOAD = "download it first (`hf download {repo}{kind}` where the hub is reachable, then HF_HUB_OFFLINE=1) or point to a local copy"
 
 TRAINING_RULES = of_kind("training")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The jobs about to run: their rules, and the models whose evaluate job runs."""
-
-    rules: frozenset[str] = frozenset()
-    evaluated: frozenset[str] = frozenset()
-    everything: bool = False
-
-    @classmethod
-    def all(cls) -> Plan:
-        return cls(everything=True)
-
-    @classmethod
-    def of_jobs(cls, jobs: Iterable[tuple[str, Mapping[str, str]]]) -> Plan:
-        """From (rule name, wildcards) of each job Snakemake is about to run."""
-        # A sweep point's job (`<stage>_sweep`) reads what its stage reads.
-        jobs = [(rule.removesuffix("_sweep"), wildcards) for rule, wildcards in jobs]
-        evaluated = {wildcards["model"] for rule, wildcards in jobs if rule == "evaluate" and "model" in wildcards}
-        return cls(frozenset(rule for rule, _ in jobs), frozenset(evaluated))
-
-    def runs(self, *rules: str) -> bool:
-        return self.everything or not self.rules.isdisjoint(rules)
-
-    def evaluates(self, model: str) -> bool:
-        return self.everything or model in self.evaluated
+LORA_TEACHERS = ("ref_teacher", "dpo_teacher")
 
 
 def _offline() -> bool:
@@ -368,26 +343,61 @@ def _prompt_readers(config: Mapping[str, Any], plan: Plan) -> list[tuple[str, st
     return readers
 
 
-def check_prompt_lengths(config: Mapping[str, Any], plan: Plan, loaded: Mapping[str, Any]) -> list[str]:
-    """Prompts against each planned stage's max_length, with the teacher's tokenizer and chat template
-    (every stage's): no row left is one error line, some rows left out a warning (returned). Needs a
-    local teacher folder (or a cached one offline); the stages count again, exactly, when they start."""
-    teacher = config["models"]["base_teacher"]
-    readers = [reader for reader in _prompt_readers(config, plan) if reader[1] in loaded]
-    if not readers or "path" not in teacher or not (is_local(teacher["path"]) or _offline()):
-        return []
-    from adpa.loss_rows import prompt_token_counts
+def teacher_tokenizer(config: Mapping[str, Any], results: str | os.PathLike = "results"):
+    """The base teacher's tokenizer with the run's chat template, as every stage tokenizes; None when
+    it cannot be had before the first job (a hub id online: no download here). A GGUF teacher's is
+    the published base teacher's when that folder was made from the same source, else the GGUF file's."""
     from adpa.models import load_tokenizer
 
-    tokenizer = load_tokenizer(teacher["path"], teacher.get("trust_remote_code", False), teacher.get("revision"))
+    teacher = config["models"]["base_teacher"]
+    if "path" in teacher:
+        if not (is_local(teacher["path"]) or _offline()):
+            return None
+        tokenizer = load_tokenizer(teacher["path"], teacher.get("trust_remote_code", False), teacher.get("revision"))
+    else:
+        published = Path(results, "base_teacher")
+        manifest = published / "adpa_manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text(encoding="utf-8"))["params"].get("model") == teacher:
+            tokenizer = load_tokenizer(str(published))
+        else:
+            from transformers import AutoTokenizer
+
+            from adpa.models import gguf_location
+
+            folder, file = gguf_location(teacher["gguf"])
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     if config.get("chat_template"):
         tokenizer.chat_template = config["chat_template"]
+    return tokenizer
+
+
+def check_prompt_lengths(
+    config: Mapping[str, Any], plan: Plan, loaded: Mapping[str, Any], results: str | os.PathLike = "results"
+) -> list[str]:
+    """Prompts against each planned stage's max_length, with the teacher's tokenizer and chat template
+    (every stage's): no row left is one error line, some rows left out a warning (returned). Needs the
+    teacher's tokenizer before any job (teacher_tokenizer); the stages count again, exactly, when they start."""
+    generate, produced = config["datasets"]["generate"], produced_paths(config)
+    generated = {name for name in ("sft", "preference") if config["datasets"][name]["path"] in produced}
+    readers = [reader for reader in _prompt_readers(config, plan) if reader[1] in loaded or reader[1] in generated]
+    if not readers:
+        return []
+    from adpa.loss_rows import prompt_token_counts
+
+    tokenizer = teacher_tokenizer(config, results)
+    if tokenizer is None:
+        return []
     lengths: dict[str, list[int]] = {}
     warnings = []
     for stage, dataset, key, every_row in readers:
         if dataset not in lengths:
-            rows = loaded[dataset]
-            prompts = rows["prompt"] if "prompt" in rows.column_names else [row[:-1] for row in rows["messages"]]
+            if dataset in loaded:
+                rows = loaded[dataset]
+                prompts = rows["prompt"] if "prompt" in rows.column_names else [row[:-1] for row in rows["messages"]]
+            else:  # the generated data, as generate_data will write it
+                from adpa.datagen import training_prompts
+
+                prompts = training_prompts(generate)[dataset]
             lengths[dataset] = prompt_token_counts(tokenizer, prompts)
         section, _ = key.split(".", 1)
         limit = config[section]["max_length"]
@@ -486,13 +496,53 @@ def other_files_bytes(reference: str) -> int:
     return sum(path.stat().st_size for path in folder.glob("*") if path.is_file() and path.suffix != ".safetensors")
 
 
+def training_steps(config: Mapping[str, Any], stage: str, rows: int) -> int:
+    """The optimizer steps a training stage runs on `rows` training rows, counted as the Trainer does
+    (batches per process, accumulated; at least one a epoch). Packing only lowers it."""
+    training = config[STAGES[stage].section]
+    batches = math.ceil(rows / (training["per_device_batch_size"] * world_size(config)))
+    per_epoch = max(1, math.ceil(batches / gradient_accumulation_steps(config, stage)))
+    return math.ceil(training["epochs"] * per_epoch)
+
+
+def checkpoints_kept(config: Mapping[str, Any], steps: int | None) -> int:
+    """Checkpoints on disk at once: one every save_steps and one at the last step (the Trainer's
+    rule), at most save_total_limit; unknown steps count the limit."""
+    keep = config["launch"]["save_total_limit"]
+    return keep if steps is None else min(keep, math.ceil(steps / config["launch"]["save_steps"]))
+
+
+def training_rows(config: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, int]:
+    """Training rows of each dataset, where known: read by the preflight, or the generator's count."""
+    rows = {name: len(dataset) for name, dataset in loaded.items()}
+    generate = config["datasets"]["generate"]
+    for name in ("sft", "preference"):
+        if generate and config["datasets"][name]["path"] in produced_paths(config):
+            rows[name] = generate["train_rows"]
+    return rows
+
+
+def stage_steps(config: Mapping[str, Any], rows: Mapping[str, int]) -> dict[str, int]:
+    """Each training stage's steps, where its training rows are known (the SFT set, or the preference pairs)."""
+    steps = {}
+    for stage in TRAINING_RULES:
+        dataset = "sft" if "sft_data" in STAGES[stage].reads else "preference"
+        if dataset in rows:
+            steps[stage] = training_steps(config, stage, rows[dataset])
+    return steps
+
+
 def required_disk_bytes(
-    config: Mapping[str, Any], parameters: Mapping[str, int | None], other_files: Mapping[str, int] | None = None
+    config: Mapping[str, Any],
+    parameters: Mapping[str, int | None],
+    other_files: Mapping[str, int] | None = None,
+    steps: Mapping[str, int] | None = None,
 ) -> int:
     """Peak bytes: the largest stage's kept checkpoints plus every trained model. `parameters` and
-    `other_files` (tokenizer and config bytes) are those of the base models, by name."""
-    keep = config["launch"]["save_total_limit"]
+    `other_files` (tokenizer and config bytes) are those of the base models, by name; `steps` each
+    training stage's steps, where known (a stage of fewer steps keeps fewer checkpoints)."""
     weight_bytes = PRECISION_BYTES[config["precision"]]
+    steps = steps or {}
     files = other_files or {}
     bases = {
         "ref_teacher": "base_teacher",
@@ -507,7 +557,11 @@ def required_disk_bytes(
         return parameters[base] * weight_bytes + files.get(base, 0)
 
     seeds = len(student_seeds(config))
-    checkpoints = max(checkpoint_bytes(parameters[base], weight_bytes, files.get(base, 0)) for base in known.values())
+    checkpoints = max(
+        checkpoint_bytes(parameters[base], weight_bytes, files.get(base, 0))
+        * checkpoints_kept(config, steps.get(stage))
+        for stage, base in known.items()
+    )
     finals = sum(
         model(base) * (1 if stage in ("ref_teacher", "dpo_teacher") else seeds) for stage, base in known.items()
     )
@@ -517,17 +571,24 @@ def required_disk_bytes(
         for sweep in plan_sweeps(config).values()
     )
     student = model("base_student") if parameters.get("base_student") else 0
-    return checkpoints * keep + finals + student * seeds * swept
+    return checkpoints + finals + student * seeds * swept
 
 
-def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan: Plan | None = None) -> None:
+def check_disk(
+    config: Mapping[str, Any],
+    workflow_dir: str | os.PathLike,
+    plan: Plan | None = None,
+    loaded: Mapping[str, Any] | None = None,
+) -> None:
+    """Room for the checkpoints and models to write; `loaded`: the training splits read (their rows count the steps)."""
     plan = plan or Plan.all()
     if not plan.runs(*TRAINING_RULES):
         return
     sources = dict(_model_sources(config, models_read(config, plan)))
     parameters = {name: parameter_count(spec["path"]) for name, spec in sources.items()}
     other_files = {name: other_files_bytes(spec["path"]) for name, spec in sources.items()}
-    needed = required_disk_bytes(config, parameters, other_files)
+    steps = stage_steps(config, training_rows(config, loaded or {}))
+    needed = required_disk_bytes(config, parameters, other_files, steps)
     if not needed:
         return
     folder = Path(workflow_dir, expand_path(config["work_dir"]))
@@ -537,30 +598,117 @@ def check_disk(config: Mapping[str, Any], workflow_dir: str | os.PathLike, plan:
     if free < needed:
         raise ConfigError(
             f"config key 'work_dir': about {needed / 1e9:.1f} GB of checkpoints and models to write, "
-            f"{free / 1e9:.1f} GB free at {folder} (launch.save_total_limit = {config['launch']['save_total_limit']})"
+            f"{free / 1e9:.1f} GB free at {folder} (launch.save_total_limit = {config['launch']['save_total_limit']}, "
+            f"launch.save_steps = {config['launch']['save_steps']})"
         )
+
+
+# The preflight's checks, by the keys they judge: cheap ones first, so a typo is reported before a
+# dataset is read; each runs only when a planned job reads its keys.
+@key_check("launch.report_to", phase="preflight", stages=TRAINING_RULES)
+def _trackers(config: Mapping[str, Any], context: Context) -> None:
+    """Every tracker named is installed"""
+    check_trackers(config)
+
+
+@key_check("launch.num_processes", phase="preflight", stages=TRAINING_RULES)
+def _devices(config: Mapping[str, Any], context: Context) -> None:
+    """This machine has the GPUs a training job asks for (unless Slurm places the jobs)"""
+    if context.local_jobs:
+        check_devices(config, context.workflow_dir)
+
+
+@key_check(*(f"{stage}.peft.load_in_4bit" for stage in LORA_TEACHERS), phase="preflight", stages=LORA_TEACHERS)
+def _quantization(config: Mapping[str, Any], context: Context) -> None:
+    """QLoRA has a CUDA GPU and bitsandbytes (unless Slurm places the jobs)"""
+    for stage in LORA_TEACHERS:
+        if context.local_jobs and context.plan.runs(stage):
+            check_quantization(f"{stage}.peft", config[stage].get("peft"))
+
+
+@key_check("models.base_teacher.gguf", "models.base_teacher.random_init", phase="preflight", stages=("base_teacher",))
+def _gguf(config: Mapping[str, Any], context: Context) -> None:
+    """The GGUF file is installed and the random_init sizes divide"""
+    check_gguf(config, context.plan)
+
+
+@key_check("datasets.preference.test_split", "evaluation.split", phase="preflight", stages=("evaluate",))
+def _held_out_split(config: Mapping[str, Any], context: Context) -> None:
+    """Evaluation has a held-out split to read"""
+    dataset_splits(config, context.plan)
+
+
+@key_check("models.base_teacher.path", "models.base_student.path", phase="preflight")
+def _models(config: Mapping[str, Any], context: Context) -> None:
+    """A local model folder is complete and loads (architecture, tokenizer, chat template); a hub id is cached or on the hub"""
+    check_models(config, context.plan)
+
+
+@key_check("models.base_student.teacher_layers", "teacher_topk.k", phase="preflight")
+def _teacher_shape(config: Mapping[str, Any], context: Context) -> None:
+    """Within the teacher's size: fewer layers than it has, a top-k within its vocabulary"""
+    check_teacher_shape(config, context.plan)
+
+
+@key_check(
+    "datasets.generate.test_rows",
+    "datasets.generate.validation_rows",
+    "datasets.generate.train_rows",
+    phase="preflight",
+    stages=("generate_data",),
+)
+def _held_out_capacity(config: Mapping[str, Any], context: Context) -> None:
+    """The task families hold enough prompts unseen in training for the held-out rows asked"""
+    from adpa.datagen import check_generated_capacity
+
+    check_generated_capacity(config["datasets"]["generate"])
+
+
+@key_check(
+    *(f"datasets.{name}.{key}" for name in ("sft", "preference") for key in ("path", "train_split", "test_split")),
+    phase="preflight",
+)
+def _datasets(config: Mapping[str, Any], context: Context) -> None:
+    """Every row of every split read is valid, and the splits exist and hold rows"""
+    context.loaded.update(check_datasets(config, context.plan))
+
+
+@key_check(*(f"{stage}.peft.target_modules" for stage in LORA_TEACHERS), phase="preflight", stages=LORA_TEACHERS)
+def _target_modules(config: Mapping[str, Any], context: Context) -> None:
+    """Every LoRA target name matches a module of the teacher (built from its config on the meta device)"""
+    stages = [stage for stage in LORA_TEACHERS if context.plan.runs(stage) and config[stage].get("peft")]
+    if not stages:
+        return
+    model_config = teacher_model_config(config)  # the teacher's architecture: both teachers share it
+    for stage in stages:
+        trust = config["models"]["base_teacher"]["trust_remote_code"]
+        check_target_modules(f"{stage}.peft", config[stage]["peft"], model_config, trust)
+
+
+@key_check("work_dir", "launch.save_total_limit", phase="preflight", stages=TRAINING_RULES)
+def _disk(config: Mapping[str, Any], context: Context) -> None:
+    """Room for the checkpoints the stages will write and every trained model"""
+    check_disk(config, context.workflow_dir, context.plan, context.loaded)
+
+
+@key_check("models.base_student.path", phase="preflight", stages=("student_sft",))
+def _vocabularies(config: Mapping[str, Any], context: Context) -> None:
+    """The student shares the teacher's vocabulary"""
+    check_vocabularies(config, context.plan)
+
+
+@key_check(*sorted({key for stage in STAGES if (key := max_length_key(stage))}), phase="preflight")
+def _prompt_lengths(config: Mapping[str, Any], context: Context) -> None:
+    """Leaves a response token in some row (in every row for the stages that align rows with stores)"""
+    context.warnings += check_prompt_lengths(config, context.plan, context.loaded)
 
 
 def run_preflight(
     config: Mapping[str, Any], workflow_dir: str | os.PathLike, local_jobs: bool = True, plan: Plan | None = None
 ) -> None:
-    """Cheap checks first: a typo is reported before a dataset is read. Only what the planned jobs
-    read is checked (all of it by default). The GPU count is only checked when training jobs run
-    on this machine (not when Slurm places them on GPU nodes)."""
-    plan = plan or Plan.all()
-    if plan.runs(*TRAINING_RULES):
-        check_trackers(config)
-    if local_jobs and plan.runs(*TRAINING_RULES):
-        check_devices(config, workflow_dir)
-        for stage in ("ref_teacher", "dpo_teacher"):
-            if plan.runs(stage):
-                check_quantization(f"{stage}.peft", config[stage].get("peft"))
-    check_gguf(config, plan)
-    dataset_splits(config, plan)  # a missing held-out split, before anything is read
-    check_models(config, plan)
-    check_teacher_shape(config, plan)
-    check_disk(config, workflow_dir, plan)
-    loaded = check_datasets(config, plan)
-    check_vocabularies(config, plan)
-    for warning in check_prompt_lengths(config, plan, loaded):
+    """Every preflight check the planned jobs need (all of them by default). The GPU count is only
+    checked when training jobs run on this machine (not when Slurm places them on GPU nodes)."""
+    context = Context(Path(workflow_dir), plan or Plan.all(), local_jobs)
+    run_checks(config, "preflight", context)
+    for warning in context.warnings:
         print(warning, file=sys.stderr)

@@ -9,10 +9,13 @@ preference pairs are built from it (adpa/data.py). `verify` judges a free-text r
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 import random
 import re
 import string
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -299,6 +302,36 @@ _GENERATORS: dict[str, _Generator] = {
 }
 assert tuple(_GENERATORS) == FAMILY_NAMES
 
+# Distinct prompts each generator can write, counted from its ranges and word lists (each word list holds
+# every word once). tests/test_tasks.py draws the small families until no new prompt comes up.
+_PROMPT_COUNTS: dict[str, int] = {
+    "addition": 90 * 90,  # a, b in 10..99
+    "subtraction": sum(a - 10 for a in range(11, 100)),  # b in 10..a-1
+    "multiplication": 8 * 18,  # a in 2..9, b in 2..19
+    "reverse_word": len(_REVERSIBLE_WORDS),
+    "uppercase_word": len(_MANY_WORDS),
+    "count_letter": sum(len(set(word)) for word in _COUNT_WORDS),  # one prompt per distinct letter of a word
+    # 3 to 5 numbers of 1..49, shown in any order but the sorted one.
+    "sort_numbers": sum(math.comb(49, k) * (math.factorial(k) - 1) for k in range(3, 6)),
+    "next_letter": len(_LETTERS) - 1,  # never 'z'
+    "next_day": len(_DAYS),
+    "first_letter": len(_FIRST_LETTER_WORDS),
+    "small_addition": 9 * 9 * len(_SMALL_ADDITION_PROMPTS),
+    "last_letter": len(_FIRST_LETTER_WORDS),
+    "lowercase_word": len(_MANY_WORDS),
+    "capitalize_word": len(_MANY_WORDS),
+    "plural_word": len(_PLURAL_WORDS),
+}
+assert tuple(_PROMPT_COUNTS) == FAMILY_NAMES
+
+
+def prompt_count(family: str) -> int:
+    """The number of distinct prompts `family` can produce. Held-out splits need prompts the training
+    splits never drew, so this bounds how many held-out rows a config can ask for (adpa/datagen.py)."""
+    if family not in _PROMPT_COUNTS:
+        raise ValueError(f"unknown task family {family!r} (expected one of {', '.join(FAMILY_NAMES)})")
+    return _PROMPT_COUNTS[family]
+
 
 def _final_candidate(family: str, text: str) -> Hashable | None:
     """The normalized final answer stated in `text` for `family`, or None if it states none."""
@@ -330,34 +363,55 @@ def verify(example: TaskExample, response: str) -> bool:
     return expected is not None and got == expected
 
 
+# The generators repeat the same few answer texts: caching their parse makes generation about twice as fast
+# (adpa/datagen.py regenerates the training examples in `python -m adpa check`).
+_cached_candidate = functools.lru_cache(maxsize=1 << 16)(_final_candidate)
+
+
 def _make_example(family: str, rng: random.Random) -> TaskExample:
     prompt, answer, candidates, mistake = _GENERATORS[family](rng)
-    expected = _final_candidate(family, answer)
-    wrong = [c for c in dict.fromkeys(candidates) if _final_candidate(family, c) not in (None, expected)]
-    if not wrong or _final_candidate(family, mistake) in (None, expected):  # generators always give both
+    expected = _cached_candidate(family, answer)
+    wrong = [c for c in dict.fromkeys(candidates) if _cached_candidate(family, c) not in (None, expected)]
+    if not wrong or _cached_candidate(family, mistake) in (None, expected):  # generators always give both
         raise RuntimeError(f"no wrong answer for {family!r} prompt {prompt!r}")
     return TaskExample(family, prompt, answer, rng.choice(wrong), mistake)
 
 
-def generate_examples(n: int, seed: int, families: Sequence[str] = FAMILY_NAMES) -> list[TaskExample]:
-    """`n` examples, deterministic for `(n, seed, families)`; each block of len(families) covers all of them."""
+def _family_names(families: Sequence[str]) -> tuple[str, ...]:
     if isinstance(families, str):
         raise TypeError(f"families must be a sequence of family names, not the string {families!r}")
     names = tuple(families)
     for name in names:
         if name not in _GENERATORS:
             raise ValueError(f"unknown task family {name!r} (expected one of {', '.join(FAMILY_NAMES)})")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if n > 0 and not names:
-        raise ValueError("families must name at least one task family")
+    return names
+
+
+def _stream(seed: int, names: tuple[str, ...]) -> Iterator[TaskExample]:
     rng = random.Random(seed)
-    examples: list[TaskExample] = []
     block: list[str] = []
-    while len(examples) < n:
+    while True:
         if not block:
             # Shuffled round-robin: balanced coverage without a fixed, learnable order.
             block = list(names)
             rng.shuffle(block)
-        examples.append(_make_example(block.pop(), rng))
-    return examples
+        yield _make_example(block.pop(), rng)
+
+
+def iter_examples(seed: int, families: Sequence[str] = FAMILY_NAMES) -> Iterator[TaskExample]:
+    """The endless example stream that `generate_examples(n, seed, families)` takes its first n from: a
+    caller that needs more than it first drew continues the same stream instead of regenerating it."""
+    names = _family_names(families)
+    if not names:
+        raise ValueError("families must name at least one task family")
+    return _stream(seed, names)
+
+
+def generate_examples(n: int, seed: int, families: Sequence[str] = FAMILY_NAMES) -> list[TaskExample]:
+    """`n` examples, deterministic for `(n, seed, families)`; each block of len(families) covers all of them."""
+    names = _family_names(families)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if n > 0 and not names:
+        raise ValueError("families must name at least one task family")
+    return list(itertools.islice(_stream(seed, names), n))

@@ -7,8 +7,8 @@ sys.path.insert(0, workflow.basedir)
 
 from adpa import config as adpa_config
 from adpa import launch
+from adpa.checks import check_files
 from adpa.errors import InputError
-from adpa.judges import check_judge_inputs
 from adpa.provenance import code_hash
 from adpa.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
 from adpa.sweeps import producer
@@ -16,8 +16,7 @@ from adpa.sweeps import producer
 try:
     adpa_config.check_config_files(workflow.configfiles)
     adpa_config.validate_config(config, adpa_config.load_schema(Path(workflow.basedir, "config/schema.yaml")))
-    adpa_config.check_local_sources(config, workflow.basedir)
-    check_judge_inputs(config)
+    check_files(config, workflow.basedir)
 except InputError as error:
     sys.exit(f"error: {error}")
 

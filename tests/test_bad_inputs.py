@@ -84,6 +84,14 @@ def edit(change: Callable[[dict], None]) -> Callable[[Path, dict], None]:
     return lambda folder, config: change(config)
 
 
+def both_setups(*setups: Callable[[Path, dict], None]) -> Callable[[Path, dict], None]:
+    def setup(folder: Path, config: dict) -> None:
+        for one in setups:
+            one(folder, config)
+
+    return setup
+
+
 def written(text: str | bytes) -> Callable[[Path, dict], str | bytes]:
     """The config file itself replaced by this text."""
     return lambda folder, config: text
@@ -155,6 +163,24 @@ class Case:
     setup: Callable
     error: str  # regex the one error line must match (after "error: ")
     snakemake: bool = False  # also through a real `snakemake` start
+    key: str | None = None  # the key whose check (adpa/checks.py) it trips; default: the key its line names
+
+    @property
+    def checked_key(self) -> str | None:
+        named = re.match(r"config key '([^']+)'", self.error)
+        return self.key or (named.group(1).replace("\\", "") if named else None)
+
+
+def preference_splits(**splits: list) -> Callable[[Path, dict], None]:
+    """The preference dataset replaced by a folder of these splits (split name -> rows), each a JSON list file."""
+
+    def setup(folder: Path, config: dict) -> None:
+        for split, rows in splits.items():
+            (folder / "pairs").mkdir(parents=True, exist_ok=True)
+            (folder / "pairs" / f"{split}.json").write_text(json.dumps(rows))
+        config["datasets"]["preference"] = {"path": str(folder / "pairs")}
+
+    return setup
 
 
 CASES = [
@@ -410,6 +436,71 @@ CASES = [
         edit(nested("sweeps.lam", {"setting": "adpa.adpa_weight", "values": [-1]})),
         r"config key 'sweeps.lam.values\[0\]': -1: config key 'adpa.adpa_weight': -1 is less than the minimum of 0",
     ),
+    # Round 4: every request honored or refused in one line before any job
+    Case(
+        "held-out rows beyond what the task families hold",
+        edit(both(nested("datasets.generate.families", ["next_day", "next_letter"]))),
+        r"config key 'datasets.generate.validation_rows': 8 test and 8 validation rows asked, but the families next_day, "
+        r"next_letter hold 32 distinct prompts and the training splits \(train_rows 32, twice\) use 23 of them: "
+        r"9 left for the held-out splits; lower train_rows or the held-out rows, or add families$",
+        snakemake=True,
+    ),
+    Case(
+        "a split with no rows",
+        preference_splits(train=[GOOD_PAIR], test=[]),
+        r"dataset '.*pairs' split 'test' has no rows \(.*pairs/test.json\)$",
+        key="datasets.preference.test_split",
+    ),
+    Case(
+        "misspelled training split of a local folder",
+        both_setups(preference_rows([GOOD_PAIR]), edit(nested("datasets.preference.train_split", "tarin"))),
+        r"dataset '.*pairs': no split 'tarin' \(have: test, train\)$",
+        key="datasets.preference.train_split",
+    ),
+    Case(
+        "misspelled evaluation split of a local folder",
+        both_setups(preference_rows([GOOD_PAIR]), edit(nested("evaluation.split", "tset"))),
+        r"dataset '.*pairs': no split 'tset' \(have: test, train\)$",
+        snakemake=True,
+        key="evaluation.split",
+    ),
+    Case(
+        "LoRA target module the teacher lacks",
+        edit(nested("dpo_teacher.peft", {"target_modules": ["q_proj", "nonexistent_proj"]})),
+        r"config key 'dpo_teacher.peft.target_modules': nonexistent_proj matches no module of the teacher \(llama; "
+        r"its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\)$",
+        snakemake=True,
+    ),
+    Case(
+        "QLoRA without a CUDA GPU",
+        edit(nested("ref_teacher.peft", {"load_in_4bit": True})),
+        r"config key 'ref_teacher.peft.load_in_4bit': QLoRA needs a CUDA GPU; this machine has none$",
+    ),
+    Case(
+        "sweep setting without its section",
+        edit(nested("sweeps.lam", {"setting": "adpa_weight", "values": [1.0]})),
+        r"config key 'sweeps.lam.setting': 'adpa_weight' is not section.key; sections with 'adpa_weight': adpa "
+        r"\(e.g. adpa.adpa_weight\)$",
+        key="sweeps",
+    ),
+    Case(
+        "student_sft.max_length below every prompt",
+        edit(nested("student_sft.max_length", 12)),
+        r"config key 'student_sft.max_length': 12 tokens leave no response token in any row of datasets.sft for "
+        r"student_sft \(the shortest prompt has \d+ tokens\)$",
+        snakemake=True,
+    ),
+    Case(
+        "GPU accelerate config on a machine without GPUs",
+        edit(nested("launch.accelerate_config", "config/accelerate/deepspeed_zero3.yaml")),
+        r"config key 'launch.num_processes': 2 GPUs requested \(config/accelerate/deepspeed_zero3.yaml\), this "
+        r"machine has 0$",
+    ),
+    Case(
+        "tracker not installed",
+        edit(nested("launch.report_to", ["trackio"])),
+        r"config key 'launch.report_to': trackio is not installed",
+    ),
     Case(
         "judge questions missing",
         edit(nested("evaluation.mt_bench", "/nonexistent/question.jsonl")),
@@ -457,6 +548,47 @@ def test_missing_gguf_package_is_named(tmp_path, capsys, monkeypatch):
     assert error_lines(capsys.readouterr().err) == [
         "error: config key 'models.base_teacher.gguf': reading GGUF files needs the 'gguf' package (pip install gguf; see README install)"
     ]
+
+
+# Checks whose bad value cannot be staged on this machine in a config alone, and the test that trips each.
+CHECKED_ELSEWHERE = {
+    "work_dir": "tests/test_preflight.py::test_disk_estimate_counts_the_checkpoints_each_stage_writes",
+    "models.base_student.path": "tests/test_preflight.py (check_vocabularies: a student of another vocabulary)",
+}
+
+
+def test_every_registered_check_has_a_bad_value_and_its_line():
+    """The registry (adpa/checks.py) and this table agree: each check is tripped here by some case."""
+    from adpa.checks import registered
+
+    tripped = {case.checked_key for case in CASES}
+    untested = [
+        check.function.__name__
+        for check in registered()
+        if not any(key in tripped or key in CHECKED_ELSEWHERE for key in check.keys)
+    ]
+    assert not untested, f"checks without a bad-input case: {untested}"
+
+
+def test_every_registered_key_is_declared_in_the_schema():
+    from adpa.checks import registered
+    from adpa.config import load_schema
+
+    schema = load_schema()
+
+    def declared(path: str) -> bool:
+        node = schema
+        for part in path.split("."):
+            if "$ref" in node:
+                node = schema["definitions"][node["$ref"].rsplit("/", 1)[-1]]
+            properties = node.get("properties", {})
+            if part not in properties:
+                return False
+            node = properties[part]
+        return True
+
+    undeclared = [key for check in registered() for key in check.keys if not declared(key)]
+    assert not undeclared, undeclared
 
 
 SNAKEMAKE_CASES = [case for case in CASES if case.snakemake]

@@ -105,6 +105,43 @@ def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch
         check_disk(config, tmp_path)
 
 
+def test_disk_estimate_counts_the_checkpoints_each_stage_writes(tmp_path, monkeypatch):
+    """The Trainer saves every save_steps and at the last step, keeping save_total_limit: a stage of
+    fewer steps than save_steps writes one checkpoint, not the limit."""
+    import shutil
+    from collections import namedtuple
+
+    from adpa.preflight import TRAINING_RULES, training_steps
+
+    config = tiny()
+    config["launch"].update(save_total_limit=2, save_steps=1000)
+    bases = {"base_teacher": 1000, "base_student": 100}
+    checkpoint = 1000 * 16 + CHECKPOINT_STATE_BYTES
+    limit = required_disk_bytes(config, bases)  # steps unknown: the limit, as before
+    thirty = dict.fromkeys(TRAINING_RULES, 30)
+    assert required_disk_bytes(config, bases, steps=thirty) == limit - checkpoint
+    config["launch"]["save_steps"] = 10  # saves at 10, 20, 30: two kept
+    assert required_disk_bytes(config, bases, steps=thirty) == limit
+    # tiny.yaml's REF teacher: 2 per device x 2 processes x 2 accumulated; ceil(32 / 4) = 8 batches = 4 steps.
+    assert training_steps(config, "ref_teacher", 32) == 4 and training_steps(config, "ref_teacher", 1) == 1
+
+    # The issue's case, scaled: the refusal where the estimate is real, none where the steps write fewer.
+    config["launch"]["save_steps"] = 1000
+    config["models"]["base_teacher"] = {"path": str(tmp_path), "trust_remote_code": False}
+    monkeypatch.setattr("adpa.preflight.parameter_count", lambda reference: 10**9)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 30 * 10**9))
+    check_disk(
+        config, tmp_path
+    )  # generated data: 32 rows, 4 steps, one checkpoint of 16 GB and two teachers of 4 GB: 24 GB
+    config["launch"]["save_steps"] = 2
+    with pytest.raises(
+        ConfigError,
+        match=r"'work_dir': about 40.0 GB .* 30.0 GB free .*save_total_limit = 2, launch.save_steps = 2\)",
+    ):
+        check_disk(config, tmp_path)
+
+
 def test_check_command_runs_every_check(tmp_path):
     home = tmp_path / "home"
     (home / "Datasets" / "preference alignment" / "dpo-mix-7k").mkdir(parents=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import itertools
 import json
+import math
 import re
 import string
 from importlib import resources
@@ -15,7 +17,7 @@ import tomllib
 from conftest import REPO
 
 from adpa import tasks
-from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples, verify
+from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples, iter_examples, prompt_count, verify
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
@@ -85,6 +87,35 @@ def test_prefix_stable_and_n_respected() -> None:
     assert generate_examples(0, seed=1) == []
     assert len(generate_examples(17, seed=1)) == 17
     assert generate_examples(10, seed=5) == generate_examples(25, seed=5)[:10]
+
+
+def test_iter_examples_is_the_stream_generate_examples_cuts() -> None:
+    families = ("first_letter", "small_addition")
+    assert list(itertools.islice(iter_examples(4, families), 30)) == generate_examples(30, 4, families)
+    with pytest.raises(ValueError):
+        iter_examples(0, families=[])
+
+
+# Families small enough to draw until every prompt has come up.
+SMALL_FAMILIES = [family for family in FAMILY_NAMES if prompt_count(family) < 3000]
+
+
+@pytest.mark.parametrize("family", SMALL_FAMILIES)
+def test_prompt_count_is_every_prompt_the_generator_writes(family: str) -> None:
+    count = prompt_count(family)
+    # Coupon collector: count * (ln count + 12) draws miss one of `count` prompts with probability below e**-12.
+    draws = math.ceil(count * (math.log(count) + 12))
+    prompts = {example.prompt for example in generate_examples(draws, seed=11, families=[family])}
+    assert len(prompts) == count
+
+
+def test_prompt_count_of_the_large_families_and_unknown_names() -> None:
+    assert set(FAMILY_NAMES) - set(SMALL_FAMILIES) == {"addition", "subtraction", "sort_numbers"}
+    assert prompt_count("addition") == 90 * 90 and prompt_count("subtraction") == 4005
+    # 3, 4 or 5 numbers of 1..49 in any order but the sorted one.
+    assert prompt_count("sort_numbers") == 18424 * 5 + 211876 * 23 + 1906884 * 119
+    with pytest.raises(ValueError, match="division"):
+        prompt_count("division")
 
 
 @pytest.mark.parametrize("seed", range(5))
