@@ -277,6 +277,57 @@ def check_named_files(config: Mapping[str, Any], context: Context) -> None:
     check_judge_inputs(config)
 
 
+@key_check(
+    "datasets.generate.families",
+    "datasets.generate.sft_error_rates",
+    "datasets.generate.flipped_pair_rates",
+    phase="text",
+)
+def check_task_families(config: Mapping[str, Any], context: Context) -> None:
+    """Names task families that exist, each once (families: at least one, or null for all)"""
+    generate = config["datasets"]["generate"]
+    if not generate:
+        return
+    from adpa.tasks import FAMILY_NAMES
+
+    families = generate.get("families")
+    if families is not None and not families:
+        raise ConfigError("config key 'datasets.generate.families': an empty list; name at least one, or null for all")
+    for key in ("families", "sft_error_rates", "flipped_pair_rates"):
+        names = list(generate.get(key) or [])
+        unknown = [name for name in names if name not in FAMILY_NAMES]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], FAMILY_NAMES, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"families: {', '.join(FAMILY_NAMES)}"
+            raise ConfigError(f"config key 'datasets.generate.{key}': unknown task family '{unknown[0]}'; {hint}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"config key 'datasets.generate.{key}': '{repeated[0]}' named twice")
+    for key in ("sft_error_rates", "flipped_pair_rates"):
+        unused = [name for name in generate.get(key) or {} if families and name not in families]
+        if unused:
+            raise ConfigError(
+                f"config key 'datasets.generate.{key}': '{unused[0]}' is not among datasets.generate.families "
+                f"({', '.join(families)}): its rate would change nothing"
+            )
+
+
+@key_check("chat_template", phase="text")
+def check_chat_template(config: Mapping[str, Any], context: Context) -> None:
+    """Is a Jinja template that compiles (as transformers compiles chat templates)"""
+    template = config.get("chat_template")
+    if template is None:
+        return
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols]).parse(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigError(f"config key 'chat_template': not a Jinja template: line {err.lineno}: {err.message}") from err
+
+
 def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEMA_PATH.parent.parent) -> None:
     """Every local path the user named exists (hub ids are checked when loaded)."""
     accelerate = accelerate_config_path(config, workflow_dir)

@@ -502,6 +502,23 @@ CASES = [
         r"config key 'launch.report_to': trackio is not installed",
     ),
     Case(
+        "misspelled task family",
+        edit(nested("datasets.generate.families", ["additon", "next_day"])),
+        r"config key 'datasets.generate.families': unknown task family 'additon'; did you mean 'addition'\?$",
+    ),
+    Case(
+        "error rate of a family that is not generated",
+        edit(both(nested("datasets.generate.families", ["next_day"]), nested("datasets.generate.test_rows", 1))),
+        r"config key 'datasets.generate.sft_error_rates': 'uppercase_word' is not among datasets.generate.families "
+        r"\(next_day\): its rate would change nothing$",
+    ),
+    Case(
+        "chat template that does not compile",
+        edit(nested("chat_template", "{% for m in messages %}{{ m.content }}")),
+        r"config key 'chat_template': not a Jinja template: line 1: Unexpected end of template",
+        snakemake=True,
+    ),
+    Case(
         "judge questions missing",
         edit(nested("evaluation.mt_bench", "/nonexistent/question.jsonl")),
         r"config key 'evaluation.mt_bench': no such file or directory: /nonexistent/question.jsonl",
