@@ -325,7 +325,9 @@ def check_chat_template(config: Mapping[str, Any], context: Context) -> None:
     try:
         ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols]).parse(template)
     except jinja2.TemplateSyntaxError as err:
-        raise ConfigError(f"config key 'chat_template': not a Jinja template: line {err.lineno}: {err.message}") from err
+        raise ConfigError(
+            f"config key 'chat_template': not a Jinja template: line {err.lineno}: {err.message}"
+        ) from err
 
 
 def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEMA_PATH.parent.parent) -> None:
