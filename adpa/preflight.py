@@ -23,7 +23,8 @@ from adpa.checks import Context, Plan, key_check, run_checks
 from adpa.config import gradient_accumulation_steps, plan_sweeps, produced_paths, student_seeds, world_size
 from adpa.errors import ConfigError, InputError
 from adpa.launch import gpus_per_machine
-from adpa.lora import check_quantization, check_target_modules, teacher_model_config
+from adpa.lora import check_quantization
+from adpa.lora_targets import check_target_modules, teacher_model_config
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, max_length_key, of_kind, reading, student_models
 
