@@ -439,7 +439,12 @@ CASES = [
     # Round 4: every request honored or refused in one line before any job
     Case(
         "held-out rows beyond what the task families hold",
-        edit(both(nested("datasets.generate.families", ["next_day", "next_letter"]))),
+        edit(
+            both(
+                nested("datasets.generate.families", ["next_day", "next_letter"]),
+                nested("datasets.generate.sft_error_rates", {}),
+            )
+        ),
         r"config key 'datasets.generate.validation_rows': 8 test and 8 validation rows asked, but the families next_day, "
         r"next_letter hold 32 distinct prompts and the training splits \(train_rows 32, twice\) use 23 of them: "
         r"9 left for the held-out splits; lower train_rows or the held-out rows, or add families$",
