@@ -284,7 +284,9 @@ def check_named_files(config: Mapping[str, Any], context: Context) -> None:
     phase="text",
 )
 def check_task_families(config: Mapping[str, Any], context: Context) -> None:
-    """Names task families that exist, each once (families: at least one, or null for all)"""
+    """Names task families that exist, each once (families: at least one, or null for all)
+
+    A rate of a family that is not drawn is allowed: an overlay may narrow the families of a config."""
     generate = config["datasets"]["generate"]
     if not generate:
         return
@@ -303,13 +305,6 @@ def check_task_families(config: Mapping[str, Any], context: Context) -> None:
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ConfigError(f"config key 'datasets.generate.{key}': '{repeated[0]}' named twice")
-    for key in ("sft_error_rates", "flipped_pair_rates"):
-        unused = [name for name in generate.get(key) or {} if families and name not in families]
-        if unused:
-            raise ConfigError(
-                f"config key 'datasets.generate.{key}': '{unused[0]}' is not among datasets.generate.families "
-                f"({', '.join(families)}): its rate would change nothing"
-            )
 
 
 @key_check("chat_template", phase="text")

@@ -15,9 +15,10 @@ HEADER = """# Configuration keys
 Generated from `config/schema.yaml`, the single source of defaults, by
 `python -m adpa config-docs > config/README.md` (a test checks it is current). Unknown keys are
 refused with the closest known key suggested. Numbers written as YAML text (`1e-3`) or given
-through `--config` are read as numbers. "Checked before any job" names what `python -m adpa check`
-and the workflow's preflight check of a key beyond its type and bounds (adpa/checks.py), each
-problem one line naming the key ([docs/troubleshooting.md](../docs/troubleshooting.md)).
+through `--config` are read as numbers. "Checked before any job" names what
+`python -m adpa check --configfile FILE` and the workflow's preflight check of a key beyond its
+type and bounds (adpa/checks.py), each problem one line naming the key
+([docs/troubleshooting.md](../docs/troubleshooting.md)).
 """
 
 

@@ -512,10 +512,10 @@ CASES = [
         r"config key 'datasets.generate.families': unknown task family 'additon'; did you mean 'addition'\?$",
     ),
     Case(
-        "error rate of a family that is not generated",
-        edit(both(nested("datasets.generate.families", ["next_day"]), nested("datasets.generate.test_rows", 1))),
-        r"config key 'datasets.generate.sft_error_rates': 'uppercase_word' is not among datasets.generate.families "
-        r"\(next_day\): its rate would change nothing$",
+        "misspelled family of an error rate",
+        edit(nested("datasets.generate.sft_error_rates", {"upercase_word": 0.5})),
+        r"config key 'datasets.generate.sft_error_rates': unknown task family 'upercase_word'; did you mean "
+        r"'uppercase_word'\?$",
     ),
     Case(
         "chat template that does not compile",
