@@ -25,6 +25,7 @@ from typing import Any
 from adpa import artifacts, model_card, preemption
 from adpa import config as configuration
 from adpa.errors import InputError
+from adpa.launch import SWITCHES
 from adpa.stages import REGISTRY, STAGES, Stage, max_length_key
 
 
@@ -58,13 +59,27 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def _switch(value: str) -> bool | str:
+    if value not in ("auto", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+    return value if value == "auto" else value == "true"
+
+
 def _launch_defaults() -> dict[str, Any]:
     """The launch settings' defaults (and the trackers), from the schema: the one place they are written."""
     launch = configuration.load_schema()["properties"]["launch"]["properties"]
     defaults = {
         key: launch[key]["default"]
-        for key in ("save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing", "report_to")
+        for key in (
+            "save_steps",
+            "save_total_limit",
+            "logging_steps",
+            "gradient_checkpointing",
+            "report_to",
+            *SWITCHES,
+        )
     }
+    defaults["loss_chunk_tokens"] = launch["loss_chunk_tokens"]["default"]
     return {**defaults, "trackers": launch["report_to"]["items"]["enum"]}
 
 
@@ -105,6 +120,15 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
             help="experiment trackers (none: nothing after the flag)",
         )
         parser.add_argument("--run-name", default="adpa", help="the config's run_name: groups the trackers' runs")
+        for name in SWITCHES:
+            parser.add_argument(
+                f"--{name.replace('_', '-')}",
+                type=_switch,
+                default=launch_defaults[name],
+                help="auto (on GPUs), true or false",
+            )
+        parser.add_argument("--loss-chunk-tokens", type=int, default=launch_defaults["loss_chunk_tokens"])
+        parser.add_argument("--attention", default="auto", help="attn_implementation, or auto")
     if stage.kind != "cpu":
         parser.add_argument(
             "--threads", type=int, default=None, help="CPU threads of the whole job, split between processes"
@@ -121,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--configfile", type=Path, nargs="+", required=True, help="later files overlay earlier ones")
     check.add_argument("--slurm", action="store_true", help="jobs run through Slurm: skip this machine's GPU count")
     sub.add_parser("free-port", help="print a free TCP port (for accelerate's rendezvous)")
+    engine = sub.add_parser(
+        "engine", help="print the accelerate config file a training job runs with (launch.accelerate_config: auto)"
+    )
+    engine.add_argument("--launch", required=True, help="the launch settings as JSON (adpa.launch.engine_settings)")
+    engine.add_argument("stage_arguments", nargs=argparse.REMAINDER, help="the stage and its arguments")
     sub.add_parser("config-docs", help="print config/README.md, generated from config/schema.yaml")
     return parser
 
@@ -213,6 +242,7 @@ def run_stage(args: argparse.Namespace) -> None:
                 logging_steps=args.logging_steps,
                 report_to=tuple(args.report_to),
                 run_name=args.run_name,
+                **_resolved_switches(args),
             ),
             max_length_key=max_length_key(stage.name) or "max_length",
             parents=parents,
@@ -249,6 +279,45 @@ def run_stage(args: argparse.Namespace) -> None:
         runner(params, **inputs)
 
 
+def _resolved_switches(args: argparse.Namespace) -> dict[str, Any]:
+    """The speed switches for this machine: auto is on where a GPU trains (liger: where installed)."""
+    import torch
+
+    from adpa import engine
+
+    on_gpu = torch.cuda.is_available()
+    attention = engine.attention(args.attention, on_gpu)
+    return {
+        "attention": attention,
+        "padding_free": engine.switch(args.padding_free, on_gpu, attention in engine.VARLEN_ATTENTION),
+        "liger_kernel": engine.switch(args.liger_kernel, on_gpu, engine.liger_available()),
+        "precompute_ref_log_probs": engine.switch(args.precompute_ref_log_probs, on_gpu),
+        "loss_chunk_tokens": args.loss_chunk_tokens,
+    }
+
+
+def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) -> Path:
+    """The accelerate file of a job (`launch.accelerate_config: auto`), chosen from its stage, settings
+    and model; the choice and its estimate go to stderr, the job's log."""
+    from adpa import engine
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("stage")
+    parser.add_argument("--params")
+    parser.add_argument("--configfile", nargs="+")
+    parser.add_argument("--model", default="")
+    known, _ = parser.parse_known_args(stage_arguments)
+    if known.params is not None:
+        params = json.loads(known.params)
+    elif known.configfile:
+        params = configuration.stage_params(configuration.load_config(known.configfile), known.stage)
+    else:
+        params = {}
+    choice = engine.choose_for_job(json.loads(settings_json), known.stage, params, known.model)
+    print(f"{known.stage}: engine {choice.engine} ({choice.accelerate_file}): {choice.reason}", file=sys.stderr)
+    return Path(workflow_dir, choice.accelerate_file)
+
+
 def _raise_if_disk_full(stage: str, output: Path, staged: list[Path], error: BaseException) -> None:
     """A stage that does not train and ran out of space: one line naming its output, and its staging
     folders go."""
@@ -274,6 +343,13 @@ def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
             f"{stage}: gradient_accumulation_steps = {steps}  (effective batch {training['effective_batch_size']} = "
             f"{training['per_device_batch_size']} per device x {processes} processes x {machines} machines x {steps})"
         )
+    from adpa import engine
+
+    sizes = engine.estimated_parameters(config)
+    memory = config["launch"]["gpu_memory_gb"] or engine.gpu_memory_gb()
+    for stage in configuration.TRAINING_STAGES:
+        size = sizes["teacher" if stage in engine.TEACHER_STAGES else "student"]
+        print(engine.describe(config, stage, size, memory))
     for stage in REGISTRY:
         print(
             f"{stage.name}: threads={launch.job_threads(config, stage.name)} "
@@ -308,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "free-port":
             print(free_port())
+        elif args.command == "engine":
+            print(_engine(args.launch, args.stage_arguments, Path(__file__).resolve().parent.parent))
         elif args.command == "config-docs":
             from adpa.config_docs import render
 

@@ -58,6 +58,8 @@ TRAINING_STAGES = of_kind("training")
 def _coerce_scalar(value: str, expected: str | list | None) -> Any:
     """Snakemake's nested --config overrides arrive as text ("0.2"); read them as the schema's type."""
     types = expected if isinstance(expected, list) else [expected]
+    if "boolean" in types and value.lower() in ("true", "false"):  # auto, true or false: a switch
+        return value.lower() == "true"
     if "string" in types:
         return value
     try:
@@ -67,8 +69,6 @@ def _coerce_scalar(value: str, expected: str | list | None) -> Any:
             return float(value)
     except ValueError:
         return value
-    if "boolean" in types and value.lower() in ("true", "false"):
-        return value.lower() == "true"
     return value
 
 
@@ -328,7 +328,7 @@ def check_chat_template(config: Mapping[str, Any], context: Context) -> None:
 def check_local_sources(config: Mapping, workflow_dir: str | os.PathLike = SCHEMA_PATH.parent.parent) -> None:
     """Every local path the user named exists (hub ids are checked when loaded)."""
     accelerate = accelerate_config_path(config, workflow_dir)
-    if not accelerate.is_file():
+    if config["launch"]["accelerate_config"] != "auto" and not accelerate.is_file():
         raise ConfigError(f"config key 'launch.accelerate_config': no such file: {accelerate}")
     work_dir = Path(workflow_dir, expand_path(config["work_dir"]))
     if work_dir.exists() and not work_dir.is_dir():

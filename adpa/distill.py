@@ -13,18 +13,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from adpa.data import load_preference
-from adpa.lm_head import dense_lm_head
-from adpa.losses import TopKBatch, adpa_loss, clamp_advantage_like_reference, dckd_loss, nll_loss, vanilla_kd_loss
+from adpa.lm_head import _gather_positions, dense_lm_head, sum_over_position_chunks
+from adpa.losses import (
+    Response,
+    TopKBatch,
+    clamp_advantage_like_reference,
+    loss_from_term_sums,
+    response_term_sums,
+)
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.sequences import (
     Exchange,
     SequenceError,
+    pack_exchanges,
+    packed_response_positions,
     pad_exchanges,
     pad_token_id,
     response_positions,
@@ -72,6 +81,12 @@ def check_store(store: TopKStore, tokenizer, exchanges: Sequence[Exchange], name
         )
 
 
+def _gather_tokens(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, L] at positions [B, R], or padding-free input_ids [1, N] at positions [S, R] into
+    the flat axis (the same read for a one-row batch)."""
+    return input_ids[0][positions] if input_ids.shape[0] == 1 else input_ids.gather(1, positions)
+
+
 @dataclass
 class DistillationCollator:
     """Pads the sequences of each example into one [S*B, L] batch, sequence by sequence in `stores` order
@@ -81,11 +96,16 @@ class DistillationCollator:
     as they are stored (zeros where a sequence's store is None). So the student's head projects only
     the response positions (lm_head.dense_lm_head), a tenth of the tokens in the embedded default.
 
+    `padding_free`: the S*B sequences are concatenated into one row instead (input_ids and position_ids
+    [1, N], no attention_mask; sequences.pack_exchanges), so no compute goes to padding, and
+    `logit_positions` index that flat axis; everything in response order [S*B, R] is unchanged.
+
     A feature holds `row` (its row in the stores) and `<name>_ids`, `<name>_start` for each sequence name.
     """
 
     pad_id: int
     stores: Mapping[str, TopKStore | None]  # sequence name -> its teacher values, or None (e.g. chosen in ADPA)
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         ks = {store.k for store in self.stores.values() if store is not None}
@@ -97,11 +117,23 @@ class DistillationCollator:
         """The stores' k; 1 (all-zero top-k tensors) when no sequence has a store (chosen_sft)."""
         return next((store.k for store in self.stores.values() if store is not None), 1)
 
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        exchanges = [Exchange(f[f"{name}_ids"], f[f"{name}_start"]) for name in self.stores for f in features]
+    def _model_inputs(
+        self, exchanges: Sequence[Exchange]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The model's inputs (input_ids with attention_mask [S*B, L], or padding-free input_ids with
+        position_ids [1, N]), the logit positions [S*B, R] into their sequence axis, and the response mask."""
+        if self.padding_free:
+            positions, response_mask = packed_response_positions(exchanges)
+            return pack_exchanges(exchanges), positions, response_mask
         batch = pad_exchanges(exchanges, self.pad_id)
         positions, response_mask = response_positions(exchanges, batch["input_ids"].shape[1])
-        labels = batch["input_ids"].gather(1, positions + 1)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return inputs, positions, response_mask
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        exchanges = [Exchange(f[f"{name}_ids"], f[f"{name}_start"]) for name in self.stores for f in features]
+        inputs, positions, response_mask = self._model_inputs(exchanges)
+        labels = _gather_tokens(inputs["input_ids"], positions + 1)
         width = positions.shape[1]
         rows = [f["row"] for f in features]
         size = len(features)
@@ -117,8 +149,7 @@ class DistillationCollator:
             if "rest" in stored:
                 rest[part] = stored["rest"]
         return {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
+            **inputs,
             "logit_positions": positions,
             "labels": torch.where(response_mask, labels, self.pad_id),
             "response_mask": response_mask,
@@ -126,6 +157,31 @@ class DistillationCollator:
             "topk_values": values,
             "topk_rest": rest,
         }
+
+
+# Attention implementations that keep a padding-free batch's sequences apart given position_ids and no
+# attention_mask: transformers' masks (eager, sdpa, flex) turn the restarts of position_ids into a
+# block-causal mask; flash-attention runs varlen on them (checked by name: "flash" in it). eager and sdpa
+# attend over the whole [N, N] row under that mask: their attention grows with the square of the batch's
+# total tokens, so padding-free pays off there only when the rest of the model dominates (not on CPU).
+PACKED_ATTENTION = ("eager", "sdpa", "flex_attention")
+
+
+def attention_implementation(model) -> str:
+    """The attention implementation the model runs (e.g. "sdpa"), for the run's manifest: it decides
+    whether padding-free batches stay apart, and how fast they run."""
+    return str(model.config._attn_implementation)
+
+
+def check_padding_free(model) -> None:
+    """Refuse padding-free batches under an attention that would let their packed sequences attend to
+    each other: a silent leak, not an error, if it ran."""
+    name = attention_implementation(model)
+    if name not in PACKED_ATTENTION and "flash" not in name:
+        raise ValueError(
+            f"padding_free: attention implementation {name!r} is not known to keep packed sequences apart "
+            f"(one of {', '.join(PACKED_ATTENTION)} or a flash-attention)"
+        )
 
 
 class StudentSequence(NamedTuple):
@@ -152,72 +208,82 @@ def split_sequences(
     return parts
 
 
+# The batch keys the loss reads; the others (input_ids with attention_mask or position_ids, ...) go to the model.
+LOSS_KEYS = ("logit_positions", "labels", "response_mask", "topk_ids", "topk_values", "topk_rest")
+
+
+def sequence_rows(rows: int, names: Sequence[str]) -> dict[str, slice]:
+    """Each named sequence's rows of the collator's [S*B, ...] layout of `rows` rows (the first B the first name's)."""
+    size = rows // len(names)
+    return {name: slice(index * size, (index + 1) * size) for index, name in enumerate(names)}
+
+
+def split_responses(inputs: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, Response]:
+    """The collator's [S*B, R] loss targets cut into their named sequences: `split_sequences` without the
+    logits, which the chunked loss projects a chunk of positions at a time."""
+    topk = TopKBatch(inputs["topk_ids"], inputs["topk_values"], inputs["topk_rest"])
+    return {
+        name: Response(inputs["labels"][rows], inputs["response_mask"][rows], TopKBatch(*(x[rows] for x in topk)))
+        for name, rows in sequence_rows(len(inputs["labels"]), names).items()
+    }
+
+
 def _distillation_trainer_class():
     from transformers import Trainer
 
     class DistillationTrainer(Trainer):
         """Trainer whose loss is DCKD, vanilla KD or ADPA; the loop, DeepSpeed and checkpoints are Trainer's.
 
-        `weights` are passed to the loss as its weight keywords (WEIGHTS[objective]).
+        `weights` are passed to the loss as its weight keywords (WEIGHTS[objective]). `loss_chunk_tokens`:
+        the head projects that many response positions (of every row) at a time, each chunk recomputed in
+        the backward (lm_head.sum_over_position_chunks), so the [S*B, R, V] logits never exist at once.
         """
 
         def __init__(
-            self, *args, objective: str, weights: Mapping[str, float], reference_clamp: bool = False, **kwargs
+            self,
+            *args,
+            objective: str,
+            weights: Mapping[str, float],
+            reference_clamp: bool = False,
+            loss_chunk_tokens: int = 1024,
+            **kwargs,
         ):
+            if loss_chunk_tokens < 1:
+                raise ValueError(f"loss_chunk_tokens must be at least 1, got {loss_chunk_tokens}")
             super().__init__(*args, **kwargs)
             self.objective, self.weights, self.reference_clamp = objective, dict(weights), reference_clamp
+            self.loss_chunk_tokens = loss_chunk_tokens
             # The head projects the response positions only, inside the model's forward (DDP, DeepSpeed).
             self.head_takes_positions = dense_lm_head(self.model)
             # Our losses are means, so Trainer must scale them for gradient accumulation itself.
             self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["logit_positions"]
+            names = SEQUENCES[self.objective]
+            responses = split_responses(inputs, names)
+            if self.reference_clamp:
+                own = responses["own"]
+                clamped = clamp_advantage_like_reference(own.topk.values)
+                responses["own"] = own._replace(topk=own.topk._replace(values=clamped))
+
+            def chunk_sums(logits: torch.Tensor, positions: slice) -> dict[str, torch.Tensor]:
+                """The loss terms' per-row sums over the response `positions` from the logits there [S*B, c, V]."""
+                logits_by_name = {name: logits[rows] for name, rows in sequence_rows(len(logits), names).items()}
+                chunk = {name: response.at(positions) for name, response in responses.items()}
+                return response_term_sums(self.objective, logits_by_name, chunk)
+
+            model_inputs = {key: value for key, value in inputs.items() if key not in LOSS_KEYS}
             if self.head_takes_positions:
-                outputs = model(input_ids=ids, attention_mask=attention, logit_positions=positions)
-                logits = outputs.logits
-            else:
-                outputs = model(input_ids=ids, attention_mask=attention)
-                logits = outputs.logits.gather(1, positions[..., None].expand(-1, -1, outputs.logits.shape[-1]))
-            sequences = split_sequences(logits, inputs, SEQUENCES[self.objective])
-            chosen = sequences["chosen"]
-            if self.objective == "nll":
-                loss = nll_loss(chosen.logits, chosen.labels, chosen.mask)
-            elif self.objective == "dckd":
-                rejected = sequences["rejected"]
-                loss = dckd_loss(
-                    chosen_logits=chosen.logits,
-                    chosen_labels=chosen.labels,
-                    chosen_mask=chosen.mask,
-                    chosen_topk=chosen.topk,
-                    rejected_logits=rejected.logits,
-                    rejected_mask=rejected.mask,
-                    rejected_topk=rejected.topk,
-                    **self.weights,
+                project = partial(
+                    sum_over_position_chunks, chunk_sums=chunk_sums, chunk_positions=self.loss_chunk_tokens
                 )
-            elif self.objective == "vanilla_kd":
-                loss = vanilla_kd_loss(
-                    chosen_logits=chosen.logits,
-                    chosen_labels=chosen.labels,
-                    chosen_mask=chosen.mask,
-                    chosen_topk=chosen.topk,
-                    **self.weights,
-                )
-            else:
-                own = sequences["own"]
-                advantage = own.topk
-                if self.reference_clamp:
-                    advantage = advantage._replace(values=clamp_advantage_like_reference(advantage.values))
-                loss = adpa_loss(
-                    chosen_logits=chosen.logits,
-                    chosen_labels=chosen.labels,
-                    chosen_mask=chosen.mask,
-                    own_logits=own.logits,
-                    own_mask=own.mask,
-                    own_advantage=advantage,
-                    **self.weights,
-                )
-            return (loss, outputs) if return_outputs else loss
+                sums = model(**model_inputs, logit_positions=inputs["logit_positions"], reduce_logit_positions=project)
+            else:  # a head that transforms its logits: the model's own forward, gathered; no cache to build
+                logits = model(**model_inputs, use_cache=False).logits
+                sums = chunk_sums(_gather_positions(logits, inputs["logit_positions"]), slice(None))
+            masks = {name: response.mask for name, response in responses.items()}
+            loss = loss_from_term_sums(self.objective, sums, masks, self.weights)
+            return (loss, sums) if return_outputs else loss
 
     return DistillationTrainer
 
@@ -281,15 +347,20 @@ def run_distillation(
     arguments = trainer_arguments(run)
     arguments.pop("max_length")
     args = TrainingArguments(**arguments, remove_unused_columns=False)
-    student = load_model(model, params["precision"], params["trust_remote_code"])
+    student = load_model(
+        model, params["precision"], params["trust_remote_code"], trained=True, attention=run.launch.attention
+    )
+    if run.launch.padding_free:
+        check_padding_free(student)
     trainer = _distillation_trainer_class()(
         model=student,
         args=args,
         train_dataset=rows,
-        data_collator=DistillationCollator(pad_token_id(tokenizer), stores),
+        data_collator=DistillationCollator(pad_token_id(tokenizer), stores, padding_free=run.launch.padding_free),
         processing_class=tokenizer,
         objective=objective,
         weights=weights,
         reference_clamp=training.get("reference_clamp", False),
+        loss_chunk_tokens=run.launch.loss_chunk_tokens,
     )
     train_and_export(run, trainer, None)

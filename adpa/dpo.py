@@ -3,12 +3,30 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from adpa.data import load_preference
 from adpa.lm_head import dense_lm_head
 from adpa.lora import lora_config, quantization_config
 from adpa.loss_rows import train_rows_with_loss_tokens
 from adpa.models import check_model_reference, load_model, load_tokenizer
-from adpa.train import StageRun, trainer_arguments
+from adpa.train import StageRun, trainer_arguments, world_size
+
+
+def shared_on_disk(dataset, folder: Path):
+    """The dataset saved by the first rank and read back by every rank: TRL caches the precomputed
+    reference log-probs beside a dataset's files, and an in-memory dataset's cache would go to each
+    process's own temporary folder, where the other ranks do not find it."""
+    import datasets
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            dataset.save_to_disk(str(folder))
+    return datasets.load_from_disk(str(folder))
 
 
 def run_dpo(run: StageRun, model: str) -> None:
@@ -18,14 +36,32 @@ def run_dpo(run: StageRun, model: str) -> None:
     check_model_reference(model)  # cheap checks first: fail before reading data
     train_dataset = load_preference(dataset, dataset["train_split"])
     training = params["training"]
-    args = DPOConfig(**trainer_arguments(run), beta=training["beta"], loss_type=[training["loss_type"]])
+    args = DPOConfig(
+        **trainer_arguments(run),
+        beta=training["beta"],
+        loss_type=[training["loss_type"]],
+        precompute_ref_log_probs=run.launch.precompute_ref_log_probs,
+    )
     trust = params["trust_remote_code"]
     tokenizer = load_tokenizer(model, trust)
     # Policy and reference both start from the same model (for the teacher: the REF teacher, never a student).
     # With LoRA (dpo_teacher.peft) the reference is the policy with its adapter disabled: no second copy.
     peft = training.get("peft")
-    policy = load_model(model, params["precision"], trust, quantization=quantization_config(peft))
-    ref_model = None if peft else load_model(model, params["precision"], trust)
+    policy = load_model(
+        model,
+        params["precision"],
+        trust,
+        quantization=quantization_config(peft),
+        trained=not peft,
+        attention=run.launch.attention,
+    )
+    # Precomputed, the reference log-probs come from the policy before its first step: no second copy.
+    precompute = run.launch.precompute_ref_log_probs
+    ref_model = (
+        None if peft or precompute else load_model(model, params["precision"], trust, attention=run.launch.attention)
+    )
+    if precompute and world_size() > 1:
+        train_dataset = shared_on_disk(train_dataset, run.work_dir / "preference_pairs")
     trainer = DPOTrainer(
         model=policy,
         ref_model=ref_model,

@@ -8,6 +8,7 @@ reads its rank from SLURM_NODEID; the first node of the allocation hosts the ren
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from collections.abc import Mapping
@@ -15,12 +16,15 @@ from typing import Any
 
 import yaml
 
+from adpa import engine
 from adpa.config import accelerate_config_path
 from adpa.stages import STAGES
 
 # auto is resolved by the stage itself, on the machine it runs on (adpa/precision.py).
 PRECISION_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "no"}
 MULTI_NODE_PORT = 29500
+# The speed switches of launch.* (auto, true, false), passed to each training stage as --<switch>.
+SWITCHES = ("padding_free", "liger_kernel", "precompute_ref_log_probs")
 
 RESOURCE_FIELDS = ("partition", "cpus", "mem_mb", "runtime", "gpu_model", "gres", "slurm_extra")
 
@@ -35,6 +39,9 @@ def adpa_command(workflow_dir: str | os.PathLike) -> str:
 
 
 def runs_on_gpus(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> bool:
+    """The accelerate file's use_cpu; with `accelerate_config: auto`, launch.device."""
+    if config["launch"]["accelerate_config"] == engine.AUTO:
+        return engine.device(config["launch"]) == "gpu"
     accelerate = yaml.safe_load(accelerate_config_path(config, workflow_dir).read_text()) or {}
     return not accelerate.get("use_cpu")
 
@@ -47,9 +54,12 @@ def gpus_per_machine(config: Mapping[str, Any], workflow_dir: str | os.PathLike)
 def accelerate_arguments(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> list[str]:
     """`accelerate launch` options from the config; they override the accelerate config file."""
     launch = config["launch"]
-    arguments = [
-        "--config_file",
-        str(accelerate_config_path(config, workflow_dir)),
+    arguments = (
+        []
+        if launch["accelerate_config"] == engine.AUTO
+        else ["--config_file", str(accelerate_config_path(config, workflow_dir))]
+    )
+    arguments += [
         "--num_machines",
         str(launch["num_machines"]),
         "--num_processes",
@@ -75,14 +85,40 @@ def stop_signal_prefix(config: Mapping[str, Any]) -> str:
     return f"trap '' TERM USR1; TORCH_ELASTIC_SHUTDOWN_TIMEOUT={wait}"
 
 
+# What `python -m adpa engine` needs of the launch settings to choose (adpa/engine.py).
+ENGINE_SETTINGS = ("accelerate_config", "device", "gpu_memory_gb", "num_processes", "num_machines", "zero_stage")
+
+
+def engine_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """launch.device resolved here, where Snakemake runs: the jobs' resources were asked for it."""
+    settings = {key: config["launch"][key] for key in ENGINE_SETTINGS}
+    return {**settings, "device": engine.device(config["launch"])}
+
+
+def config_file_option(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
+    """`--config_file` of accelerate launch: with `accelerate_config: auto`, what `python -m adpa engine`
+    chooses when the job starts, from the stage's arguments ("$@") and model."""
+    if config["launch"]["accelerate_config"] != engine.AUTO:
+        return ""
+    settings = shlex.quote(json.dumps(engine_settings(config), sort_keys=True))
+    return f'--config_file "$({adpa_command(workflow_dir)} engine --launch {settings} "$@")" '
+
+
 def training_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
-    """Shell prefix that runs `python -m adpa <stage> ...` (the rule appends the rest) on every process."""
+    """Shell prefix that runs `python -m adpa <stage> ...` (the rule appends the rest) on every process.
+    The stage's arguments reach the launcher through "$@" of its own shell, so that the engine can be
+    chosen from them when the job starts."""
     launch = config["launch"]
-    options = " ".join(shlex.quote(argument) for argument in accelerate_arguments(config, workflow_dir))
+    options = config_file_option(config, workflow_dir) + " ".join(
+        shlex.quote(argument) for argument in accelerate_arguments(config, workflow_dir)
+    )
     prefix = f"{stop_signal_prefix(config)} {pythonpath_prefix(workflow_dir)}"
     if launch["num_machines"] == 1:
         port = launch["main_process_port"] or f'"$({adpa_command(workflow_dir)} free-port)"'
-        return f"{prefix} accelerate launch {options} --main_process_port {port} -m adpa"
+        if launch["accelerate_config"] != engine.AUTO:
+            return f"{prefix} accelerate launch {options} --main_process_port {port} -m adpa"
+        launcher = f'accelerate launch {options} --main_process_port {port} -m adpa "$@"'
+        return f"{prefix} bash -c {shlex.quote(launcher)} adpa-launch"
     # One launcher per node; the stage's arguments reach each through "$@" of the per-node shell.
     port = launch["main_process_port"] or MULTI_NODE_PORT
     per_node = (

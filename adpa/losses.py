@@ -8,10 +8,16 @@ per id (log-probabilities for KD and DCKD, advantages for ADPA); no dense vocab-
 The sequences of an example are named by what they are: ``chosen`` (y_w), ``rejected`` (y_l) and ``own``
 (the student's own response).
 Student log-probabilities are computed in float32 whatever the logits' dtype.
+
+Every loss is a weighted sum of response means of per-token terms (NLL, top-k KL, expected advantage), so it
+can also be computed from chunks of positions: ``response_term_sums`` gives each term's per-row sums over the
+positions it is handed, sums over chunks add up, and ``loss_from_term_sums`` takes the means (``LOSS_TERMS``).
+No [B, T, V] float32 tensor then needs to exist for more than one chunk (lm_head.sum_over_position_chunks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -30,15 +36,27 @@ class TopKBatch(NamedTuple):
     rest: Tensor | None = None
 
 
+def response_sums(values: Tensor, mask: Tensor) -> Tensor:
+    """values [B,T], mask [B,T] -> [B]: each row's sum over its response tokens.
+
+    Sums over chunks of the T axis add up to the sum over all of it: the chunked losses accumulate these.
+    """
+    # where, not multiply: masked positions may hold inf/NaN (e.g. padding) and 0 * inf = NaN
+    return torch.where(mask.bool(), values, 0).sum(-1)
+
+
+def mean_of_response_sums(sums: Tensor, mask: Tensor) -> Tensor:
+    """sums [B] (``response_sums`` over all of a row's positions), mask [B,T] -> scalar: each row's sum over its
+    count of response tokens, then the batch mean; a row without response tokens contributes 0 (and counts)."""
+    return (sums / mask.bool().sum(-1).clamp(min=1)).mean()
+
+
 def response_mean(values: Tensor, mask: Tensor) -> Tensor:
     """values [B,T], mask [B,T] -> scalar: mean over each row's response tokens, then over the batch.
 
     A row without response tokens contributes 0 (and still counts in the batch mean).
     """
-    mask = mask.bool()
-    # where, not multiply: masked positions may hold inf/NaN (e.g. padding) and 0 * inf = NaN
-    total = torch.where(mask, values, 0).sum(-1)
-    return (total / mask.sum(-1).clamp(min=1)).mean()
+    return mean_of_response_sums(response_sums(values, mask), mask)
 
 
 def _logz(logits: Tensor) -> Tensor:
@@ -57,6 +75,11 @@ def token_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """[B,T,V],[B,T],[B,T] -> [B,T] float32 log pi(label); 0 at masked positions."""
     logp = _gather_logprobs(logits, labels.unsqueeze(-1), mask).squeeze(-1)
     return torch.where(mask.bool(), logp, 0)
+
+
+def nll_tokens(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """[B,T,V],[B,T],[B,T] -> [B,T] float32 per-token NLL -log pi(label); 0 at masked positions."""
+    return -token_logprobs(logits, labels, mask)
 
 
 def nll_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
@@ -95,6 +118,12 @@ def topk_kl_from_logprobs(student_topk: Tensor, topk: TopKBatch, mask: Tensor) -
     return response_mean(_topk_kl(student_topk.float(), topk.values, topk.rest), mask.bool())
 
 
+def topk_kl_tokens(logits: Tensor, topk: TopKBatch, mask: Tensor) -> Tensor:
+    """Per-token ``topk_forward_kl`` terms: logits [B,T,V], topk [B,T,k], mask [B,T] -> [B,T] float32 (garbage
+    at masked positions: reduce with ``response_sums``)."""
+    return _topk_kl(_gather_logprobs(logits, topk.ids, mask), topk.values, topk.rest)
+
+
 def topk_forward_kl(logits: Tensor, topk: TopKBatch, mask: Tensor) -> Tensor:
     """Forward KL(teacher || student) on k+1 bins: the teacher's top-k ids plus one "rest" bin.
 
@@ -105,6 +134,16 @@ def topk_forward_kl(logits: Tensor, topk: TopKBatch, mask: Tensor) -> Tensor:
     return topk_kl_from_logprobs(_gather_logprobs(logits, topk.ids, mask), topk, mask)
 
 
+def advantage_tokens(logits: Tensor, advantage: TopKBatch, mask: Tensor) -> Tensor:
+    """Per-token ``adpa_advantage_term`` terms sum_{a in K_t} pi_S(a|s_t) A(s_t, a): [B,T,V], [B,T,k], [B,T]
+    -> [B,T] float32."""
+    mask = mask.bool()
+    probs = _gather_logprobs(logits, advantage.ids, mask).exp()
+    # zero padding advantages so a NaN/inf there cannot leak into the gradient via 0 * NaN
+    values = torch.where(mask.unsqueeze(-1), advantage.values.detach().float(), 0)
+    return (probs * values).sum(-1)
+
+
 def adpa_advantage_term(logits: Tensor, advantage: TopKBatch, mask: Tensor) -> Tensor:
     """Expected advantage of the student's policy over the DPO teacher's top-k set.
 
@@ -112,18 +151,20 @@ def adpa_advantage_term(logits: Tensor, advantage: TopKBatch, mask: Tensor) -> T
     (signed, never clamped; treated as a constant; rest unused); mask [B,T].
     Returns scalar response_mean(sum_{a in K_t} pi_S(a|s_t) A(s_t, a)).
     """
-    mask = mask.bool()
-    probs = _gather_logprobs(logits, advantage.ids, mask).exp()
-    # zero padding advantages so a NaN/inf there cannot leak into the gradient via 0 * NaN
-    values = torch.where(mask.unsqueeze(-1), advantage.values.detach().float(), 0)
-    return response_mean((probs * values).sum(-1), mask)
+    return response_mean(advantage_tokens(logits, advantage, mask), mask)
+
+
+def nll_and_topk_kl_tokens(logits: Tensor, labels: Tensor, mask: Tensor, topk: TopKBatch) -> tuple[Tensor, Tensor]:
+    """Per-token (NLL, top-k KL) of one response from one gather and one log-normalizer -> two [B,T] float32
+    (the KL holds garbage at masked positions: reduce with ``response_sums``)."""
+    student = _gather_logprobs(logits, torch.cat([labels.unsqueeze(-1), topk.ids], dim=-1), mask)
+    return -torch.where(mask.bool(), student[..., 0], 0), _topk_kl(student[..., 1:], topk.values, topk.rest)
 
 
 def _nll_and_topk_kl(logits: Tensor, labels: Tensor, mask: Tensor, topk: TopKBatch) -> tuple[Tensor, Tensor]:
     """(NLL, topk_forward_kl) of one response from one gather and one log-normalizer -> two scalars."""
-    student = _gather_logprobs(logits, torch.cat([labels.unsqueeze(-1), topk.ids], dim=-1), mask)
-    nll = -response_mean(student[..., 0], mask)
-    return nll, response_mean(_topk_kl(student[..., 1:], topk.values, topk.rest), mask.bool())
+    nll, kl = nll_and_topk_kl_tokens(logits, labels, mask, topk)
+    return response_mean(nll, mask), response_mean(kl, mask)
 
 
 def vanilla_kd_loss(
@@ -185,6 +226,81 @@ def adpa_loss(
     """
     nll = nll_loss(chosen_logits, chosen_labels, chosen_mask)
     return nll_weight * nll - adpa_weight * adpa_advantage_term(own_logits, own_advantage, own_mask)
+
+
+class Response(NamedTuple):
+    """What a loss reads of one named sequence besides the student's logits, in the [B,T] layout: labels [B,T],
+    mask [B,T] and the stored top-k (``TopKBatch``; unread where the sequence's terms do not use it)."""
+
+    labels: Tensor
+    mask: Tensor
+    topk: TopKBatch
+
+    def at(self, positions: slice) -> Response:
+        """The same response at ``positions`` of the T axis only (a chunk of positions)."""
+        topk = TopKBatch(*(None if part is None else part[:, positions] for part in self.topk))
+        return Response(self.labels[:, positions], self.mask[:, positions], topk)
+
+
+class LossTerm(NamedTuple):
+    """One term of a loss: sign * weight * response_mean(per-token term on ``sequence``)."""
+
+    sequence: str  # "chosen", "rejected" or "own"
+    weight: str | None  # the loss's weight keyword (e.g. "nll_weight"); None: 1
+    sign: float = 1.0
+
+
+# objective -> its terms by name, in the order the loss functions above add them; the per-token values of each
+# term come from ``response_term_sums``.
+LOSS_TERMS: dict[str, dict[str, LossTerm]] = {
+    "nll": {"nll": LossTerm("chosen", None)},
+    "vanilla_kd": {"nll": LossTerm("chosen", "nll_weight"), "chosen_kl": LossTerm("chosen", "kl_weight")},
+    "dckd": {
+        "nll": LossTerm("chosen", "nll_weight"),
+        "chosen_kl": LossTerm("chosen", "chosen_kl_weight"),
+        "rejected_kl": LossTerm("rejected", "rejected_kl_weight"),
+    },
+    "adpa": {"nll": LossTerm("chosen", "nll_weight"), "own_advantage": LossTerm("own", "adpa_weight", -1.0)},
+}
+
+
+def response_term_sums(
+    objective: str, logits: Mapping[str, Tensor], responses: Mapping[str, Response]
+) -> dict[str, Tensor]:
+    """Each of the objective's terms (``LOSS_TERMS``) summed per row over the response tokens of the positions
+    given: logits[name] [B,T,V] and responses[name] ([B,T]) per sequence name -> term name -> [B] float32.
+
+    Called on all positions, or chunk by chunk with the chunks' sums added: ``loss_from_term_sums`` then gives
+    the objective's loss (nll_loss, vanilla_kd_loss, dckd_loss or adpa_loss) either way.
+    """
+    chosen = responses["chosen"]
+    if objective in ("nll", "adpa"):
+        tokens = {"nll": nll_tokens(logits["chosen"], chosen.labels, chosen.mask)}
+        if objective == "adpa":
+            own = responses["own"]
+            tokens["own_advantage"] = advantage_tokens(logits["own"], own.topk, own.mask)
+    elif objective in ("vanilla_kd", "dckd"):
+        nll, kl = nll_and_topk_kl_tokens(logits["chosen"], chosen.labels, chosen.mask, chosen.topk)
+        tokens = {"nll": nll, "chosen_kl": kl}
+        if objective == "dckd":
+            rejected = responses["rejected"]
+            tokens["rejected_kl"] = topk_kl_tokens(logits["rejected"], rejected.topk, rejected.mask)
+    else:
+        raise ValueError(f"unknown objective {objective!r} (one of {', '.join(LOSS_TERMS)})")
+    terms = LOSS_TERMS[objective]
+    return {name: response_sums(values, responses[terms[name].sequence].mask) for name, values in tokens.items()}
+
+
+def loss_from_term_sums(
+    objective: str, sums: Mapping[str, Tensor], masks: Mapping[str, Tensor], weights: Mapping[str, float]
+) -> Tensor:
+    """The objective's loss from its terms' per-row sums over all positions (``response_term_sums``, added over
+    chunks), the sequences' whole masks [B,T] (for the per-row token counts) and the loss's weight keywords."""
+    weighted = []
+    for name, term in LOSS_TERMS[objective].items():
+        weight = term.sign * (1.0 if term.weight is None else weights[term.weight])
+        weighted.append(weight * mean_of_response_sums(sums[name], masks[term.sequence]))
+    return sum(weighted[1:], weighted[0])
 
 
 def clamp_advantage_like_reference(advantage: Tensor) -> Tensor:

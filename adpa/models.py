@@ -81,20 +81,26 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     quantization=None,
+    trained: bool = False,
+    attention: str | None = None,
 ):
-    """`quantization`: a transformers quantization config (QLoRA's 4-bit base, adpa/lora.py) or None."""
+    """`quantization`: a transformers quantization config (QLoRA's 4-bit base, adpa/lora.py) or None.
+    `trained`: the optimizer updates every weight (fp32 master weights unless DeepSpeed holds them:
+    adpa.precision.for_training). `attention`: transformers' attn_implementation (None: its default)."""
     from transformers import AutoModelForCausalLM
 
-    from adpa.precision import resolve
+    from adpa.precision import for_training, resolve, under_deepspeed
 
     check_model_reference(reference)
+    weights = for_training(precision, under_deepspeed()).weights if trained else resolve(precision).weights
     return AutoModelForCausalLM.from_pretrained(
         expand_path(reference),
-        dtype=DTYPES[resolve(precision).weights],
+        dtype=DTYPES[weights],
         trust_remote_code=trust_remote_code,
         revision=revision,
         use_safetensors=True,
         quantization_config=quantization,
+        **({"attn_implementation": attention} if attention else {}),
     )
 
 

@@ -11,6 +11,7 @@ The config's word stays the rerun trigger; each manifest records what really ran
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,23 @@ def resolve(precision: str, cpuinfo: Path | None = None) -> Precision:
     if torch.cuda.is_available():
         return FIXED["bf16"] if torch.cuda.is_bf16_supported() else FIXED["fp32"]
     return Precision("fp32", "bf16") if cpu_has_native_bf16(cpuinfo) else FIXED["fp32"]
+
+
+def under_deepspeed() -> bool:
+    """This process was started by `accelerate launch` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def for_training(precision: str, deepspeed: bool, frozen_base: bool = False) -> Precision:
+    """What a model the optimizer updates is loaded in: fp32 master weights whenever the mixed
+    precision is half, unless DeepSpeed's optimizer keeps the fp32 master copy itself. AdamW on
+    bf16 parameters drops every update below half a bf16 step (2^-8 of the weight): at the DPO
+    teacher's lr 5e-7 nearly all of them. A LoRA base is frozen and stays half (PEFT keeps its
+    adapters in fp32)."""
+    resolved = resolve(precision)
+    if resolved.weights != "fp32" and not deepspeed and not frozen_base:
+        return Precision("fp32", resolved.mixed)
+    return resolved
 
 
 def autocast(precision: Precision, device_type: str):

@@ -132,3 +132,25 @@ def response_positions(exchanges: Sequence[Exchange], width: int) -> tuple[torch
     starts = torch.tensor([exchange.response_start for exchange in exchanges])
     steps = torch.arange(int(lengths.max()))[None, :]
     return (starts[:, None] - 1 + steps).clamp(max=width - 2), steps < lengths[:, None]
+
+
+def pack_exchanges(exchanges: Sequence[Exchange]) -> dict[str, torch.Tensor]:
+    """All rows concatenated into one padding-free row: input_ids [1, N] (N: the total token count) and
+    position_ids [1, N] restarting at 0 with each row. No attention mask: from position_ids without a mask
+    transformers builds a block-causal mask (eager, sdpa, flex) or runs flash-attention varlen, so each
+    row attends to itself only, and no compute goes to padding.
+    """
+    input_ids = torch.tensor([token for exchange in exchanges for token in exchange.input_ids])
+    position_ids = torch.cat([torch.arange(len(exchange.input_ids)) for exchange in exchanges])
+    return {"input_ids": input_ids[None, :], "position_ids": position_ids[None, :]}
+
+
+def packed_response_positions(exchanges: Sequence[Exchange]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_positions` for rows packed by `pack_exchanges`: positions [B, R] into the flat axis N
+    (row b's positions shifted by the tokens of the rows before it), so what is laid out in response
+    order [B, R] reads the same as for padded rows. Masked positions point at index 0.
+    """
+    lengths = torch.tensor([len(exchange.input_ids) for exchange in exchanges])
+    offsets = lengths.cumsum(0) - lengths
+    positions, mask = response_positions(exchanges, int(lengths.max()))
+    return torch.where(mask, positions + offsets[:, None], 0), mask

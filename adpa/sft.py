@@ -67,9 +67,17 @@ def sft_trainer(run: StageRun, model: str, tokenizer: str | None = None, generat
     args = SFTConfig(**trainer_arguments(run), packing=packing, completion_only_loss=completion_only)
     # Loaded after the config so that ZeRO-3 partitions the weights while loading.
     peft = training.get("peft")  # ref_teacher.peft: LoRA, published merged
-    loaded = load_model(model, params["precision"], trust, revision, quantization_config(peft))
-    if packing:
-        loaded.config.use_cache = False
+    loaded = load_model(
+        model,
+        params["precision"],
+        trust,
+        revision,
+        quantization_config(peft),
+        trained=not peft,
+        attention=run.launch.attention,
+    )
+    if packing or run.launch.padding_free:
+        loaded.config.use_cache = False  # with a cache, transformers would not look for packed sequences
     trainer = SFTTrainer(
         model=loaded,
         args=args,
@@ -78,5 +86,9 @@ def sft_trainer(run: StageRun, model: str, tokenizer: str | None = None, generat
         processing_class=processing_class,
         peft_config=lora_config(peft),
     )
+    if run.launch.padding_free and not packing:
+        # TRL refuses padding_free without packing, as its collator would not truncate: the rows were
+        # truncated to max_length when the trainer tokenized them, so only the batches change.
+        trainer.data_collator.padding_free = True
     dense_lm_head(trainer.model)
     return trainer, train_dataset, eval_dataset

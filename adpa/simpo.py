@@ -31,7 +31,7 @@ def run_simpo(run: StageRun, model: str) -> None:
     )
     trust = params["trust_remote_code"]
     tokenizer = load_tokenizer(model, trust)
-    policy = load_model(model, params["precision"], trust)
+    policy = load_model(model, params["precision"], trust, trained=True, attention=run.launch.attention)
     trainer = CPOTrainer(model=policy, args=args, train_dataset=train_dataset, processing_class=tokenizer)
     # CPOTrainer keeps rows whose prompt fills max_length, with empty responses: left out here.
     train_rows_with_loss_tokens(run, trainer, train_dataset)

@@ -17,7 +17,7 @@ from typing import Any
 from adpa import artifacts, lora, preemption
 from adpa.batching import accumulation_steps
 from adpa.errors import InputError
-from adpa.precision import resolve
+from adpa.precision import for_training, resolve, under_deepspeed
 
 # TensorBoard event files: the Trainer writes them under the work folder's runs/ (one folder per
 # launch, so a resume adds one), published inside the model folder: `tensorboard --logdir results`.
@@ -36,6 +36,12 @@ class LaunchOptions:
     logging_steps: int
     report_to: tuple[str, ...] = ("tensorboard",)  # experiment trackers (config launch.report_to)
     run_name: str = "adpa"  # groups the trackers' runs of one workflow run
+    # GPU speed switches (config launch.*, resolved for the machine by adpa.engine): same results.
+    attention: str | None = None  # transformers' attn_implementation; None: its default (sdpa)
+    padding_free: bool = False  # sequences of a batch concatenated, kept apart by position_ids
+    loss_chunk_tokens: int = 1024  # distillation losses project the head over this many positions at a time
+    liger_kernel: bool = False  # Liger's fused kernels in SFT (TRL use_liger_kernel)
+    precompute_ref_log_probs: bool = False  # DPO: the frozen reference's log-probs in one pass first
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,10 @@ def trainer_arguments(run: StageRun) -> dict[str, Any]:
         # All input tokens, padding included: packed SFT batches have no padding and no attention
         # mask, and its pad token is often EOS, so "non_padding" would drop every EOS there.
         "include_num_input_tokens_seen": "all",
+        # Liger's layer kernels (RMSNorm, SwiGLU, RoPE) only: its fused cross-entropy would replace the
+        # forward whose head adpa.lm_head projects at the labelled positions.
+        "use_liger_kernel": run.launch.liger_kernel,
+        "liger_kernel_config": {"fused_linear_cross_entropy": False} if run.launch.liger_kernel else None,
         "seed": run.params["seed"],
         "data_seed": run.params["seed"],
         **tracker_arguments(run),
@@ -181,12 +191,37 @@ def disk_full(stage: str, folder: Path, needed: int | None, error: BaseException
     )
 
 
+def engine_name(plugin) -> str:
+    """plain (no DeepSpeed), zero<N>, zero<N>_offload: what adpa.engine chose, read off the run."""
+    if plugin is None:
+        return "plain"
+    offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    return f"zero{plugin.zero_stage}" + ("_offload" if offload not in (None, "none") else "")
+
+
+def speed_facts(run: StageRun, trainer) -> dict[str, Any]:
+    """The speed switches as this job ran them, its attention kernel and its peak GPU memory."""
+    import torch
+
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    config = getattr(model, "config", None)
+    return {
+        "attention": getattr(config, "_attn_implementation", None) or run.launch.attention,
+        # As the batches were made: packed SFT always (TRL), DPO never (TRL 1.16 falls back to padding).
+        "padding_free": getattr(trainer.data_collator, "padding_free", False),
+        "liger_kernel": run.launch.liger_kernel,
+        "loss_chunk_tokens": run.launch.loss_chunk_tokens,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None,
+    }
+
+
 def launch_facts(trainer) -> dict[str, Any]:
     """How the run was really distributed, as recorded in the manifest."""
     accelerator = trainer.accelerator
     plugin = accelerator.state.deepspeed_plugin
     return {
         "processes": accelerator.num_processes,
+        "engine": engine_name(plugin),
         "distributed_type": str(accelerator.distributed_type.value),
         "zero_stage": plugin.zero_stage if plugin is not None else None,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
@@ -337,6 +372,8 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
             raise
         raise full from error
     if accelerator.is_main_process:
+        import psutil
+
         # The trainer also pickles its arguments there; a published model holds no pickle.
         (staging / "training_args.bin").unlink(missing_ok=True)
         # A LoRA teacher is published merged (the adapter kept in adapter/): later stages read a plain model.
@@ -345,7 +382,13 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
             shutil.copytree(run.work_dir / TENSORBOARD_DIR, staging / TENSORBOARD_DIR)
         trainer.processing_class.save_pretrained(str(staging))
         metrics = final_metrics(trainer, eval_metrics, launch_throughput)
-        metrics["precision"] = resolve(run.params["precision"]).label
+        peft = bool(run.params.get("training", {}).get("peft"))
+        metrics["precision"] = for_training(run.params["precision"], under_deepspeed(), frozen_base=peft).label
+        metrics.update(speed_facts(run, trainer))
+        if run.stage in ("dpo_teacher", "student_dpo"):
+            metrics["precompute_ref_log_probs"] = run.launch.precompute_ref_log_probs
+        metrics["started_at"] = round(psutil.Process().create_time(), 1)
+        metrics["finished_at"] = round(time.time(), 1)
         metrics["seconds_before_first_step"] = clock.seconds_before_first_step
         metrics["checkpoint_seconds"] = round(clock.checkpoint_seconds, 2)
         metrics.update(data_facts or {})

@@ -81,7 +81,10 @@ def train_options(wildcards, threads):
         f"--run-name {shlex.quote(config['run_name'])}",
         "--gradient-checkpointing" if LAUNCH["gradient_checkpointing"] else "--no-gradient-checkpointing",
         f"--threads {threads}",
+        f"--loss-chunk-tokens {LAUNCH['loss_chunk_tokens']}",
+        f"--attention {LAUNCH['attention']}",
     ]
+    options += [f"--{name.replace('_', '-')} {str(LAUNCH[name]).lower()}" for name in launch.SWITCHES]
     return " ".join(options)
 
 

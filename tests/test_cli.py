@@ -80,3 +80,24 @@ def test_a_stage_module_imports_with_the_gc_paused_and_stays_frozen():
     during, enabled, frozen = result.stdout.split()
     assert (int(during), enabled) == (0, "True")
     assert int(frozen) > 100_000  # torch and transformers among them
+
+
+def test_check_prints_each_training_stage_engine_and_its_estimate(tmp_path):
+    overlay = tmp_path / "one gpu.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {"launch": {"accelerate_config": "auto", "device": "gpu", "gpu_memory_gb": 80, "num_processes": 1}}
+        )
+    )
+    result = adpa("check", "--configfile", "config/tiny.yaml", str(overlay), "--slurm")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if ": engine " in line}
+    assert lines["ref_teacher"].startswith("ref_teacher: engine plain (config/accelerate/gpu.yaml): ")
+    assert (
+        "parameters x 1 GPU(s) of 80 GB" in lines["dpo_teacher"]
+        and "GB of model state per GPU fit 75%" in lines["dckd"]
+    )
+    tiny = adpa("check", "--configfile", "config/tiny.yaml")
+    assert (
+        "ref_teacher: engine from config/accelerate/deepspeed_zero3_cpu.yaml (launch.accelerate_config)" in tiny.stdout
+    )

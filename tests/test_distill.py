@@ -136,11 +136,13 @@ def full_logit_losses(model, batch, objective: str, weights: dict) -> torch.Tens
     )
 
 
+@pytest.mark.parametrize("loss_chunk_tokens", [1024, 2], ids=["one-chunk", "chunks-of-2"])
 @pytest.mark.parametrize("softcapped", [False, True], ids=["response-positions-head", "full-logits-fallback"])
 @pytest.mark.parametrize("objective", ["dckd", "adpa"])
-def test_loss_and_gradients_equal_the_full_logit_computation(tmp_path, objective, softcapped):
+def test_loss_and_gradients_equal_the_full_logit_computation(tmp_path, objective, softcapped, loss_chunk_tokens):
     """The head projects only the response positions (or, for a head that transforms its logits, the
-    full logits are gathered): same loss and gradients as from the logits of every position."""
+    full logits are gathered), all at once or in chunks of 2 of the 3 positions (each recomputed in the
+    backward): same loss and gradients as from the logits of every position."""
     from transformers import TrainingArguments
 
     k = 4
@@ -173,6 +175,7 @@ def test_loss_and_gradients_equal_the_full_logit_computation(tmp_path, objective
         args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[]),
         objective=objective,
         weights=weights,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     assert trainer.head_takes_positions is not softcapped
     loss = trainer.compute_loss(model, batch)
@@ -216,3 +219,157 @@ def test_response_sets_with_different_prompts_are_refused(tmp_path):
     other = [EXCHANGES[0], Exchange([11, 99, 13, 14], 2), EXCHANGES[2]]
     with pytest.raises(InputError, match="chosen and rejected row 1: different prompts"):
         write_teacher_topk(tiny_model(3), {"chosen": EXCHANGES, "rejected": other}, PAD, 4, tmp_path, 3, {})
+
+
+def distillation_loss(model, batch, objective: str, weights: dict, inputs: dict | None = None) -> torch.Tensor:
+    """The path DistillationTrainer.compute_loss runs, called directly: the model's forward at the
+    batch's `logit_positions` (padded: attention_mask; padding-free: position_ids), the batch cut into
+    its sequences, the objective's loss. `inputs` overrides the model inputs (the negative controls)."""
+    from adpa.distill import SEQUENCES, split_sequences
+    from adpa.lm_head import dense_lm_head, positions_logits
+    from adpa.losses import adpa_loss, dckd_loss, vanilla_kd_loss
+
+    if inputs is None:
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    if dense_lm_head(model):  # the patched forward runs the decoder with use_cache=False
+        logits = model(**inputs, logit_positions=batch["logit_positions"]).logits
+    else:  # a head that transforms its logits: the full logits, gathered
+        # use_cache=False: with a cache (the config's default) transformers does not look for packed
+        # sequences in position_ids, and a padding-free batch's sequences would attend to each other.
+        logits = positions_logits(model, batch["logit_positions"], **inputs, use_cache=False)[0]
+    sequences = split_sequences(logits, batch, SEQUENCES[objective])
+    chosen = sequences["chosen"]
+    if objective == "vanilla_kd":
+        return vanilla_kd_loss(
+            chosen_logits=chosen.logits,
+            chosen_labels=chosen.labels,
+            chosen_mask=chosen.mask,
+            chosen_topk=chosen.topk,
+            **weights,
+        )
+    if objective == "dckd":
+        rejected = sequences["rejected"]
+        return dckd_loss(
+            chosen_logits=chosen.logits,
+            chosen_labels=chosen.labels,
+            chosen_mask=chosen.mask,
+            chosen_topk=chosen.topk,
+            rejected_logits=rejected.logits,
+            rejected_mask=rejected.mask,
+            rejected_topk=rejected.topk,
+            **weights,
+        )
+    own = sequences["own"]
+    return adpa_loss(
+        chosen_logits=chosen.logits,
+        chosen_labels=chosen.labels,
+        chosen_mask=chosen.mask,
+        own_logits=own.logits,
+        own_mask=own.mask,
+        own_advantage=own.topk,
+        **weights,
+    )
+
+
+PADDING_FREE_WEIGHTS = {
+    "dckd": {"nll_weight": 1.0, "chosen_kl_weight": 0.5, "rejected_kl_weight": 0.2},
+    "vanilla_kd": {"nll_weight": 1.0, "kl_weight": 0.5},
+    "adpa": {"nll_weight": 1.0, "adpa_weight": 0.7},
+}
+
+
+def padding_free_stores(tmp_path, objective: str) -> dict:
+    """Real stores for EXCHANGES (chosen) and REJECTED (rejected, or the student's own responses)."""
+    from adpa.inference import write_teacher_topk
+
+    if objective == "adpa":
+        write_advantage(tiny_model(1), tiny_model(2), REJECTED, PAD, 4, tmp_path / "advantage", 3, {})
+        return {"chosen": None, "own": TopKStore(tmp_path / "advantage")}
+    write_teacher_topk(tiny_model(3), {"chosen": EXCHANGES, "rejected": REJECTED}, PAD, 4, tmp_path, 2, {})
+    names = ("chosen", "rejected") if objective == "dckd" else ("chosen",)
+    return {name: TopKStore(tmp_path / name) for name in names}
+
+
+@pytest.mark.parametrize("head", ["response-positions-head", "full-logits-fallback"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("objective", ["dckd", "adpa", "vanilla_kd"])
+def test_padding_free_batch_loss_and_gradients_equal_the_padded_batch(tmp_path, objective, attention, head):
+    """The S*B sequences concatenated into one row, kept apart by position_ids restarting at 0 with no
+    attention_mask (transformers then builds a block-causal mask), give the padded batch's loss and
+    gradients. The negative controls show the test sees a leak: the same packed row with a plain causal
+    mask (an all-ones attention_mask turns off the packing detection), or with position_ids that do not
+    restart, lets each sequence attend to the ones before it, and the loss differs."""
+    from adpa.distill import SEQUENCES
+
+    stores = padding_free_stores(tmp_path, objective)
+    exchanges = {name: {"chosen": EXCHANGES}.get(name, REJECTED) for name in SEQUENCES[objective]}
+    features = [{"row": row} for row in range(len(EXCHANGES))]
+    for name, rows in exchanges.items():
+        for feature, exchange in zip(features, rows):
+            feature.update({f"{name}_ids": exchange.input_ids, f"{name}_start": exchange.response_start})
+    padded = DistillationCollator(PAD, stores)(features)
+    packed = DistillationCollator(PAD, stores, padding_free=True)(features)
+    lengths = [len(exchange.input_ids) for rows in exchanges.values() for exchange in rows]
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(lengths)), "no padding"
+    assert torch.equal(packed["position_ids"][0], torch.cat([torch.arange(n) for n in lengths]))
+    assert packed["logit_positions"].shape == padded["logit_positions"].shape
+    for key in ("labels", "response_mask", "topk_ids", "topk_values", "topk_rest"):
+        assert torch.equal(packed[key], padded[key]), key
+
+    models = {}
+    for layout in ("padded", "packed"):
+        models[layout] = tiny_model(0)
+        models[layout].set_attn_implementation(attention)
+        if head == "full-logits-fallback":
+            models[layout].config.final_logit_softcapping = 50.0
+    weights = PADDING_FREE_WEIGHTS[objective]
+    expected = distillation_loss(models["padded"], padded, objective, weights)
+    loss = distillation_loss(models["packed"], packed, objective, weights)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    loss.backward()
+    expected.backward()
+    for (name, got), (_, want) in zip(models["packed"].named_parameters(), models["padded"].named_parameters()):
+        assert torch.allclose(got.grad, want.grad, atol=1e-5), name
+
+    with torch.no_grad():
+        ids, restarting = packed["input_ids"], packed["position_ids"]
+        one_causal_mask = {"input_ids": ids, "position_ids": restarting, "attention_mask": torch.ones_like(ids)}
+        not_restarting = {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None, :]}
+        for leaking in (one_causal_mask, not_restarting):
+            leaked = distillation_loss(models["packed"], packed, objective, weights, inputs=leaking)
+            assert abs(leaked.item() - expected.item()) > 1e-3, "a leak between sequences changes the loss"
+
+
+@pytest.mark.parametrize("objective", ["vanilla_kd", "adpa"])
+def test_trainer_loss_in_chunks_of_a_padding_free_batch_equals_the_padded_batch_at_once(tmp_path, objective):
+    """DistillationTrainer.compute_loss hands the model the batch's own inputs (a padding-free batch's
+    position_ids) and projects the head in chunks of 2 response positions: the padded batch's loss and
+    gradients with all positions projected at once."""
+    from transformers import TrainingArguments
+
+    from adpa.distill import SEQUENCES
+
+    stores = padding_free_stores(tmp_path, objective)
+    features = [{"row": row} for row in range(len(EXCHANGES))]
+    for name in SEQUENCES[objective]:
+        for feature, exchange in zip(features, {"chosen": EXCHANGES}.get(name, REJECTED)):
+            feature.update({f"{name}_ids": exchange.input_ids, f"{name}_start": exchange.response_start})
+    results = []
+    for padding_free, loss_chunk_tokens in ((False, 1024), (True, 2)):
+        batch = DistillationCollator(PAD, stores, padding_free=padding_free)(features)
+        assert batch["logit_positions"].shape[1] > 2, "several chunks of 2"
+        model = tiny_model(0)
+        trainer = _distillation_trainer_class()(
+            model=model,
+            args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[]),
+            objective=objective,
+            weights=PADDING_FREE_WEIGHTS[objective],
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), dict(model.named_parameters())))
+    (expected, padded), (got, packed) = results
+    assert got == pytest.approx(expected, abs=1e-5)
+    for name, parameter in packed.items():
+        assert torch.allclose(parameter.grad, padded[name].grad, atol=1e-5), name

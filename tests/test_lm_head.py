@@ -82,3 +82,51 @@ def test_a_wrapped_model_is_patched_inside_its_wrapper(model):
     assert dense_lm_head(Engine(inner))
     ids = torch.randint(0, 300, (1, 6))
     assert inner(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.shape == (1, 5)
+
+
+def test_batches_too_large_for_one_projection_go_to_trls_tiled_head(model, monkeypatch):
+    """Above DENSE_HEAD_MAX_LOGITS the dense head hands the batch to the tiled head TRL added (no
+    [positions, vocab] fp32 tensor at paper scale); below it, its own single projection."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from adpa import lm_head
+
+    patched = copy.deepcopy(model)
+    add_fused_lm_head(patched)
+    calls = []
+    tiled = patched.forward
+    patched.forward = lambda *args, **kwargs: calls.append(kwargs) or tiled(*args, **kwargs)
+    assert lm_head.dense_lm_head(patched)
+    ids = torch.randint(0, 300, (2, 10))
+    kwargs = {"input_ids": ids, "labels": ids, "fused_lm_head": True}
+    small = patched(**kwargs)
+    assert calls == []
+    monkeypatch.setattr(lm_head, "DENSE_HEAD_MAX_LOGITS", 2 * 10 * 300 - 1)
+    large = patched(**kwargs)
+    assert len(calls) == 1 and calls[0]["fused_lm_head"] is True
+    assert torch.allclose(large.loss, small.loss, atol=1e-5)
+
+
+def test_a_rank_with_fewer_positions_makes_as_many_chunks_as_the_others(monkeypatch):
+    """Under ZeRO-3 each head call gathers its weight with every rank: a rank with fewer positions adds
+    empty chunks up to the largest count (all_reduce MAX), which change no sum and no gradient."""
+    from adpa import lm_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(3, 10, 8, requires_grad=True)
+    calls = []
+
+    def sums(logits, span):
+        calls.append(logits.shape[1])
+        return {"logz": torch.logsumexp(logits.float(), -1).sum(-1)}
+
+    alone = lm_head.sum_over_position_chunks(hidden, head, sums, chunk_positions=4)["logz"]
+    assert calls == [4, 4, 2]
+    (grad_alone,) = torch.autograd.grad(alone.sum(), hidden)
+    calls.clear()
+    monkeypatch.setattr(lm_head, "_chunks_of_all_ranks", lambda chunks, device: 5)  # another rank has 5
+    padded = lm_head.sum_over_position_chunks(hidden, head, sums, chunk_positions=4)["logz"]
+    assert calls == [4, 4, 2, 0, 0]
+    (grad_padded,) = torch.autograd.grad(padded.sum(), hidden)
+    assert torch.allclose(padded, alone) and torch.allclose(grad_padded, grad_alone)

@@ -389,3 +389,172 @@ def test_dpo_loss_matches_trl():
     assert rejected_rewards.mean().item() == pytest.approx(trl_rejected_reward)
     expected = -torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
     torch.testing.assert_close(loss, expected)
+
+
+# Chunked losses: the trainer's layout, each sequence's B rows one after the other ([S*B, T]), the head projecting
+# hidden states [S*B, T, H] a chunk of positions at a time (lm_head.sum_over_position_chunks).
+CHUNKED_SEQUENCES = {
+    "nll": ("chosen",),
+    "vanilla_kd": ("chosen",),
+    "dckd": ("chosen", "rejected"),
+    "adpa": ("chosen", "own"),
+}
+CHUNKED_WEIGHTS = {
+    "nll": {},
+    "vanilla_kd": {"nll_weight": 0.6, "kl_weight": 0.4},
+    "dckd": {"nll_weight": 0.5, "chosen_kl_weight": 0.2, "rejected_kl_weight": 0.3},
+    "adpa": {"nll_weight": 0.5, "adpa_weight": 0.7},
+}
+HIDDEN = 12
+
+
+def chunked_case(objective: str) -> tuple[dict[str, losses.Response], torch.Tensor, torch.nn.Linear]:
+    """The objective's responses (make_batch: row 1 of each without response tokens), hidden states
+    [S*B, T, H] and a head H -> V."""
+    responses = {}
+    for index, name in enumerate(CHUNKED_SEQUENCES[objective]):
+        batch = make_batch(10 + index)
+        topk = batch.advantage_topk if name == "own" else batch.topk
+        responses[name] = losses.Response(batch.labels, batch.mask, topk)
+    gen = torch.Generator().manual_seed(20)
+    hidden = torch.randn(len(responses) * B, T, HIDDEN, generator=gen)
+    head = torch.nn.Linear(HIDDEN, V)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, HIDDEN, generator=gen) / 2)
+        head.bias.copy_(torch.randn(V, generator=gen))
+    return responses, hidden, head
+
+
+def loss_over_all_positions(objective: str, logits: torch.Tensor, responses: dict, weights: dict) -> torch.Tensor:
+    """The public loss function of the objective on the logits [S*B, T, V] of every position."""
+    by_name = dict(zip(responses, logits.split(B)))
+    chosen = responses["chosen"]
+    if objective == "nll":
+        return losses.nll_loss(by_name["chosen"], chosen.labels, chosen.mask)
+    kwargs = {"chosen_logits": by_name["chosen"], "chosen_labels": chosen.labels, "chosen_mask": chosen.mask}
+    if objective == "vanilla_kd":
+        return losses.vanilla_kd_loss(**kwargs, chosen_topk=chosen.topk, **weights)
+    if objective == "dckd":
+        rejected = responses["rejected"]
+        return losses.dckd_loss(
+            **kwargs,
+            chosen_topk=chosen.topk,
+            rejected_logits=by_name["rejected"],
+            rejected_mask=rejected.mask,
+            rejected_topk=rejected.topk,
+            **weights,
+        )
+    own = responses["own"]
+    return losses.adpa_loss(**kwargs, own_logits=by_name["own"], own_mask=own.mask, own_advantage=own.topk, **weights)
+
+
+def chunked_loss(objective: str, hidden, head, responses: dict, weights: dict, chunk: int) -> torch.Tensor:
+    """The objective's loss from the head projecting `chunk` positions of hidden [S*B, T, H] at a time."""
+    from adpa.lm_head import sum_over_position_chunks
+
+    def chunk_sums(logits: torch.Tensor, positions: slice) -> dict[str, torch.Tensor]:
+        by_name = dict(zip(responses, logits.split(B)))
+        chunk_responses = {name: response.at(positions) for name, response in responses.items()}
+        return losses.response_term_sums(objective, by_name, chunk_responses)
+
+    sums = sum_over_position_chunks(hidden, head, chunk_sums, chunk)
+    masks = {name: response.mask for name, response in responses.items()}
+    return losses.loss_from_term_sums(objective, sums, masks, weights)
+
+
+def loss_and_gradients(fn, hidden: torch.Tensor, head: torch.nn.Linear) -> list[torch.Tensor]:
+    """fn(hidden, head) and its gradients with respect to hidden and the head's parameters."""
+    leaf = hidden.detach().clone().requires_grad_()
+    head.zero_grad()
+    value = fn(leaf, head)
+    value.backward()
+    return [value.detach(), leaf.grad, head.weight.grad.clone(), head.bias.grad.clone()]
+
+
+@pytest.mark.parametrize("chunk", [3, T, 100], ids=["chunks-of-3-of-7", "one-chunk", "chunk-above-length"])
+@pytest.mark.parametrize("objective", ["nll", "vanilla_kd", "dckd", "adpa"])
+def test_chunked_loss_and_gradients_equal_the_loss_over_all_positions(objective: str, chunk: int):
+    """Per-row sums over chunks of positions (3 does not divide T = 7), then the means: the same loss and
+    gradients as the public loss function on all positions' logits, rows without response tokens included."""
+    responses, hidden, head = chunked_case(objective)
+    assert all(not response.mask[1].any() for response in responses.values()), "a row without response tokens"
+    weights = CHUNKED_WEIGHTS[objective]
+    expected = loss_and_gradients(
+        lambda x, projection: loss_over_all_positions(objective, projection(x), responses, weights), hidden, head
+    )
+    got = loss_and_gradients(
+        lambda x, projection: chunked_loss(objective, x, projection, responses, weights, chunk), hidden, head
+    )
+    assert torch.isfinite(got[0]) and got[0] != 0
+    for name, a, b in zip(("loss", "hidden", "weight", "bias"), got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_loss_over_all_positions():
+    """Under autocast the head gives bf16 logits, the losses float32 log-probabilities; the recomputation in
+    the backward runs under the same autocast as the forward."""
+    responses, hidden, head = chunked_case("dckd")
+    weights = CHUNKED_WEIGHTS["dckd"]
+
+    def under_autocast(fn):
+        def run(x, projection):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x, projection)
+
+        return run
+
+    expected = loss_and_gradients(
+        under_autocast(lambda x, projection: loss_over_all_positions("dckd", projection(x), responses, weights)),
+        hidden,
+        head,
+    )
+    got = loss_and_gradients(
+        under_autocast(lambda x, projection: chunked_loss("dckd", x, projection, responses, weights, 3)), hidden, head
+    )
+    assert got[0].dtype == torch.float32
+    for name, a, b in zip(("loss", "hidden"), got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    # The head's gradient is one bf16 matmul per chunk, each rounded to bf16 before they add: bf16 resolution.
+    for name, a, b in zip(("weight", "bias"), got[2:], expected[2:]):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-2, msg=name)
+
+
+def saved_logit_elements(fn) -> int:
+    """Elements of the [*, *, V] float tensors (logits and what the losses derive from them) that autograd
+    saves for the backward while fn runs."""
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() and tensor.dim() == 3 and tensor.shape[-1] == V:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved)
+
+
+def test_chunked_loss_keeps_no_chunks_logits_for_the_backward(monkeypatch):
+    """Each chunk runs under activation checkpointing: the forward keeps no logits for the backward (it
+    recomputes them there, one chunk at a time), where projecting all positions keeps at least all of them.
+    A single chunk runs without checkpointing: the same compute as projecting all positions at once."""
+    from adpa import lm_head
+
+    responses, hidden, head = chunked_case("dckd")
+    weights, rows, chunk = CHUNKED_WEIGHTS["dckd"], hidden.shape[0], 3
+    hidden.requires_grad_()
+
+    def run(size: int) -> int:
+        return saved_logit_elements(lambda: chunked_loss("dckd", hidden, head, responses, weights, size))
+
+    assert run(chunk) <= rows * chunk * V
+    with monkeypatch.context() as patched:  # the control: the same chunks without checkpointing
+        patched.setattr(lm_head, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+        assert run(chunk) >= rows * T * V
+    with monkeypatch.context() as patched:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("one chunk is not checkpointed")
+
+        patched.setattr(lm_head, "checkpoint", refuse)
+        assert run(T) >= rows * T * V
