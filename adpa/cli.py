@@ -296,7 +296,7 @@ def _resolved_switches(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) -> Path:
+def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) -> str:
     """The accelerate file of a job (`launch.accelerate_config: auto`), chosen from its stage, settings
     and model; the choice and its estimate go to stderr, the job's log."""
     from adpa import engine
@@ -313,9 +313,12 @@ def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) 
         params = configuration.stage_params(configuration.load_config(known.configfile), known.stage)
     else:
         params = {}
-    choice = engine.choose_for_job(json.loads(settings_json), known.stage, params, known.model)
+    settings = json.loads(settings_json)
+    choice = engine.choose_for_job(settings, known.stage, params, known.model)
     print(f"{known.stage}: engine {choice.engine} ({choice.accelerate_file}): {choice.reason}", file=sys.stderr)
-    return Path(workflow_dir, choice.accelerate_file)
+    if choice.engine == "plain" and settings["num_processes"] * settings["num_machines"] == 1:
+        return engine.DIRECT
+    return str(Path(workflow_dir, choice.accelerate_file))
 
 
 def _raise_if_disk_full(stage: str, output: Path, staged: list[Path], error: BaseException) -> None:

@@ -31,6 +31,9 @@ from typing import Any
 from adpa.paths import expand_path, is_local
 
 AUTO = "auto"
+# What `python -m adpa engine` prints for one process without DeepSpeed: the stage runs without
+# accelerate's launcher (whose imports cost ~3 s per job), as a plain `python -m adpa` process.
+DIRECT = "direct"
 # The accelerate file of each (device, engine).
 ACCELERATE_FILES = {
     ("cpu", "plain"): "config/accelerate/cpu.yaml",

@@ -95,13 +95,19 @@ def engine_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**settings, "device": engine.device(config["launch"])}
 
 
+def engine_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
+    """`python -m adpa engine`: the accelerate file a job runs with (or `direct`), chosen when it
+    starts from the stage's arguments ("$@") and model (`accelerate_config: auto`)."""
+    settings = shlex.quote(json.dumps(engine_settings(config), sort_keys=True))
+    return f'{adpa_command(workflow_dir)} engine --launch {settings} "$@"'
+
+
 def config_file_option(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
-    """`--config_file` of accelerate launch: with `accelerate_config: auto`, what `python -m adpa engine`
-    chooses when the job starts, from the stage's arguments ("$@") and model."""
+    """`--config_file` of accelerate launch for several machines: with `accelerate_config: auto`, the
+    engine's choice (several processes never run `direct`)."""
     if config["launch"]["accelerate_config"] != engine.AUTO:
         return ""
-    settings = shlex.quote(json.dumps(engine_settings(config), sort_keys=True))
-    return f'--config_file "$({adpa_command(workflow_dir)} engine --launch {settings} "$@")" '
+    return f'--config_file "$({engine_command(config, workflow_dir)})" '
 
 
 def training_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike) -> str:
@@ -109,16 +115,20 @@ def training_command(config: Mapping[str, Any], workflow_dir: str | os.PathLike)
     The stage's arguments reach the launcher through "$@" of its own shell, so that the engine can be
     chosen from them when the job starts."""
     launch = config["launch"]
-    options = config_file_option(config, workflow_dir) + " ".join(
-        shlex.quote(argument) for argument in accelerate_arguments(config, workflow_dir)
-    )
+    arguments = " ".join(shlex.quote(argument) for argument in accelerate_arguments(config, workflow_dir))
     prefix = f"{stop_signal_prefix(config)} {pythonpath_prefix(workflow_dir)}"
     if launch["num_machines"] == 1:
         port = launch["main_process_port"] or f'"$({adpa_command(workflow_dir)} free-port)"'
         if launch["accelerate_config"] != engine.AUTO:
-            return f"{prefix} accelerate launch {options} --main_process_port {port} -m adpa"
-        launcher = f'accelerate launch {options} --main_process_port {port} -m adpa "$@"'
+            return f"{prefix} accelerate launch {arguments} --main_process_port {port} -m adpa"
+        # One process without DeepSpeed needs no launcher (3 s of imports per job): the stage runs itself.
+        launcher = (
+            f'engine="$({engine_command(config, workflow_dir)})" || exit 1; '
+            f'if [ "$engine" = {engine.DIRECT} ]; then exec python -u -m adpa "$@"; fi; '
+            f'accelerate launch --config_file "$engine" {arguments} --main_process_port {port} -m adpa "$@"'
+        )
         return f"{prefix} bash -c {shlex.quote(launcher)} adpa-launch"
+    options = config_file_option(config, workflow_dir) + arguments
     # One launcher per node; the stage's arguments reach each through "$@" of the per-node shell.
     port = launch["main_process_port"] or MULTI_NODE_PORT
     per_node = (

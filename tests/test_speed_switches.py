@@ -104,14 +104,32 @@ def test_auto_launch_asks_the_engine_with_the_stage_arguments():
     words = shlex.split(launch.training_command(config, REPO))
     assert words[-3] == "-c" and words[-1] == "adpa-launch"
     launcher = words[-2]  # the launcher's shell: the stage's arguments follow as "$@"
-    assert launcher.startswith('accelerate launch --config_file "$(')
-    assert "engine --launch" in launcher and launcher.endswith('-m adpa "$@"')
+    assert launcher.startswith('engine="$(') and "engine --launch" in launcher
+    assert 'then exec python -u -m adpa "$@"; fi; accelerate launch --config_file "$engine" ' in launcher
+    assert launcher.endswith('-m adpa "$@"')
     settings = json.loads(re.search(r"engine --launch '(\{.*?\})'", launcher).group(1))
     assert settings["device"] == "cpu" and settings["num_processes"] == 1
     assert not launch.runs_on_gpus(config, REPO)
     # An explicit file keeps today's command.
     tiny = adpa_config.load_config(REPO / "config" / "tiny.yaml")
     assert "engine --launch" not in launch.training_command(tiny, REPO)
+
+
+@pytest.mark.parametrize(("processes", "ranks"), [(1, 1), (2, 2)])
+def test_auto_launch_runs_one_process_without_the_launcher_and_several_through_it(processes, ranks):
+    """The launcher's shell for real, with `free-port` as the stage: one CPU process runs `direct`
+    (no accelerate launcher), two go through accelerate launch with ZeRO-3, each rank printing."""
+    overrides = {"launch": {"accelerate_config": "auto", "device": "cpu", "num_processes": processes}}
+    config = adpa_config.load_config(REPO / "config" / "tiny.yaml", overrides)
+    command = launch.training_command(config, REPO) + " free-port"
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ports = [line for line in result.stdout.splitlines() if line.isdigit()]
+    assert len(ports) == ranks
+    engine_line = next(line for line in result.stderr.splitlines() if line.startswith("free-port: engine "))
+    assert engine_line.split()[2] == ("plain" if processes == 1 else "zero3")
+    launcher_lines = [line for line in result.stderr.splitlines() if line and line != engine_line]
+    assert bool(launcher_lines) == (processes > 1)  # direct: nothing but the stage itself ran
 
 
 def test_fp32_master_weights_whenever_no_deepspeed_optimizer_holds_them():
