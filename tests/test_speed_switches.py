@@ -61,7 +61,8 @@ def test_an_explicit_file_or_zero_stage_wins():
     assert engine.choose_for_job({**base, "zero_stage": 2}, "ref_teacher", {}, "x").engine == "zero2"
 
 
-def _tiny_model(folder, hidden=32):
+def _tiny_model(folder=None, hidden=32, **settings):
+    """A random 2-layer Llama of vocabulary 300, saved as safetensors in `folder` when one is given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -73,9 +74,11 @@ def _tiny_model(folder, hidden=32):
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
+        **settings,
     )
     model = LlamaForCausalLM(config).float()
-    model.save_pretrained(folder, safe_serialization=True)
+    if folder is not None:
+        model.save_pretrained(folder, safe_serialization=True)
     return model
 
 
@@ -192,22 +195,11 @@ def test_an_adamw_step_at_lr_5e7_moves_fp32_master_weights_as_fp32_does_and_bf16
 def test_padding_free_sft_batch_has_the_padded_loss_and_gradients():
     """TRL's collator with padding_free (what adpa.sft switches on) against the same rows padded: the
     same loss and gradients through the dense head, so sdpa keeps the concatenated sequences apart."""
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from adpa.lm_head import dense_lm_head
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).float()
+    model = _tiny_model(attn_implementation="sdpa")
     dense_lm_head(model)
     rows = []
     for length in (9, 17, 5, 12):
