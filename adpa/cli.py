@@ -222,6 +222,10 @@ def run_stage(args: argparse.Namespace) -> None:
     params, params_json = _params(args)
     _set_threads(getattr(args, "threads", None))
     runner = _runner(stage)
+    if stage.kind == "training":
+        from adpa.train import mark_imports_done
+
+        mark_imports_done()
     outputs = {name: getattr(args, name) for name in _outputs(stage)}
     inputs = {name: getattr(args, name) for name in stage.options if name not in outputs}
     parents = model_card.lineage(inputs)

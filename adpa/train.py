@@ -72,6 +72,17 @@ class StageRun:
         return self.work_root / self.stage / key
 
 
+# When this process had imported its stage's code (seconds since it started): the fixed cost of a
+# job splits into imports, loading and set-up (to the first step), and what follows the last step.
+_IMPORTS_DONE: list[float] = []
+
+
+def mark_imports_done() -> None:
+    import psutil
+
+    _IMPORTS_DONE[:] = [round(time.time() - psutil.Process().create_time(), 1)]
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -355,6 +366,7 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
         raise preemption.Preempted(run.stage, *stop.stopped, last_checkpoint(run.work_dir))
     check_learned(run.stage, trainer.state.log_history)
     launch_throughput = throughput(trainer, train_output, tokens_before)
+    trained_at = time.time()
     eval_metrics = trainer.evaluate(eval_dataset) if eval_dataset is not None else {}
     staging = artifacts.staging_dir(run.output)
     if accelerator.is_main_process:
@@ -389,6 +401,9 @@ def train_and_export(run: StageRun, trainer, eval_dataset, data_facts: Mapping[s
             metrics["precompute_ref_log_probs"] = run.launch.precompute_ref_log_probs
         metrics["started_at"] = round(psutil.Process().create_time(), 1)
         metrics["finished_at"] = round(time.time(), 1)
+        # Before publishing: the evaluation, the model's export and its card (the publish itself is a rename).
+        metrics["seconds_after_training"] = round(time.time() - trained_at, 1)
+        metrics["seconds_imports"] = _IMPORTS_DONE[0] if _IMPORTS_DONE else None
         metrics["seconds_before_first_step"] = clock.seconds_before_first_step
         metrics["checkpoint_seconds"] = round(clock.checkpoint_seconds, 2)
         metrics.update(data_facts or {})

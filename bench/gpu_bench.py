@@ -707,7 +707,9 @@ def dag_report(workdir: Path, run: Run, sampler: GpuSampler) -> dict[str, Any]:
                 "stage": output,
                 "job_wall_s": wall,
                 "train_s": metrics.get("train_seconds"),
+                "seconds_imports": metrics.get("seconds_imports"),
                 "seconds_before_first_step": metrics.get("seconds_before_first_step"),
+                "seconds_after_training": metrics.get("seconds_after_training"),
                 "engine": engine_of(metrics),
                 "peak_memory_gb": metrics.get("peak_memory_gb"),
                 "gpu_busy": sampler.busy(start, end),
@@ -821,13 +823,15 @@ def dag_table(dag: Mapping[str, Any]) -> list[str]:
         f"| dag | {dag['returncode']} | {cell(dag['wall_s'], '.0f')} | {cell(dag['jobs'])}"
         f" | {cell(dag['gpu_busy'], '%')} | {cell(dag['model_setup_s'], '.0f')} |",
         "",
-        "| training stage | job wall s | train s | s before first step | engine | peak memory GB | GPU busy | window |",
-        "|---|---|---|---|---|---|---|---|",
+        "| training stage | job wall s | train s | s imports | s before first step | s after training | engine"
+        " | peak memory GB | GPU busy | window |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in dag["stages"]:
         lines.append(
             f"| {stage['stage']} | {cell(stage['job_wall_s'], '.1f')} | {cell(stage['train_s'], '.1f')}"
-            f" | {cell(stage['seconds_before_first_step'])} | {stage['engine']} | {cell(stage['peak_memory_gb'], '.1f')}"
+            f" | {cell(stage.get('seconds_imports'))} | {cell(stage['seconds_before_first_step'])}"
+            f" | {cell(stage.get('seconds_after_training'))} | {stage['engine']} | {cell(stage['peak_memory_gb'], '.1f')}"
             f" | {cell(stage['gpu_busy'], '%')} | {stage['window']} |"
         )
     return lines

@@ -197,7 +197,15 @@ def test_dag_report_reads_what_the_run_left(tmp_path):
     """Per training stage: its job's wall (benchmarks/ under the output's own path), its manifest's numbers
     and the GPU samples of its window; stages that do not train (generated data) have no row."""
     manifests = {
-        "ref_teacher": {"train_seconds": 20.0, "engine": "plain", "started_at": 100.0, "finished_at": 130.0},
+        "ref_teacher": {
+            "train_seconds": 20.0,
+            "engine": "plain",
+            "started_at": 100.0,
+            "finished_at": 130.0,
+            "seconds_imports": 2.5,
+            "seconds_before_first_step": 6.0,
+            "seconds_after_training": 4.0,
+        },
         "seed42/dckd": {"train_seconds": 5.0, "zero_stage": 3},  # no start/finish: the job's window
         "data/sft": None,
     }
@@ -223,7 +231,7 @@ def test_dag_report_reads_what_the_run_left(tmp_path):
     assert stages["seed42/dckd"]["gpu_busy"] == pytest.approx(0.5) and stages["seed42/dckd"]["engine"] == "zero3"
     table = bench.dag_table({"model_setup_s": 3.0, **report})
     assert table[2] == "| dag | 0 | " + f"{created + 1000:.0f}" + " | 3 | 38.0% | 3 |"
-    assert "| ref_teacher | 40.5 | 20.0 | n/a | plain | n/a | 70.0% | training process |" in table
+    assert "| ref_teacher | 40.5 | 20.0 | 2.5 | 6.0 | 4.0 | plain | n/a | 70.0% | training process |" in table
 
 
 def test_table_reads_what_training_writes(tmp_path):

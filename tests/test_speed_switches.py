@@ -256,6 +256,10 @@ def test_dpo_with_precomputed_reference_log_probs_trains_as_with_the_reference_b
         manifest = json.loads((output / "adpa_manifest.json").read_text())
         assert manifest["metrics"]["precompute_ref_log_probs"] == (precompute == "true")
         assert manifest["metrics"]["engine"] == "plain"
+        # The fixed cost's parts: imports, then loading and set-up, then what follows the last step.
+        metrics = manifest["metrics"]
+        assert 0 < metrics["seconds_imports"] < metrics["seconds_before_first_step"]
+        assert metrics["seconds_after_training"] >= 0
         histories[precompute] = manifest["loss_history"]
     assert len(histories["true"]) == len(histories["false"]) >= 2
     for (step, loss), (other_step, other_loss) in zip(histories["true"], histories["false"]):
