@@ -69,9 +69,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, help="loss_chunk_tokens (code that has it; default: its own)")
     args = parser.parse_args()
 
-    import adpa.distill as distill
     from transformers import TrainingArguments
 
+    import adpa.distill as distill
     from adpa.precision import cpu_flags
 
     torch.set_num_threads(2)
