@@ -232,12 +232,12 @@ def launch_facts(trainer) -> dict[str, Any]:
     plugin = accelerator.state.deepspeed_plugin
     return {
         "processes": accelerator.num_processes,
-        "engine": engine_name(plugin),
         "distributed_type": str(accelerator.distributed_type.value),
         "zero_stage": plugin.zero_stage if plugin is not None else None,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "device": str(accelerator.device.type),
         "mixed_precision": str(accelerator.mixed_precision),
+        "engine": engine_name(plugin),
     }
 
 
