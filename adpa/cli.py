@@ -97,7 +97,7 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
     if stage.name == "sweep_summary":
         parser.add_argument("--sweep", help="with --configfile: the sweep's name (default: the only one)")
     for name in stage.options:
-        parser.add_argument(f"--{name.replace('_', '-')}", **OPTIONS[name])
+        parser.add_argument(f"--{name.replace('_', '-')}", **(OPTIONS[name] if name in OPTIONS else _input_option(stage, name)))
     if stage.kind == "training":
         parser.add_argument(
             "--work-dir",
@@ -133,6 +133,13 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
         parser.add_argument(
             "--threads", type=int, default=None, help="CPU threads of the whole job, split between processes"
         )
+
+
+def _input_option(stage: Stage, name: str) -> dict[str, Any]:
+    """A student method's input that OPTIONS does not describe (adpa/methods.py names it): a results folder."""
+    if name not in stage.inputs:
+        raise KeyError(f"stage {stage.name}: option {name!r} is neither in OPTIONS nor one of its inputs")
+    return {"required": True, "help": f"results/{stage.inputs[name]}"}
 
 
 def build_parser() -> argparse.ArgumentParser:

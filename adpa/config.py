@@ -22,6 +22,8 @@ import yaml
 from adpa.batching import accumulation_steps
 from adpa.checks import Context, key_check, run_checks
 from adpa.errors import ConfigError
+from adpa.methods import METHOD_ENTRIES, METHODS_BY_NAME, section_schema
+from adpa.methods import advantage_reference as advantage_store_reference
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES, TEACHER_MODELS, Stage, of_kind, student_models
 from adpa.sweeps import Sweep, plan_sweep
@@ -96,8 +98,35 @@ def _with_defaults(validator_class: type) -> type:
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    """config/schema.yaml with what the registries declare: each student method's section (after
+    `methods`), the `methods` enums and a resources key per stage."""
     with open(path, encoding="utf-8") as handle:
-        return yaml.load(handle, Loader=YAML_LOADER)
+        schema = yaml.load(handle, Loader=YAML_LOADER)
+    return with_registered_parts(schema)
+
+
+def with_registered_parts(schema: dict) -> dict:
+    properties = schema["properties"]
+    names = [method.name for method in METHOD_ENTRIES]
+    properties["methods"]["items"]["enum"] = names
+    properties["methods"]["description"] += " The methods: " + "; ".join(
+        f"{method.name}, {method.help}" for method in METHOD_ENTRIES
+    )
+    properties["sweeps"]["additionalProperties"]["properties"]["methods"]["items"]["enum"] = names
+    resources = properties["resources"]["properties"]
+    resources.update({stage: {"$ref": "#/definitions/job_resources"} for stage in STAGES if stage not in resources})
+    training = schema["definitions"]["training_properties"]
+    sections = {method.name: section_schema(method, training) for method in METHOD_ENTRIES if method.section is None}
+    taken = sorted(set(sections) & set(properties))
+    if taken:
+        raise ValueError(f"config/schema.yaml: section '{taken[0]}' is a method's, declared in adpa/methods.py")
+    ordered: dict[str, Any] = {}
+    for key, value in properties.items():
+        ordered[key] = value
+        if key == "methods":
+            ordered.update(sections)
+    schema["properties"] = ordered
+    return schema
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -361,11 +390,14 @@ def _training(config: Mapping, stage: Stage, common: dict[str, Any]) -> dict[str
     """A trained stage: its section's settings, its data and how its model is loaded."""
     teacher, student = config["models"]["base_teacher"], config["models"]["base_student"]
     base = teacher if stage.role == "teacher" else student
-    training = config[stage.section]
-    if stage.name == "vanilla_kd":
-        # It reads the top-k store, cut at dckd's length: one value, derived.
-        training = {**training, "max_length": config["dckd"]["max_length"]}
+    training = {**config[stage.section], **derived_settings(config, stage)}
     params = {**common, "training": training, "trust_remote_code": base["trust_remote_code"]}
+    method = METHODS_BY_NAME.get(stage.name)
+    if method is not None and method.terms is not None:
+        # The loss as data: a changed term reruns exactly the methods that have it (adpa/distill.py reads it).
+        params["loss"] = {name: list(term) for name, term in method.terms.items()}
+        if "advantage" in method.inputs:
+            params["advantage_reference"] = advantage_store_reference(method)
     if "sft_data" in stage.reads:
         params.update(dataset=config["datasets"]["sft"], chat_template=config["chat_template"], base_model=base)
     if "preference_data" in stage.reads:
@@ -374,6 +406,15 @@ def _training(config: Mapping, stage: Stage, common: dict[str, Any]) -> dict[str
         # The student trains with the base teacher's tokenizer: loaded as the teacher is.
         params["tokenizer"] = {"revision": teacher.get("revision"), "trust_remote_code": teacher["trust_remote_code"]}
     return params
+
+
+def derived_settings(config: Mapping, stage: Stage) -> dict[str, Any]:
+    """The settings another section determines (Stage.derived): e.g. the top-k store's max_length is dckd's."""
+    values = {}
+    for key, source in stage.derived.items():
+        section, name = source.split(".", 1)
+        values[key] = config[section][name]
+    return values
 
 
 def _inference(config: Mapping, stage: Stage, advantage_reference: bool) -> dict[str, Any]:
@@ -385,7 +426,7 @@ def _inference(config: Mapping, stage: Stage, advantage_reference: bool) -> dict
         return {
             **params,
             "k": config["teacher_topk"]["k"],
-            "max_length": config["dckd"]["max_length"],
+            **derived_settings(config, stage),
             "dataset": preference,
             "trust_remote_code": teacher["trust_remote_code"],
         }
@@ -397,13 +438,16 @@ def _inference(config: Mapping, stage: Stage, advantage_reference: bool) -> dict
             "dataset": preference,
             "trust_remote_code": source["trust_remote_code"],
         }
-    if stage.name == "advantage":
+    if stage.name in ("advantage", "chosen_advantage"):
+        # On the student's own responses (with the REF teacher or without), or on the chosen ones.
+        on_chosen = {"dataset": preference} if stage.name == "chosen_advantage" else {}
         return {
             **params,
             "k": config["teacher_topk"]["k"],
-            "max_length": config["adpa"]["max_length"],
-            "reference": advantage_reference,
+            **derived_settings(config, stage),
+            "reference": advantage_reference or stage.name == "chosen_advantage",
             "trust_remote_code": teacher["trust_remote_code"],
+            **on_chosen,
         }
     # evaluate: per model family, the teachers' trust_remote_code never extends to the students, nor back.
     return {

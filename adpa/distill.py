@@ -1,12 +1,12 @@
-"""Stages dckd, vanilla_kd, adpa, adpa_plus, adpa_no_ref and the control chosen_sft: one Trainer
-subclass that overrides `compute_loss`.
+"""The distillation methods (dckd, vanilla_kd, adpa, adpa_plus, adpa_no_ref, the control chosen_sft and
+any other method of adpa/methods.py whose entry declares a loss): one Trainer subclass that overrides
+`compute_loss` with the loss's terms (adpa/objectives.py).
 
-Each example is one or two sequences, named by what they are, run through the student in one forward pass:
-- dckd: chosen (NLL + KL to the DPO teacher's top-k) and rejected (KL), teacher_topk stores;
-- vanilla_kd: chosen only (NLL + KL), the teacher_topk chosen store;
-- adpa / adpa_plus / adpa_no_ref: chosen (NLL) and own, the student's own response (advantage
-  term), an advantage store (adpa_no_ref's: the DPO teacher's log-probs without the REF teacher's);
-- chosen_sft: chosen only (NLL), no store: the term all of the above share.
+Each example is one or more sequences, named by what they are, run through the student in one forward pass:
+chosen and rejected from the preference pairs, own (the student's own response) from its generations. A
+sequence with a top-k KL term reads the teacher_topk store of that sequence; one with an advantage term
+reads the advantage store the method names (adpa_no_ref's: the DPO teacher's log-probs without the REF
+teacher's); an NLL-only sequence reads no store.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from adpa.losses import (
     response_term_sums,
 )
 from adpa.models import check_model_reference, load_model, load_tokenizer
+from adpa.objectives import Term, Terms, resolve, sequences_of, store_kind, weights_of
 from adpa.sequences import (
     Exchange,
     SequenceError,
@@ -43,25 +44,12 @@ from adpa.sequences import (
 from adpa.topk_store import TopKStore
 from adpa.train import StageRun, train_and_export, trainer_arguments
 
-# stage -> loss
-OBJECTIVES = {
-    "dckd": "dckd",
-    "vanilla_kd": "vanilla_kd",
-    "adpa": "adpa",
-    "adpa_plus": "adpa",
-    "adpa_no_ref": "adpa",
-    "chosen_sft": "nll",
-}
-# The sequences of an example, in batch order, and the training settings read as the loss's weight keywords.
-SEQUENCES = {"dckd": ("chosen", "rejected"), "vanilla_kd": ("chosen",), "adpa": ("chosen", "own"), "nll": ("chosen",)}
-WEIGHTS = {
-    "dckd": ("nll_weight", "chosen_kl_weight", "rejected_kl_weight"),
-    "vanilla_kd": ("nll_weight", "kl_weight"),
-    "adpa": ("nll_weight", "adpa_weight"),
-    "nll": (),
-}
-# Which advantage store each ADPA stage reads: with the REF teacher subtracted, or without (the ablation).
-ADVANTAGE_WITH_REFERENCE = {"adpa": True, "adpa_plus": True, "adpa_no_ref": False}
+
+def loss_terms(params: Mapping[str, Any]) -> Terms:
+    """A distillation stage's loss from its parameters (adpa/config.py writes its method's terms there)."""
+    if "loss" not in params:
+        raise ValueError("not a distillation stage: its parameters hold no `loss` (adpa/methods.py: terms)")
+    return {name: Term(*term) for name, term in params["loss"].items()}
 
 
 def check_store(store: TopKStore, tokenizer, exchanges: Sequence[Exchange], name: str) -> None:
@@ -234,7 +222,8 @@ def _distillation_trainer_class():
     class DistillationTrainer(Trainer):
         """Trainer whose loss is DCKD, vanilla KD or ADPA; the loop, DeepSpeed and checkpoints are Trainer's.
 
-        `weights` are passed to the loss as its weight keywords (WEIGHTS[objective]). `loss_chunk_tokens`:
+        `objective`: the loss (adpa/objectives.py: its terms, or the name of one of LOSSES); `weights`: the
+        training settings its terms are weighed by. `loss_chunk_tokens`:
         the head projects that many response positions (of every row) at a time, each chunk recomputed in
         the backward (lm_head.sum_over_position_chunks), so the [S*B, R, V] logits never exist at once.
         """
@@ -242,7 +231,7 @@ def _distillation_trainer_class():
         def __init__(
             self,
             *args,
-            objective: str,
+            objective: str | Terms,
             weights: Mapping[str, float],
             reference_clamp: bool = False,
             loss_chunk_tokens: int = 1024,
@@ -251,7 +240,7 @@ def _distillation_trainer_class():
             if loss_chunk_tokens < 1:
                 raise ValueError(f"loss_chunk_tokens must be at least 1, got {loss_chunk_tokens}")
             super().__init__(*args, **kwargs)
-            self.objective, self.weights, self.reference_clamp = objective, dict(weights), reference_clamp
+            self.objective, self.weights, self.reference_clamp = resolve(objective), dict(weights), reference_clamp
             self.loss_chunk_tokens = loss_chunk_tokens
             # The head projects the response positions only, inside the model's forward (DDP, DeepSpeed).
             self.head_takes_positions = dense_lm_head(self.model)
@@ -259,12 +248,14 @@ def _distillation_trainer_class():
             self.model_accepts_loss_kwargs = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            names = SEQUENCES[self.objective]
+            names = sequences_of(self.objective)
             responses = split_responses(inputs, names)
             if self.reference_clamp:
-                own = responses["own"]
-                clamped = clamp_advantage_like_reference(own.topk.values)
-                responses["own"] = own._replace(topk=own.topk._replace(values=clamped))
+                for name in names:
+                    if store_kind(self.objective, name) == "advantage":
+                        read = responses[name]
+                        clamped = clamp_advantage_like_reference(read.topk.values)
+                        responses[name] = read._replace(topk=read.topk._replace(values=clamped))
 
             def chunk_sums(logits: torch.Tensor, positions: slice) -> dict[str, torch.Tensor]:
                 """The loss terms' per-row sums over the response `positions` from the logits there [S*B, c, V]."""
@@ -288,6 +279,30 @@ def _distillation_trainer_class():
     return DistillationTrainer
 
 
+def read_store(
+    run: StageRun, terms: Terms, sequence: str, topk: Path | None, advantage: Path | None
+) -> TopKStore | None:
+    """The store a sequence's terms read: the teacher's top-k on it (`topk`/<sequence>), the advantage store
+    (checked to be the one with, or without, the REF teacher that the stage reads), or none."""
+    kind = store_kind(terms, sequence)
+    if kind is None:
+        return None
+    given = topk if kind == "topk" else advantage
+    if given is None:
+        raise ValueError(
+            f"{run.stage}: its loss reads the {'top-k' if kind == 'topk' else 'advantage'} store: none given"
+        )
+    store = TopKStore(given / sequence if kind == "topk" else given)
+    wanted = run.params.get("advantage_reference", True)
+    if kind == "advantage" and store.metadata.get("reference", True) != wanted:
+        raise SequenceError(
+            f"{run.stage}: the advantage store {advantage} was computed "
+            f"{'without' if wanted else 'with'} the REF teacher; {run.stage} reads the one "
+            f"{'with' if wanted else 'without'} it"
+        )
+    return store
+
+
 def run_distillation(
     run: StageRun,
     model: str,
@@ -295,14 +310,13 @@ def run_distillation(
     generations: Path | None = None,
     advantage: Path | None = None,
 ) -> None:
-    """dckd and vanilla_kd (the teacher's `topk` store), adpa / adpa_plus / adpa_no_ref (the student's
-    own `generations` and their `advantage` store) or chosen_sft (neither), from the student `model`."""
+    """A distillation method from the student `model`: its loss's terms (the stage's `loss` parameter, from
+    adpa/methods.py) say which sequences it reads (the preference pairs' chosen and rejected, the student's
+    own `generations`) and which stores (the teacher's `topk` store, an `advantage` store)."""
     import datasets
     from transformers import TrainingArguments
 
-    if run.stage not in OBJECTIVES:
-        raise ValueError(f"{run.stage!r} is not a distillation stage (one of {', '.join(OBJECTIVES)})")
-    objective = OBJECTIVES[run.stage]
+    terms = loss_terms(run.params)
     params, training = run.params, run.params["training"]
     check_model_reference(model)
     tokenizer = load_tokenizer(model, params["trust_remote_code"])
@@ -312,35 +326,30 @@ def run_distillation(
     max_length = training["max_length"]
     # The distillation rows are aligned with the stores row by row: a prompt that fills max_length is an error.
     key = run.max_length_key
-    exchanges = {"chosen": tokenize_rows(tokenizer, prompts, pairs["chosen"], max_length, f"{run.stage}: chosen", key)}
-    if objective == "dckd":
-        exchanges["rejected"] = tokenize_rows(
-            tokenizer, prompts, pairs["rejected"], max_length, f"{run.stage}: rejected", key
-        )
-    if objective == "nll":
-        stores: dict[str, TopKStore | None] = {"chosen": None}
-    elif objective in ("dckd", "vanilla_kd"):
-        stores = {name: TopKStore(topk / name) for name in SEQUENCES[objective]}
-        for name, store in stores.items():
-            check_store(store, tokenizer, exchanges[name], f"teacher_topk {name}")
-    else:
-        responses = datasets.load_from_disk(str(generations))
-        if responses["prompt"] != prompts:
-            raise SequenceError("student_generations: prompts differ from the preference set's (stale generations?)")
-        own = [[{"role": "assistant", "content": text}] for text in responses["response"]]
-        exchanges["own"] = tokenize_rows(tokenizer, prompts, own, max_length, f"{run.stage}: own response", key)
-        stores = {"chosen": None, "own": TopKStore(advantage)}
-        check_store(stores["own"], tokenizer, exchanges["own"], "advantage")
-        wanted = ADVANTAGE_WITH_REFERENCE[run.stage]
-        if stores["own"].metadata.get("reference", True) != wanted:
-            raise SequenceError(
-                f"{run.stage}: the advantage store {advantage} was computed "
-                f"{'without' if wanted else 'with'} the REF teacher; {run.stage} reads the one "
-                f"{'with' if wanted else 'without'} it"
+    exchanges, stores = {}, {}
+    for name in sequences_of(terms):
+        if name == "own":
+            responses = datasets.load_from_disk(str(generations))
+            if responses["prompt"] != prompts:
+                raise SequenceError(
+                    "student_generations: prompts differ from the preference set's (stale generations?)"
+                )
+            texts = [[{"role": "assistant", "content": text}] for text in responses["response"]]
+        else:
+            texts = pairs[name]
+        label = "own response" if name == "own" else name
+        exchanges[name] = tokenize_rows(tokenizer, prompts, texts, max_length, f"{run.stage}: {label}", key)
+        stores[name] = read_store(run, terms, name, topk, advantage)
+        if stores[name] is not None:
+            check_store(
+                stores[name],
+                tokenizer,
+                exchanges[name],
+                "advantage" if store_kind(terms, name) == "advantage" else f"teacher_topk {name}",
             )
-    weights = {key: training[key] for key in WEIGHTS[objective]}
+    weights = {key: training[key] for key in weights_of(terms)}
     columns: dict[str, list] = {"row": list(range(len(exchanges["chosen"])))}
-    for name in SEQUENCES[objective]:
+    for name in sequences_of(terms):
         columns[f"{name}_ids"] = [e.input_ids for e in exchanges[name]]
         columns[f"{name}_start"] = [e.response_start for e in exchanges[name]]
     rows = datasets.Dataset.from_dict(columns)
@@ -358,7 +367,7 @@ def run_distillation(
         train_dataset=rows,
         data_collator=DistillationCollator(pad_token_id(tokenizer), stores, padding_free=run.launch.padding_free),
         processing_class=tokenizer,
-        objective=objective,
+        objective=terms,
         weights=weights,
         reference_clamp=training.get("reference_clamp", False),
         loss_chunk_tokens=run.launch.loss_chunk_tokens,

@@ -30,11 +30,18 @@ def shared_on_disk(dataset, folder: Path):
 
 
 def run_dpo(run: StageRun, model: str) -> None:
+    """DPO of `model` on the preference pairs; its frozen reference is `model` itself."""
+    dataset = run.params["dataset"]
+    check_model_reference(model)  # cheap checks first: fail before reading data
+    train_preference(run, model, load_preference(dataset, dataset["train_split"]))
+
+
+def train_preference(run: StageRun, model: str, train_dataset, reference: str | None = None) -> None:
+    """TRL's DPOTrainer on `train_dataset` (prompt, chosen, rejected) from `model`, against the frozen
+    `reference` (default: `model` itself, before its first step); loss_type from the stage's settings."""
     from trl import DPOConfig, DPOTrainer
 
-    params, dataset = run.params, run.params["dataset"]
-    check_model_reference(model)  # cheap checks first: fail before reading data
-    train_dataset = load_preference(dataset, dataset["train_split"])
+    params = run.params
     training = params["training"]
     args = DPOConfig(
         **trainer_arguments(run),
@@ -55,11 +62,15 @@ def run_dpo(run: StageRun, model: str) -> None:
         trained=not peft,
         attention=run.launch.attention,
     )
-    # Precomputed, the reference log-probs come from the policy before its first step: no second copy.
+    # Precomputed, the reference log-probs come from the policy before its first step: no second copy
+    # (unless the reference is another model).
     precompute = run.launch.precompute_ref_log_probs
-    ref_model = (
-        None if peft or precompute else load_model(model, params["precision"], trust, attention=run.launch.attention)
-    )
+    ref_model = None
+    if reference is not None:
+        check_model_reference(reference)
+        ref_model = load_model(reference, params["precision"], trust, attention=run.launch.attention)
+    elif not (peft or precompute):
+        ref_model = load_model(model, params["precision"], trust, attention=run.launch.attention)
     if precompute and world_size() > 1:
         train_dataset = shared_on_disk(train_dataset, run.work_dir / "preference_pairs")
     trainer = DPOTrainer(

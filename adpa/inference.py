@@ -157,12 +157,14 @@ def run_advantage(
     output: Path,
     *,
     model: str,
-    generations: Path,
     batch_size: int,
+    generations: Path | None = None,
     ref_model: str | None = None,
 ) -> dict:
     """Advantage of the DPO teacher (`model`) over the REF teacher at the states of the student's own
-    responses; with `reference: false`, the DPO teacher's log-probs alone (no `ref_model`)."""
+    responses (`generations`), or of the preference set's chosen responses (stage chosen_advantage: no
+    `generations`, the `dataset`'s train split); with `reference: false`, the DPO teacher's log-probs alone
+    (no `ref_model`)."""
     import datasets
 
     if params["reference"] != (ref_model is not None):
@@ -170,11 +172,18 @@ def run_advantage(
             "advantage: --ref-model is needed with reference: true and not allowed with reference: false "
             f"(got reference: {str(params['reference']).lower()}, --ref-model {ref_model!r})"
         )
-    own = datasets.load_from_disk(str(generations))
+    if generations is not None:
+        own = datasets.load_from_disk(str(generations))
+        prompts, responses = own["prompt"], [[{"role": "assistant", "content": text}] for text in own["response"]]
+        name = "own response"
+    else:
+        from adpa.data import load_preference
+
+        pairs = load_preference(params["dataset"], params["dataset"]["train_split"])
+        prompts, responses, name = pairs["prompt"], pairs["chosen"], "chosen"
     dpo_teacher, tokenizer = load_for_stage(model, params)
     ref_teacher = load_for_stage(ref_model, params)[0] if ref_model is not None else None
-    responses = [[{"role": "assistant", "content": text}] for text in own["response"]]
-    exchanges = tokenize_rows(tokenizer, own["prompt"], responses, params["max_length"], "own response")
+    exchanges = tokenize_rows(tokenizer, prompts, responses, params["max_length"], name)
     metadata = {
         "dpo_teacher": model,
         "ref_teacher": ref_model,

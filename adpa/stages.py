@@ -10,6 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adpa.methods import ADVANTAGE_REFERENCE, METHOD_ENTRIES, Method
+
+__all__ = ["ADVANTAGE_REFERENCE", "METHODS", "REGISTRY", "STAGES", "Stage"]
+
 Kind = Literal["training", "inference", "cpu"]
 # Sources outside results/ a stage can read; the preflight checks exactly what the planned stages read.
 Source = Literal["base_teacher", "base_student", "sft_data", "preference_data"]
@@ -29,6 +33,8 @@ class Stage:
     method: bool = False  # a student method, selected by the config's `methods`
     # Student methods: the rule's inputs (CLI option -> folder under results/, {seed} for per-seed ones).
     inputs: Mapping[str, str] = field(default_factory=dict)
+    # Settings another section determines: setting -> "section.key" (the top-k store's max_length is dckd's).
+    derived: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def module(self) -> str:
@@ -39,13 +45,23 @@ class Stage:
         return self.runner.split(":", 1)[1]
 
 
-SEED = "seed{seed}"
-FROM_SFT = {"model": f"{SEED}/student_sft"}
-TOP_K = {"topk": "teacher_topk"}
-OWN_ADVANTAGE = {"generations": f"{SEED}/student_generations", "advantage": f"{SEED}/advantage"}
-# The advantage stage's two stores, by folder: log pi_dpo - log pi_ref, or log pi_dpo alone (the
-# paper's ablation without the REF teacher). The folder name is the stage's setting.
-ADVANTAGE_REFERENCE = {"advantage": True, "advantage_no_ref": False}
+def method_stage(method: Method) -> Stage:
+    """A student method's stage: trained once per seed, from its entry."""
+    return Stage(
+        method.name,
+        "training",
+        method.runner,
+        method.help,
+        per_seed=True,
+        section=method.settings_section,
+        options=method.options,
+        reads=("preference_data",) if method.reads_preference else (),
+        role="student",
+        method=True,
+        inputs=method.inputs,
+        derived=method.derived,
+    )
+
 
 REGISTRY: tuple[Stage, ...] = (
     Stage(
@@ -110,6 +126,7 @@ REGISTRY: tuple[Stage, ...] = (
         section="teacher_topk",
         options=("model", "output", "batch_size"),
         reads=("preference_data",),
+        derived={"max_length": "dckd.max_length"},  # the distillation stages that read it train at dckd's length
     ),
     Stage(
         "teacher_generations",
@@ -137,121 +154,19 @@ REGISTRY: tuple[Stage, ...] = (
         "DPO-vs-REF teacher advantage on the student's own responses (or the DPO teacher's log-probs alone)",
         per_seed=True,
         options=("model", "ref_model", "generations", "output", "batch_size"),
+        derived={"max_length": "adpa.max_length"},
     ),
-    # Student methods (each from student_sft unless said otherwise).
     Stage(
-        "student_dpo",
-        "training",
-        "adpa.dpo:run_dpo",
-        "baseline: DPO of the student, reference = student_sft",
-        per_seed=True,
-        section="student_dpo",
+        "chosen_advantage",
+        "inference",
+        "adpa.inference:run_advantage",
+        "DPO-vs-REF teacher advantage on the preference set's chosen responses (adpa_chosen's store)",
+        options=("model", "ref_model", "output", "batch_size"),
         reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs=FROM_SFT,
+        derived={"max_length": "adpa.max_length"},
     ),
-    Stage(
-        "simpo",
-        "training",
-        "adpa.simpo:run_simpo",
-        "baseline: SimPO of the student (reference-free; TRL CPOTrainer)",
-        per_seed=True,
-        section="simpo",
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs=FROM_SFT,
-    ),
-    Stage(
-        "chosen_sft",
-        "training",
-        "adpa.distill:run_distillation",
-        "control: NLL on the chosen responses alone, the term every distillation method shares",
-        per_seed=True,
-        section="chosen_sft",
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs=FROM_SFT,
-    ),
-    Stage(
-        "vanilla_kd",
-        "training",
-        "adpa.distill:run_distillation",
-        "baseline: NLL + forward KL to the DPO teacher's top-k on the chosen response",
-        per_seed=True,
-        section="vanilla_kd",
-        options=("model", "topk", "output"),
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs={**FROM_SFT, **TOP_K},
-    ),
-    Stage(
-        "seq_kd",
-        "training",
-        "adpa.sft:run_sft",
-        "baseline: SFT of the student on the DPO teacher's greedy responses",
-        per_seed=True,
-        section="seq_kd",
-        options=("model", "generations", "output"),
-        role="student",
-        method=True,
-        inputs={**FROM_SFT, "generations": "teacher_generations"},
-    ),
-    Stage(
-        "dckd",
-        "training",
-        "adpa.distill:run_distillation",
-        "DCKD: distillation from the teacher's top-k on chosen and rejected",
-        per_seed=True,
-        section="dckd",
-        options=("model", "topk", "output"),
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs={**FROM_SFT, **TOP_K},
-    ),
-    Stage(
-        "adpa",
-        "training",
-        "adpa.distill:run_distillation",
-        "ADPA from student_sft",
-        per_seed=True,
-        section="adpa",
-        options=("model", "generations", "advantage", "output"),
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs={**FROM_SFT, **OWN_ADVANTAGE},
-    ),
-    Stage(
-        "adpa_plus",
-        "training",
-        "adpa.distill:run_distillation",
-        "ADPA+: ADPA from the DCKD student",
-        per_seed=True,
-        section="adpa",
-        options=("model", "generations", "advantage", "output"),
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs={"model": f"{SEED}/dckd", **OWN_ADVANTAGE},
-    ),
-    Stage(
-        "adpa_no_ref",
-        "training",
-        "adpa.distill:run_distillation",
-        "ablation: ADPA whose advantage is the DPO teacher's log-prob alone (no REF teacher)",
-        per_seed=True,
-        section="adpa",
-        options=("model", "generations", "advantage", "output"),
-        reads=("preference_data",),
-        role="student",
-        method=True,
-        inputs={**FROM_SFT, **OWN_ADVANTAGE, "advantage": f"{SEED}/advantage_no_ref"},
-    ),
+    # The student methods, one entry each in adpa/methods.py.
+    *(method_stage(method) for method in METHOD_ENTRIES),
     Stage(
         "evaluate",
         "inference",
@@ -287,16 +202,11 @@ def of_kind(kind: Kind) -> tuple[str, ...]:
     return tuple(stage.name for stage in REGISTRY if stage.kind == kind)
 
 
-# The config key of a stage's max_length where it is not in the stage's own section: the top-k store
-# is cut at dckd's length (vanilla_kd reads it too), the advantage store at adpa's.
-MAX_LENGTH_KEYS = {"vanilla_kd": "dckd.max_length", "teacher_topk": "dckd.max_length", "advantage": "adpa.max_length"}
-
-
 def max_length_key(stage: str) -> str | None:
     """'section.max_length' of the stage's token limit (None: a stage without one)."""
-    if stage in MAX_LENGTH_KEYS:
-        return MAX_LENGTH_KEYS[stage]
     entry = STAGES[stage]
+    if "max_length" in entry.derived:
+        return entry.derived["max_length"]
     return f"{entry.section}.max_length" if entry.kind == "training" else None
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from adpa.artifacts import MANIFEST
+from adpa.methods import BASELINE, METHOD_ENTRIES, comparisons, ingredients
 from adpa.results import read_evaluation
 from adpa.stats import (
     CONFIDENCE,
@@ -33,8 +34,7 @@ from adpa.stats import (
     win_scores,
 )
 
-WIN_RATE = "win_rate_vs_student_sft"
-BASELINE = "student_sft"
+WIN_RATE = f"win_rate_vs_{BASELINE}"
 METRICS = (
     "accuracy",
     WIN_RATE,
@@ -52,37 +52,14 @@ TABLE_COLUMNS = {
     "margin": "margin",
     "margin_per_token": "margin/token",
 }
-# (model, baseline) pairs of the paired-differences table: model - baseline on the same rows and seeds.
-# Pairs naming a model the config did not train (see `methods`) are left out.
-BASELINE_METHODS = ("student_dpo", "simpo", "vanilla_kd", "seq_kd")
-# The control: NLL on the chosen responses alone, the term every distillation method shares.
-CONTROL = "chosen_sft"
-DISTILLATION_METHODS = ("vanilla_kd", "dckd", "adpa", "adpa_plus", "adpa_no_ref")
+# (model, baseline) pairs of the paired-differences table: model - baseline on the same rows and seeds,
+# from the method entries (adpa/methods.py). Pairs naming a model the config did not train (see
+# `methods`) are left out.
+BASELINE_METHODS = tuple(method.name for method in METHOD_ENTRIES if method.kind == "baseline")
+DISTILLATION_METHODS = tuple(method.name for method in METHOD_ENTRIES if method.distillation)
 # What each ingredient adds, one paired difference each (docs/embedded-default.md).
-INGREDIENTS: tuple[tuple[str, str, str], ...] = (
-    ("clean answers", CONTROL, BASELINE),
-    ("the teacher's distribution on chosen", "vanilla_kd", CONTROL),
-    ("the rejected side", "dckd", "vanilla_kd"),
-    ("the advantage", "adpa", CONTROL),
-    ("the reference teacher", "adpa", "adpa_no_ref"),
-    ("the DCKD start", "adpa_plus", "adpa"),
-)
-COMPARISONS: tuple[tuple[str, str], ...] = tuple(
-    dict.fromkeys(
-        (
-            *(
-                (method, BASELINE)
-                for method in (*BASELINE_METHODS, CONTROL, "dckd", "adpa", "adpa_plus", "adpa_no_ref")
-            ),
-            *((method, CONTROL) for method in DISTILLATION_METHODS),
-            *((model, baseline) for _, model, baseline in INGREDIENTS),
-            ("adpa", "dckd"),
-            ("adpa_plus", "dckd"),
-            *(("adpa_plus", baseline) for baseline in BASELINE_METHODS),
-            ("dpo_teacher", "ref_teacher"),
-        )
-    )
-)
+INGREDIENTS: tuple[tuple[str, str, str], ...] = ingredients()
+COMPARISONS: tuple[tuple[str, str], ...] = comparisons(teachers=(("dpo_teacher", "ref_teacher"),))
 Evaluation = tuple[dict[str, Any], list[dict[str, Any]]]
 # One model's per-row values of one metric, by seed (None: a teacher; for a teacher's win rate, student_sft's seed).
 RowsBySeed = dict[int | None, np.ndarray]

@@ -24,7 +24,15 @@ from adpa.errors import ConfigError
 from adpa.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
 
 # The student half: the stages a sweep may retrain (teachers and data are a run of their own).
-SWEEPABLE = ("student_sft", "teacher_topk", "teacher_generations", "student_generations", "advantage", *METHODS)
+SWEEPABLE = (
+    "student_sft",
+    "teacher_topk",
+    "teacher_generations",
+    "student_generations",
+    "advantage",
+    "chosen_advantage",
+    *METHODS,
+)
 SHARED_INPUTS = {"student_generations": ("student_sft",), "advantage": ("student_generations",)}
 
 

@@ -87,7 +87,12 @@ def main() -> None:
     model = student()
     training = TrainingArguments(output_dir="/tmp/distill-step", use_cpu=True, report_to="none")
     trainer = trainer_class(model=model, args=training, objective=args.objective, weights=weights, **extra)
-    inputs = batch(len(distill.SEQUENCES[args.objective]))
+    try:
+        from adpa.objectives import sequences_of
+
+        inputs = batch(len(sequences_of(args.objective)))
+    except ImportError:  # a checkout from before adpa/objectives.py
+        inputs = batch(len(distill.SEQUENCES[args.objective]))
     seconds, loss = [], None
     for step in range(args.steps + 1):
         started = time.perf_counter()

@@ -152,6 +152,31 @@ rule advantage:
         " --generations {input.generations:q} --output {output:q} {params.options} 2>&1 | tee {log:q}"
 
 
+rule chosen_advantage:
+    input:
+        dpo_teacher=f"{RESULTS}/dpo_teacher",
+        ref_teacher=f"{RESULTS}/ref_teacher",
+        data=dataset_input("preference"),
+    output:
+        directory(f"{RESULTS}/chosen_advantage"),
+    log:
+        log_of("chosen_advantage"),
+    benchmark:
+        benchmark_of("chosen_advantage")
+    conda:
+        "../envs/train.yaml"
+    threads: threads_of("chosen_advantage")
+    resources:
+        **resources_of("chosen_advantage"),
+    params:
+        **stage_fields("chosen_advantage"),
+        adpa=adpa_command,
+        options=inference_options,
+    shell:
+        "{params.adpa} chosen_advantage --params {params.stage:q} --model {input.dpo_teacher:q}"
+        " --ref-model {input.ref_teacher:q} --output {output:q} {params.options} 2>&1 | tee {log:q}"
+
+
 # One rule per student method, from its registry entry: the inputs it names (results/ folders),
 # the preference data when it reads it, and its CLI options in the same order. Each has a twin
 # for sweep points (rules/sweeps.smk), whose inputs are the point's where the sweep retrains them.

@@ -76,6 +76,21 @@ use rule advantage as advantage_sweep with:
         advantage="|".join(ADVANTAGE_REFERENCE),
 
 
+use rule chosen_advantage as chosen_advantage_sweep with:
+    input:
+        dpo_teacher=f"{RESULTS}/dpo_teacher",
+        ref_teacher=f"{RESULTS}/ref_teacher",
+        data=dataset_input("preference"),
+    output:
+        directory(at_sweep_point(f"{RESULTS}/chosen_advantage")),
+    log:
+        at_sweep_point(log_of("chosen_advantage")),
+    benchmark:
+        at_sweep_point(benchmark_of("chosen_advantage"))
+    wildcard_constraints:
+        **SWEEP_WILDCARDS,
+
+
 use rule evaluate as evaluate_sweep with:
     input:
         model=lambda wildcards: [f"{RESULTS}/sweeps/{wildcards.sweep}/{wildcards.point}/{wildcards.model}"],

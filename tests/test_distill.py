@@ -102,13 +102,13 @@ def test_padding_does_not_change_the_store(tmp_path):
 def full_logit_losses(model, batch, objective: str, weights: dict) -> torch.Tensor:
     """The loss from the logits of every position, cut to each response (the layout before the head
     projected response positions only)."""
-    from adpa.distill import SEQUENCES
+    from adpa.objectives import sequences_of
     from adpa.losses import TopKBatch, adpa_loss, dckd_loss
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     parts = []
-    size = logits.shape[0] // len(SEQUENCES[objective])
-    for index in range(len(SEQUENCES[objective])):
+    size = logits.shape[0] // len(sequences_of(objective))
+    for index in range(len(sequences_of(objective))):
         rows = slice(index * size, (index + 1) * size)
         picked = torch.stack([logits[row, batch["logit_positions"][row]] for row in range(rows.start, rows.stop)])
         topk = TopKBatch(batch["topk_ids"][rows], batch["topk_values"][rows], batch["topk_rest"][rows])
@@ -225,7 +225,8 @@ def distillation_loss(model, batch, objective: str, weights: dict, inputs: dict 
     """The path DistillationTrainer.compute_loss runs, called directly: the model's forward at the
     batch's `logit_positions` (padded: attention_mask; padding-free: position_ids), the batch cut into
     its sequences, the objective's loss. `inputs` overrides the model inputs (the negative controls)."""
-    from adpa.distill import SEQUENCES, split_sequences
+    from adpa.distill import split_sequences
+    from adpa.objectives import sequences_of
     from adpa.lm_head import dense_lm_head, positions_logits
     from adpa.losses import adpa_loss, dckd_loss, vanilla_kd_loss
 
@@ -237,7 +238,7 @@ def distillation_loss(model, batch, objective: str, weights: dict, inputs: dict 
         # use_cache=False: with a cache (the config's default) transformers does not look for packed
         # sequences in position_ids, and a padding-free batch's sequences would attend to each other.
         logits = positions_logits(model, batch["logit_positions"], **inputs, use_cache=False)[0]
-    sequences = split_sequences(logits, batch, SEQUENCES[objective])
+    sequences = split_sequences(logits, batch, sequences_of(objective))
     chosen = sequences["chosen"]
     if objective == "vanilla_kd":
         return vanilla_kd_loss(
@@ -299,10 +300,10 @@ def test_padding_free_batch_loss_and_gradients_equal_the_padded_batch(tmp_path, 
     gradients. The negative controls show the test sees a leak: the same packed row with a plain causal
     mask (an all-ones attention_mask turns off the packing detection), or with position_ids that do not
     restart, lets each sequence attend to the ones before it, and the loss differs."""
-    from adpa.distill import SEQUENCES
+    from adpa.objectives import sequences_of
 
     stores = padding_free_stores(tmp_path, objective)
-    exchanges = {name: {"chosen": EXCHANGES}.get(name, REJECTED) for name in SEQUENCES[objective]}
+    exchanges = {name: {"chosen": EXCHANGES}.get(name, REJECTED) for name in sequences_of(objective)}
     features = [{"row": row} for row in range(len(EXCHANGES))]
     for name, rows in exchanges.items():
         for feature, exchange in zip(features, rows):
@@ -347,11 +348,11 @@ def test_trainer_loss_in_chunks_of_a_padding_free_batch_equals_the_padded_batch_
     gradients with all positions projected at once."""
     from transformers import TrainingArguments
 
-    from adpa.distill import SEQUENCES
+    from adpa.objectives import sequences_of
 
     stores = padding_free_stores(tmp_path, objective)
     features = [{"row": row} for row in range(len(EXCHANGES))]
-    for name in SEQUENCES[objective]:
+    for name in sequences_of(objective):
         for feature, exchange in zip(features, {"chosen": EXCHANGES}.get(name, REJECTED)):
             feature.update({f"{name}_ids": exchange.input_ids, f"{name}_start": exchange.response_start})
     results = []

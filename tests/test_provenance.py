@@ -27,7 +27,7 @@ TRAINED = {
     "train.py",
 }
 LOADS_MODELS = {"data.py", "errors.py", "generation.py", "models.py", "paths.py", "precision.py", "sequences.py"}
-DISTILLED = TRAINED | {"distill.py", "lm_head.py", "losses.py", "sequences.py", "topk_store.py"}
+DISTILLED = TRAINED | {"distill.py", "lm_head.py", "losses.py", "objectives.py", "sequences.py", "topk_store.py"}
 # TRL's trainers tokenize for themselves: these stages count the rows left with a loss token.
 TRL_TRAINED = TRAINED | {"loss_rows.py"}
 # The exact modules each stage's code hash covers: what it executes, nothing more.
@@ -42,6 +42,7 @@ MODULES = {
     "teacher_generations": LOADS_MODELS,
     "student_generations": LOADS_MODELS,
     "advantage": LOADS_MODELS | {"inference.py", "lm_head.py", "prompt_cache.py", "topk_store.py"},
+    "chosen_advantage": LOADS_MODELS | {"inference.py", "lm_head.py", "prompt_cache.py", "topk_store.py"},
     "student_dpo": TRL_TRAINED | {"dpo.py", "lm_head.py"},
     "simpo": TRL_TRAINED | {"simpo.py"},
     "vanilla_kd": DISTILLED,
@@ -52,8 +53,18 @@ MODULES = {
     "chosen_sft": DISTILLED,
     "adpa_no_ref": DISTILLED,
     "evaluate": LOADS_MODELS | {"evaluate.py", "judges.py", "lm_head.py", "prompt_cache.py", "results.py", "tasks.py"},
-    "summary": {"artifacts.py", "results.py", "stats.py", "summary.py"},
-    "sweep_summary": {"artifacts.py", "errors.py", "results.py", "stats.py", "summary.py", "sweep_summary.py"},
+    # The paired comparisons come from the method registry: a new method reruns the summaries.
+    "summary": {"artifacts.py", "methods.py", "objectives.py", "results.py", "stats.py", "summary.py"},
+    "sweep_summary": {
+        "artifacts.py",
+        "errors.py",
+        "methods.py",
+        "objectives.py",
+        "results.py",
+        "stats.py",
+        "summary.py",
+        "sweep_summary.py",
+    },
 }
 
 
