@@ -97,7 +97,9 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
     if stage.name == "sweep_summary":
         parser.add_argument("--sweep", help="with --configfile: the sweep's name (default: the only one)")
     for name in stage.options:
-        parser.add_argument(f"--{name.replace('_', '-')}", **(OPTIONS[name] if name in OPTIONS else _input_option(stage, name)))
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", **(OPTIONS[name] if name in OPTIONS else _input_option(stage, name))
+        )
     if stage.kind == "training":
         parser.add_argument(
             "--work-dir",
