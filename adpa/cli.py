@@ -319,6 +319,7 @@ def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) 
     parser.add_argument("--params")
     parser.add_argument("--configfile", nargs="+")
     parser.add_argument("--model", default="")
+    parser.add_argument("--dpo-teacher", default="")  # dpkd's reference, gkd's online teacher: held frozen
     known, _ = parser.parse_known_args(stage_arguments)
     if known.params is not None:
         params = json.loads(known.params)
@@ -327,7 +328,7 @@ def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) 
     else:
         params = {}
     settings = json.loads(settings_json)
-    choice = engine.choose_for_job(settings, known.stage, params, known.model)
+    choice = engine.choose_for_job(settings, known.stage, params, known.model, frozen_models=(known.dpo_teacher,))
     print(f"{known.stage}: engine {choice.engine} ({choice.accelerate_file}): {choice.reason}", file=sys.stderr)
     if choice.engine == "plain" and settings["num_processes"] * settings["num_machines"] == 1:
         return engine.DIRECT

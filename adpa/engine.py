@@ -129,10 +129,13 @@ def _size(parameters: int) -> str:
     return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
 
 
-def state_bytes(engine: str, parameters: int, processes: int, reference: bool, lora: bool) -> float:
-    """Model state per GPU (weights, gradients, optimizer) under `engine`; activations not counted."""
+def state_bytes(
+    engine: str, parameters: int, processes: int, reference: bool, lora: bool, other_frozen: int = 0
+) -> float:
+    """Model state per GPU (weights, gradients, optimizer) under `engine`; activations not counted.
+    `other_frozen`: parameters of another frozen model the job holds (dpkd's reference, gkd's teacher)."""
     trained = 0 if lora else parameters
-    frozen = (parameters if lora else 0) + (parameters if reference else 0)
+    frozen = (parameters if lora else 0) + (parameters if reference else 0) + other_frozen
     if engine == "plain":
         return TRAINED_BYTES * trained + FROZEN_BYTES * frozen
     if engine == "zero2":  # weights whole, gradients and optimizer state sharded
@@ -152,6 +155,7 @@ def choose(
     *,
     reference: bool = False,
     lora: bool = False,
+    other_frozen: int = 0,
 ) -> Choice:
     """The engine for a job of `processes` processes on `on` (cpu or gpu)."""
     if on == "cpu":
@@ -159,7 +163,7 @@ def choose(
         reason = "one CPU process: no DeepSpeed" if processes == 1 else f"{processes} CPU processes: ZeRO-3 over gloo"
         if parameters is None:
             return Choice(engine, ACCELERATE_FILES["cpu", engine], reason)
-        needed = state_bytes(engine, parameters, processes, reference, lora)
+        needed = state_bytes(engine, parameters, processes, reference, lora, other_frozen)
         reason += f"; {_size(parameters)} parameters: {needed / 1e9:.2f} GB of model state per process"
         return Choice(engine, ACCELERATE_FILES["cpu", engine], reason, round(needed / 1e9, 2))
     if parameters is None or memory_gb is None:
@@ -168,7 +172,7 @@ def choose(
     budget = STATE_SHARE * memory_gb * 1e9
     candidates = ("plain", "zero3_offload") if processes == 1 else ("zero2", "zero3", "zero3_offload")
     for engine in candidates:
-        needed = state_bytes(engine, parameters, processes, reference, lora)
+        needed = state_bytes(engine, parameters, processes, reference, lora, other_frozen)
         if needed <= budget or engine == "zero3_offload":
             fits = "fit" if needed <= budget else "do not fit even offloaded"
             reason = (
@@ -180,9 +184,15 @@ def choose(
 
 
 def choose_for_job(
-    launch: Mapping[str, Any], stage: str, params: Mapping[str, Any], model: str, memory_gb: float | None = None
+    launch: Mapping[str, Any],
+    stage: str,
+    params: Mapping[str, Any],
+    model: str,
+    memory_gb: float | None = None,
+    frozen_models: tuple[str, ...] = (),
 ) -> Choice:
-    """The choice for one job (`python -m adpa engine`): an explicit file or zero_stage wins."""
+    """The choice for one job (`python -m adpa engine`): an explicit file or zero_stage wins.
+    `frozen_models`: other models the job holds frozen beside the trained one (an unknown size counts 0)."""
     on = device(launch)
     processes = launch["num_processes"] * launch["num_machines"]
     explicit = launch["accelerate_config"]
@@ -194,8 +204,15 @@ def choose_for_job(
         )
     memory = memory_gb if memory_gb is not None else (launch.get("gpu_memory_gb") or gpu_memory_gb())
     lora = bool(params.get("training", {}).get("peft"))
+    other = sum(model_parameters(frozen) or 0 for frozen in frozen_models if frozen)
     return choose(
-        on, processes, model_parameters(model), memory, reference=stage in WITH_REFERENCE and not lora, lora=lora
+        on,
+        processes,
+        model_parameters(model),
+        memory,
+        reference=stage in WITH_REFERENCE and not lora,
+        lora=lora,
+        other_frozen=other,
     )
 
 

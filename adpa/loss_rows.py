@@ -108,9 +108,9 @@ def require_loss_tokens(
     return {"train_rows": kept, "rows_without_loss_tokens": dropped}
 
 
-def train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset=None) -> None:
+def train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset=None, stage_facts=None) -> None:
     """A TRL stage's end: `require_loss_tokens` on the built trainer, then train and publish
-    (adpa.train.train_and_export) with the counts in the manifest."""
+    (adpa.train.train_and_export) with the counts, and the stage's own `stage_facts`, in the manifest."""
     from adpa.train import train_and_export
 
     prompts = train_dataset["prompt"] if "prompt" in train_dataset.column_names else None
@@ -123,4 +123,4 @@ def train_rows_with_loss_tokens(run, trainer, train_dataset, eval_dataset=None) 
         trainer.processing_class,
         prompts,
     )
-    train_and_export(run, trainer, eval_dataset, facts)
+    train_and_export(run, trainer, eval_dataset, {**facts, **(stage_facts or {})})

@@ -51,6 +51,28 @@ def test_state_estimates():
     assert engine.state_bytes("zero2", 10**9, 2, reference=False, lora=False) == 9 * GB
     assert engine.state_bytes("zero3", 10**9, 4, reference=False, lora=False) == 4 * GB
     assert engine.state_bytes("zero3_offload", 10**9, 2, reference=False, lora=False) == 2 * GB
+    # dpkd's reference and gkd's online teacher: another frozen model, 2 bytes per parameter.
+    assert engine.state_bytes("plain", 10**9, 1, reference=False, lora=False, other_frozen=7 * 10**9) == 30 * GB
+
+
+def test_a_frozen_teacher_beside_the_student_counts_in_the_choice(tmp_path):
+    student, teacher = _tiny_model(tmp_path / "student"), _tiny_model(tmp_path / "teacher", hidden=64)
+    count = sum(p.numel() for p in student.parameters())
+    teacher_count = sum(p.numel() for p in teacher.parameters())
+    settings = {
+        "accelerate_config": "auto",
+        "device": "gpu",
+        "num_processes": 1,
+        "num_machines": 1,
+        "zero_stage": None,
+    }
+    # A GPU whose 75% holds the student's 16 bytes per parameter but not the teacher's 2 beside them.
+    memory = (16 * count + teacher_count) / engine.STATE_SHARE / 1e9
+    alone = engine.choose_for_job(settings, "gkd", {}, str(tmp_path / "student"), memory_gb=memory)
+    both = engine.choose_for_job(
+        settings, "gkd", {}, str(tmp_path / "student"), memory_gb=memory, frozen_models=(str(tmp_path / "teacher"),)
+    )
+    assert (alone.engine, both.engine) == ("plain", "zero3_offload")
 
 
 def test_an_explicit_file_or_zero_stage_wins():
