@@ -1,17 +1,22 @@
 """Stages dpo_teacher and student_dpo: DPO whose frozen reference is the initial model itself
-(the REF teacher for the DPO teacher, student_sft for the student baseline)."""
+(the REF teacher for the DPO teacher, student_sft for the student baseline); and dpkd: DPO of the
+student on the DPO teacher's answers against its own, the DPO teacher its reference."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 from adpa.data import load_preference
+from adpa.errors import InputError
 from adpa.lm_head import dense_lm_head
 from adpa.lora import lora_config, quantization_config
 from adpa.loss_rows import train_rows_with_loss_tokens
 from adpa.models import check_model_reference, load_model, load_tokenizer
 from adpa.train import StageRun, trainer_arguments, world_size
+
+log = logging.getLogger("adpa")
 
 
 def shared_on_disk(dataset, folder: Path):
@@ -36,9 +41,12 @@ def run_dpo(run: StageRun, model: str) -> None:
     train_preference(run, model, load_preference(dataset, dataset["train_split"]))
 
 
-def train_preference(run: StageRun, model: str, train_dataset, reference: str | None = None) -> None:
+def train_preference(
+    run: StageRun, model: str, train_dataset, reference: str | None = None, facts: dict | None = None
+) -> None:
     """TRL's DPOTrainer on `train_dataset` (prompt, chosen, rejected) from `model`, against the frozen
-    `reference` (default: `model` itself, before its first step); loss_type from the stage's settings."""
+    `reference` (default: `model` itself, before its first step); loss_type from the stage's settings.
+    `facts`: the stage's own counts for the manifest."""
     from trl import DPOConfig, DPOTrainer
 
     params = run.params
@@ -86,4 +94,37 @@ def train_preference(run: StageRun, model: str, train_dataset, reference: str | 
         dense_lm_head(trainer.ref_model)
     # No trainer-side evaluation: rule evaluate scores every model on the held-out pairs (the
     # trainer's would run policy and reference over them again, ~20% of this stage on CPU).
-    train_rows_with_loss_tokens(run, trainer, train_dataset)
+    train_rows_with_loss_tokens(run, trainer, train_dataset, stage_facts=facts)
+
+
+def run_dpkd(run: StageRun, model: str, dpo_teacher: str, generations: Path, own_generations: Path) -> None:
+    """DPKD (direct preference knowledge distillation, DistiLLM-2's `dpkd` loss): DPO of the student `model`
+    whose chosen answer is the DPO teacher's response (`generations`), whose rejected answer is the student's
+    own (`own_generations`), and whose frozen reference is the DPO teacher; loss_type sigmoid_norm compares
+    per-token mean log-probs, as DistiLLM-2 does."""
+    import datasets
+
+    check_model_reference(model)
+    check_model_reference(dpo_teacher)
+    teacher, own = (datasets.load_from_disk(str(path)) for path in (generations, own_generations))
+    if teacher["prompt"] != own["prompt"]:
+        raise InputError(
+            f"{run.stage}: teacher_generations and student_generations answer different prompts (stale generations?)"
+        )
+
+    def answers(texts):
+        return [[{"role": "assistant", "content": text}] for text in texts]
+
+    pairs = datasets.Dataset.from_dict(
+        {"prompt": teacher["prompt"], "chosen": answers(teacher["response"]), "rejected": answers(own["response"])}
+    )
+    # A pair whose two answers are the same text carries no preference (its DPO logit is 0, its gradient 0).
+    identical = sum(chosen == rejected for chosen, rejected in zip(teacher["response"], own["response"]))
+    if identical:
+        log.warning(
+            "%s: %d of %d pairs have the same answer from the DPO teacher and the student: no preference to learn there",
+            run.stage,
+            identical,
+            len(pairs),
+        )
+    train_preference(run, model, pairs, reference=dpo_teacher, facts={"pairs_with_identical_answers": identical})

@@ -122,6 +122,38 @@ METHOD_ENTRIES: tuple[Method, ...] = (
         },
     ),
     Method(
+        "dpkd",
+        "baseline",
+        "baseline: DPKD, DPO of the student on the DPO teacher's answers over its own, reference = the DPO teacher",
+        "baseline (the paper's): direct preference knowledge distillation as DistiLLM-2's `dpkd` loss, TRL"
+        " `DPOTrainer` from student_sft with chosen = the DPO teacher's greedy answer (`teacher_generations`),"
+        " rejected = the student's own (`student_generations`), reference = the DPO teacher, per-token mean"
+        " log-probs (`loss_type: sigmoid_norm`)",
+        ("dpo", "distillation", "dpkd"),
+        runner="adpa.dpo:run_dpkd",
+        inputs={
+            **FROM_SFT,
+            "dpo_teacher": "dpo_teacher",
+            "generations": "teacher_generations",
+            "own_generations": f"{SEED}/student_generations",
+        },
+        reads_preference=False,
+        description=(
+            "Baseline: DPKD (direct preference knowledge distillation; DistiLLM-2's dpkd loss), DPO of the "
+            "student (init student_sft) preferring the DPO teacher's greedy answers to its own, against the "
+            "DPO teacher as the frozen reference."
+        ),
+        settings={
+            "beta": {"type": "number", "exclusiveMinimum": 0, "default": 0.1},
+            "loss_type": {
+                "type": "string",
+                "enum": ["sigmoid_norm", "sigmoid"],
+                "default": "sigmoid_norm",
+                "description": "sigmoid_norm: per-token mean log-probs (DistiLLM-2); sigmoid: sums (DPO's).",
+            },
+        },
+    ),
+    Method(
         "chosen_sft",
         "control",
         "control: NLL on the chosen responses alone, the term every distillation method shares",
