@@ -154,6 +154,49 @@ METHOD_ENTRIES: tuple[Method, ...] = (
         },
     ),
     Method(
+        "gkd",
+        "baseline",
+        "baseline: on-policy distillation, TRL GKDTrainer (generalized JSD to the DPO teacher, online)",
+        "baseline (the field's trainers): on-policy distillation with TRL's `GKDTrainer` from student_sft:"
+        " with probability `gkd.lmbda` a batch's answers are the student's own samples, else the chosen"
+        " answers; generalized JSD (`gkd.beta`) to the DPO teacher, run online on them",
+        ("distillation", "gkd", "on-policy"),
+        runner="adpa.gkd:run_gkd",
+        inputs={**FROM_SFT, "dpo_teacher": "dpo_teacher"},
+        description=(
+            "Baseline: on-policy distillation (GKD, Agarwal et al. 2024) through TRL's GKDTrainer, init "
+            "student_sft, the DPO teacher online; TRL's defaults for lmbda, beta and temperature."
+        ),
+        settings={
+            "lmbda": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "default": 0.5,
+                "description": "Fraction of batches answered by the student's own samples (else the chosen answers).",
+            },
+            "beta": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "default": 0.5,
+                "description": "Generalized JSD interpolation: 0 forward KL(teacher || student), 1 reverse KL.",
+            },
+            "temperature": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "default": 0.9,
+                "description": "Sampling temperature of the student's answers.",
+            },
+            "max_new_tokens": {
+                "type": "integer",
+                "minimum": 1,
+                "default": 128,
+                "description": "Sampled answer length.",
+            },
+        },
+    ),
+    Method(
         "chosen_sft",
         "control",
         "control: NLL on the chosen responses alone, the term every distillation method shares",
