@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from adpa.objectives import ADPA, DCKD, NLL_ON_CHOSEN, VANILLA_KD, Terms
+from adpa.objectives import ADPA, DCKD, NLL_ON_CHOSEN, VANILLA_KD, Term, Terms
 
 SEED = "seed{seed}"
 FROM_SFT = {"model": f"{SEED}/student_sft"}
@@ -212,6 +212,21 @@ METHOD_ENTRIES: tuple[Method, ...] = (
         comparisons=(Comparison(BASELINE, "clean answers"),),
     ),
     Method(
+        "adpa_chosen",
+        "control",
+        "control: ADPA's advantage term read on the chosen answers instead of the student's own",
+        "the control of ADPA's on-policy states: NLL(y_w) − λ·Σ_a π_θ(a\\|s_t)·A(s_t,a) at the states of the"
+        " chosen answers y_w (`chosen_advantage`) instead of the student's own, settings of `adpa`",
+        ("distillation", "adpa", "distillation-control"),
+        terms={
+            "nll": Term("nll", "chosen", "nll_weight"),
+            "chosen_advantage": Term("advantage", "chosen", "adpa_weight", -1.0),
+        },
+        inputs={**FROM_SFT, "advantage": "chosen_advantage"},
+        section="adpa",
+        comparisons=(Comparison(CONTROL, "the advantage on the chosen answers"),),
+    ),
+    Method(
         "vanilla_kd",
         "baseline",
         "baseline: NLL + forward KL to the DPO teacher's top-k on the chosen response",
@@ -292,6 +307,7 @@ METHOD_ENTRIES: tuple[Method, ...] = (
         comparisons=(
             Comparison(CONTROL, "the advantage"),
             Comparison("adpa_no_ref", "the reference teacher"),
+            Comparison("adpa_chosen", "the student's own states"),
             Comparison("dckd"),
         ),
     ),
