@@ -102,8 +102,8 @@ def test_padding_does_not_change_the_store(tmp_path):
 def full_logit_losses(model, batch, objective: str, weights: dict) -> torch.Tensor:
     """The loss from the logits of every position, cut to each response (the layout before the head
     projected response positions only)."""
-    from adpa.objectives import sequences_of
     from adpa.losses import TopKBatch, adpa_loss, dckd_loss
+    from adpa.objectives import sequences_of
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     parts = []
@@ -226,9 +226,9 @@ def distillation_loss(model, batch, objective: str, weights: dict, inputs: dict 
     batch's `logit_positions` (padded: attention_mask; padding-free: position_ids), the batch cut into
     its sequences, the objective's loss. `inputs` overrides the model inputs (the negative controls)."""
     from adpa.distill import split_sequences
-    from adpa.objectives import sequences_of
     from adpa.lm_head import dense_lm_head, positions_logits
     from adpa.losses import adpa_loss, dckd_loss, vanilla_kd_loss
+    from adpa.objectives import sequences_of
 
     if inputs is None:
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}

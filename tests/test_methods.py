@@ -31,7 +31,9 @@ def missing_pieces(method: Method, readme: str, schema: dict) -> list[str]:
     if section is None:
         missing.append(f"schema section '{method.settings_section}'")
     elif method.terms is not None:
-        missing += [f"schema key {method.settings_section}.{key}" for key in weights_of(method.terms) if key not in section]
+        missing += [
+            f"schema key {method.settings_section}.{key}" for key in weights_of(method.terms) if key not in section
+        ]
     if method.name not in properties["methods"]["items"].get("enum", []):
         missing.append("the `methods` enum")
     if method.name not in properties["resources"]["properties"]:
@@ -98,7 +100,10 @@ def test_a_derived_setting_is_refused_and_follows_its_source():
 def test_the_loss_is_a_stage_parameter_so_a_changed_term_reruns_its_method_only():
     config = load_config(ROOT / "config" / "tiny.yaml")
     loss = stage_params(config, "adpa")["loss"]
-    assert loss == {"nll": ["nll", "chosen", "nll_weight", 1.0], "own_advantage": ["advantage", "own", "adpa_weight", -1.0]}
+    assert loss == {
+        "nll": ["nll", "chosen", "nll_weight", 1.0],
+        "own_advantage": ["advantage", "own", "adpa_weight", -1.0],
+    }
     assert stage_params(config, "adpa_no_ref")["advantage_reference"] is False
     assert stage_params(config, "adpa")["advantage_reference"] is True
     assert "loss" not in stage_params(config, "student_dpo")
@@ -119,5 +124,48 @@ def test_comparisons_keep_their_order_and_name_trained_models():
     names = {method.name for method in METHOD_ENTRIES}
     assert COMPARISONS[0] == ("student_dpo", BASELINE) and COMPARISONS[-1] == ("dpo_teacher", "ref_teacher")
     assert all(model in names | {"dpo_teacher"} for model, _ in COMPARISONS)
-    assert [row[0] for row in INGREDIENTS][:3] == ["clean answers", "the teacher's distribution on chosen", "the rejected side"]
+    assert [row[0] for row in INGREDIENTS][:2] == ["clean answers", "the advantage on the chosen answers"]
+    assert ("the student's own states", "adpa", "adpa_chosen") in INGREDIENTS
     assert Comparison("dckd") in next(m for m in METHOD_ENTRIES if m.name == "adpa").comparisons
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "ablations.yaml", "mistral-7b-deita.yaml", "llama3.1-8b-3.2-1b.yaml"])
+def test_the_tiny_dag_the_ablations_and_the_paper_recipes_name_every_method(name):
+    from adpa.config import read_config_file
+
+    listed = read_config_file(ROOT / "config" / name)["methods"]
+    assert listed == [method.name for method in METHOD_ENTRIES], f"config/{name}: methods in registry order"
+
+
+def test_gkd_rows_are_conversations_ending_in_the_answer():
+    from adpa.gkd import conversations
+
+    prompt = [{"role": "user", "content": "2+2?"}]
+    answer = [{"role": "assistant", "content": "4"}]
+    assert conversations([prompt], [answer]) == [[*prompt, *answer]]
+
+
+def test_new_inputs_become_cli_options_naming_their_folder():
+    from adpa.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "dpkd",
+            "--params",
+            "{}",
+            "--model",
+            "m",
+            "--dpo-teacher",
+            "t",
+            "--generations",
+            "g",
+            "--own-generations",
+            "o",
+            "--output",
+            "out",
+        ]
+    )
+    assert (args.dpo_teacher, args.own_generations) == ("t", "o")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gkd", "--params", "{}", "--model", "m", "--output", "out"])  # --dpo-teacher is required

@@ -52,6 +52,9 @@ MODULES = {
     "adpa_plus": DISTILLED,
     "chosen_sft": DISTILLED,
     "adpa_no_ref": DISTILLED,
+    "adpa_chosen": DISTILLED,
+    "dpkd": TRL_TRAINED | {"dpo.py", "lm_head.py"},
+    "gkd": TRAINED | {"gkd.py"},
     "evaluate": LOADS_MODELS | {"evaluate.py", "judges.py", "lm_head.py", "prompt_cache.py", "results.py", "tasks.py"},
     # The paired comparisons come from the method registry: a new method reruns the summaries.
     "summary": {"artifacts.py", "methods.py", "objectives.py", "results.py", "stats.py", "summary.py"},

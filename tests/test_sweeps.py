@@ -29,9 +29,10 @@ def plan(sweeps: dict, **changes) -> dict:
 
 def test_a_lambda_sweep_retrains_what_reads_lambda_and_reuses_the_rest():
     sweep = plan({"lam": {"setting": "adpa.adpa_weight", "values": [3.0, 0.0, 1.6]}})["lam"]
-    # adpa, adpa_plus and adpa_no_ref read section adpa; the advantage, generations, student_sft and dckd do not change.
-    assert sweep.retrained == {"adpa", "adpa_plus", "adpa_no_ref"}
-    assert sweep.methods == ("adpa", "adpa_plus", "adpa_no_ref")
+    # adpa, adpa_plus, adpa_no_ref and adpa_chosen read section adpa; the advantage stores, generations,
+    # student_sft and dckd do not change.
+    assert sweep.retrained == {"adpa_chosen", "adpa", "adpa_plus", "adpa_no_ref"}
+    assert sweep.methods == ("adpa_chosen", "adpa", "adpa_plus", "adpa_no_ref")
     # The config's own value (tiny: the default 1.6) is the main run: no folder of its own.
     assert [(point.value, point.folder) for point in sweep.points] == [
         (0.0, "sweeps/lam/adpa_weight~0.0"),
@@ -55,7 +56,17 @@ def test_values_given_as_text_take_the_settings_type():
 def test_a_topk_sweep_reruns_the_store_and_only_what_reads_it():
     sweep = plan({"k": {"setting": "teacher_topk.k", "values": [4, 16]}})["k"]
     # Both the top-k store and the advantage stores keep k tokens per position.
-    assert sweep.retrained == {"teacher_topk", "advantage", "dckd", "vanilla_kd", "adpa", "adpa_plus", "adpa_no_ref"}
+    assert sweep.retrained == {
+        "teacher_topk",
+        "advantage",
+        "chosen_advantage",
+        "dckd",
+        "vanilla_kd",
+        "adpa",
+        "adpa_plus",
+        "adpa_no_ref",
+        "adpa_chosen",
+    }
     assert "student_sft" not in sweep.retrained and "student_generations" not in sweep.retrained
     assert [point.folder for point in sweep.points] == ["sweeps/k/k~4", None, "sweeps/k/k~16"]
 

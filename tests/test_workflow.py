@@ -33,10 +33,13 @@ MODELS = (
     "seq_kd",
     "chosen_sft",
     "adpa_no_ref",
+    "dpkd",
+    "gkd",
+    "adpa_chosen",
 )
-BASELINES = ("student_dpo", "simpo", "vanilla_kd", "seq_kd")
-# The control (NLL on chosen alone) and the ablation without the REF teacher.
-ATTRIBUTION = ("chosen_sft", "adpa_no_ref")
+BASELINES = ("student_dpo", "simpo", "vanilla_kd", "seq_kd", "dpkd", "gkd")
+# The controls (NLL on chosen alone; ADPA's advantage on the chosen answers) and the ablation without the REF teacher.
+ATTRIBUTION = ("chosen_sft", "adpa_no_ref", "adpa_chosen")
 TRAINED = ("ref_teacher", "dpo_teacher", "student_sft", "dckd", "adpa", "adpa_plus", *BASELINES, *ATTRIBUTION)
 EVALUATED = ("base_teacher", *TRAINED)
 AFTER_DPO_TEACHER = {
@@ -49,6 +52,10 @@ AFTER_DPO_TEACHER = {
     "vanilla_kd",
     "seq_kd",
     "adpa_no_ref",
+    "chosen_advantage",
+    "adpa_chosen",
+    "dpkd",
+    "gkd",
 }
 PER_SEED = ("student_sft", "student_generations", "advantage", "dckd", "adpa", "adpa_plus", *BASELINES, *ATTRIBUTION)
 # Jobs per seed: the advantage stage writes two stores (with and without the REF teacher).
@@ -180,7 +187,9 @@ def test_dckd_weights_rerun_dckd_and_adpa_plus_only(tiny):
 
 
 def test_adpa_lambda_reruns_the_adpa_stages_only(tiny):
-    assert dry_run(tiny, "--config", "adpa={adpa_weight: 1.0}") == jobs("adpa", "adpa_plus", "adpa_no_ref")
+    assert dry_run(tiny, "--config", "adpa={adpa_weight: 1.0}") == jobs(
+        "adpa", "adpa_plus", "adpa_no_ref", "adpa_chosen"
+    )
 
 
 def test_control_settings_rerun_the_control_only(tiny):
@@ -193,7 +202,9 @@ def test_control_settings_rerun_the_control_only(tiny):
         ("vanilla_kd={kl_weight: 0.5}", ("vanilla_kd",)),
         ("seq_kd={learning_rate: 0.002}", ("seq_kd",)),
         ("simpo={gamma: 1.0}", ("simpo",)),
-        ("teacher_generations={max_new_tokens: 5}", ("teacher_generations", "seq_kd")),
+        ("teacher_generations={max_new_tokens: 5}", ("teacher_generations", "seq_kd", "dpkd")),
+        ("dpkd={beta: 0.2}", ("dpkd",)),
+        ("gkd={lmbda: 1.0}", ("gkd",)),
     ],
 )
 def test_baseline_settings_rerun_that_baseline_only(tiny, change, stages):
@@ -201,7 +212,7 @@ def test_baseline_settings_rerun_that_baseline_only(tiny, change, stages):
 
 
 def test_dropping_a_method_leaves_the_others_untouched(tiny):
-    methods = "methods=[student_dpo, chosen_sft, vanilla_kd, seq_kd, dckd, adpa, adpa_plus, adpa_no_ref]"
+    methods = "methods=[student_dpo, dpkd, gkd, chosen_sft, adpa_chosen, vanilla_kd, seq_kd, dckd, adpa, adpa_plus, adpa_no_ref]"
     # simpo's model is no longer in the table: its evaluation goes, the summary is rebuilt.
     assert dry_run(tiny, "--config", methods) == {"summary": 1, "all": 1}
 
@@ -250,7 +261,10 @@ EVERYTHING_AFTER_SFT = (
     [
         ("dpo.py", jobs("dpo_teacher", "student_dpo", *AFTER_DPO_TEACHER)),
         ("sft.py", jobs("ref_teacher", "student_sft", *EVERYTHING_AFTER_SFT)),
-        ("distill.py", jobs("dckd", "adpa", "adpa_plus", "vanilla_kd", "chosen_sft", "adpa_no_ref")),
+        ("distill.py", jobs("dckd", "adpa", "adpa_plus", "vanilla_kd", "chosen_sft", "adpa_no_ref", "adpa_chosen")),
+        ("gkd.py", jobs("gkd")),
+        # A new method's entry reruns no other method: only the summary, whose comparisons come from it.
+        ("methods.py", {"summary": 1, "all": 1}),
         ("simpo.py", jobs("simpo")),
         ("config.py", {}),  # parse-time code only: no stage runs it
         ("stages.py", {}),
@@ -389,7 +403,10 @@ def test_every_model_is_evaluated_and_the_summary_holds_them_all(tiny):
         "student_sft",
         "student_dpo",
         "simpo",
+        "dpkd",
+        "gkd",
         "chosen_sft",
+        "adpa_chosen",
         "vanilla_kd",
         "seq_kd",
         "dckd",
@@ -673,14 +690,15 @@ def test_sweeps_plan_only_what_the_swept_setting_changes(tiny):
         "sweep_summary": 2,
         "all": 1,
     }
-    # One seed, every method: lambda reaches adpa, adpa_plus and adpa_no_ref, and nothing else.
+    # One seed, every method: lambda reaches adpa, adpa_plus, adpa_no_ref and adpa_chosen, and nothing else.
     assert dry_run(tiny, "--config", "dckd={rejected_kl_weight: 0.3}", SWEEPS) == {
         "adpa_sweep": 1,
         "adpa_plus_sweep": 1,
         "adpa_no_ref_sweep": 1,
+        "adpa_chosen_sweep": 1,
         "teacher_topk_sweep": 1,
         "dckd_sweep": 1,
-        "evaluate_sweep": 4,
+        "evaluate_sweep": 5,
         "sweep_summary": 2,
         "summary": 1,  # seed 5 and its two methods leave the table
         "all": 1,
