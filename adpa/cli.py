@@ -366,7 +366,9 @@ def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
     memory = config["launch"]["gpu_memory_gb"] or engine.gpu_memory_gb()
     for stage in configuration.TRAINING_STAGES:
         size = sizes["teacher" if stage in engine.TEACHER_STAGES else "student"]
-        print(engine.describe(config, stage, size, memory))
+        # dpkd's reference and gkd's online teacher: the DPO teacher, held frozen beside the student.
+        frozen = (sizes["teacher"] or 0) if "dpo_teacher" in STAGES[stage].inputs else 0
+        print(engine.describe(config, stage, size, memory, other_frozen=frozen))
     for stage in REGISTRY:
         print(
             f"{stage.name}: threads={launch.job_threads(config, stage.name)} "

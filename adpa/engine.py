@@ -288,8 +288,11 @@ def estimated_parameters(config: Mapping[str, Any]) -> dict[str, int | None]:
     return sizes
 
 
-def describe(config: Mapping[str, Any], stage: str, parameters: int | None, memory_gb: float | None) -> str:
-    """One line of `check`: the engine a training stage will run with, and the estimate behind it."""
+def describe(
+    config: Mapping[str, Any], stage: str, parameters: int | None, memory_gb: float | None, other_frozen: int = 0
+) -> str:
+    """One line of `check`: the engine a training stage will run with, and the estimate behind it
+    (`other_frozen`: parameters of another frozen model the job holds, e.g. gkd's teacher)."""
     launch = config["launch"]
     if launch["accelerate_config"] != AUTO:
         return f"{stage}: engine from {launch['accelerate_config']} (launch.accelerate_config)"
@@ -298,11 +301,12 @@ def describe(config: Mapping[str, Any], stage: str, parameters: int | None, memo
     lora = bool(config[stage].get("peft")) if isinstance(config.get(stage), Mapping) else False
     processes = launch["num_processes"] * launch["num_machines"]
     on = device(launch)
-    choice = choose(on, processes, parameters, memory_gb, reference=stage in WITH_REFERENCE and not lora, lora=lora)
+    reference = stage in WITH_REFERENCE and not lora
+    choice = choose(on, processes, parameters, memory_gb, reference=reference, lora=lora, other_frozen=other_frozen)
     line = f"{stage}: engine {choice.engine} ({choice.accelerate_file}): {choice.reason}"
     if on == "gpu" and parameters is not None and memory_gb is None:
         estimates = ", ".join(
-            f"{name} {state_bytes(name, parameters, processes, stage in WITH_REFERENCE and not lora, lora) / 1e9:.2f} GB"
+            f"{name} {state_bytes(name, parameters, processes, reference, lora, other_frozen) / 1e9:.2f} GB"
             for name in (("plain",) if processes == 1 else ()) + ("zero2", "zero3", "zero3_offload")
         )
         line += f"; chosen when the job starts from its GPU's memory (model state per GPU: {estimates})"
