@@ -86,8 +86,9 @@ def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch
     config["seeds"] = [1, 2]
     needed = required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100})
     # 2 teacher checkpoints of 1000 x (12 optimizer + 4 fp32 weights), plus fp32 finals: 2 teachers
-    # + 10 student stages x 2 seeds
-    assert needed == (1000 * 16 + CHECKPOINT_STATE_BYTES) * 2 + 4 * (2 * 1000 + 10 * 100 * 2)
+    # + 13 student stages (student_sft and tiny.yaml's 12 methods) x 2 seeds
+    assert len(config["methods"]) == 12
+    assert needed == (1000 * 16 + CHECKPOINT_STATE_BYTES) * 2 + 4 * (2 * 1000 + 13 * 100 * 2)
     # The tokenizer and config files of the base models come with each checkpoint and model.
     assert required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100}, {"base_teacher": 7}) == (
         needed + 7 * (2 + 2)
