@@ -132,6 +132,10 @@ def plan_sweep(
         raise ConfigError(f"{where}.setting': section '{section}' has no setting '{key}'")
     baseline = config[section][key]
     given = [_typed_like(value, baseline) for value in spec["values"]]
+    if all(value == baseline for value in given):
+        raise ConfigError(
+            f"{where}.values': only the config's own {setting} = {baseline!r}, the main run; name another value"
+        )
     values = sorted({*given, baseline}, key=_sort_key)
     configs = {}
     for index, value in enumerate(given):

@@ -125,6 +125,16 @@ def test_bad_sweeps_fail_in_one_line_naming_the_key(spec, message):
         plan({"bad": spec}, methods=methods)
 
 
+def test_a_sweep_of_only_the_configs_own_value_is_named_not_blamed_on_the_method():
+    # A tuning overlay run after its winner went into the config: the sweep point is the main run.
+    baseline = plan_config()["adpa"]["adpa_weight"]
+    with pytest.raises(
+        ConfigError, match=r"'sweeps.bad.values': only the config's own adpa.adpa_weight = .*the main run"
+    ):
+        plan({"bad": {"setting": "adpa.adpa_weight", "values": [baseline], "methods": ["adpa"]}})
+    assert plan({"ok": {"setting": "adpa.adpa_weight", "values": [baseline, baseline + 1], "methods": ["adpa"]}})
+
+
 def test_a_sweep_method_must_be_in_the_main_run():
     with pytest.raises(ConfigError, match=r"'sweeps.lam.methods': adpa_no_ref is not in `methods`"):
         plan({"lam": {"setting": "adpa.adpa_weight", "values": [1.0], "methods": ["adpa_no_ref"]}}, methods=["adpa"])
