@@ -2,7 +2,7 @@
 
 Settings come either as `--params` (the exact JSON the Snakemake rule tracks) or from a
 `--configfile`, reduced to the same per-stage parameters. The stages, their options and the
-function each runs come from the registry (adpa/stages.py).
+function each runs come from the registry (adpa/dag/stages.py).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from adpa import artifacts, model_card, preemption
-from adpa import config as configuration
-from adpa.errors import InputError
-from adpa.launch import SWITCHES
-from adpa.stages import REGISTRY, STAGES, Stage, max_length_key
+from adpa.core import artifacts
+from adpa.core.errors import InputError
+from adpa.dag.stages import REGISTRY, STAGES, Stage, max_length_key
+from adpa.report import model_card
+from adpa.training import preemption
+from adpa.workflow import config as configuration
+from adpa.workflow.launch import SWITCHES
 
 
 def _expanded_path(value: str) -> Path:
@@ -138,7 +140,7 @@ def _stage_parser(sub, stage: Stage, launch_defaults: Mapping[str, Any]) -> None
 
 
 def _input_option(stage: Stage, name: str) -> dict[str, Any]:
-    """A student method's input that OPTIONS does not describe (adpa/methods.py names it): a results folder."""
+    """A student method's input that OPTIONS does not describe (adpa/dag/methods.py names it): a results folder."""
     if name not in stage.inputs:
         raise KeyError(f"stage {stage.name}: option {name!r} is neither in OPTIONS nor one of its inputs")
     return {"required": True, "help": f"results/{stage.inputs[name]}"}
@@ -157,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine = sub.add_parser(
         "engine", help="print the accelerate config file a training job runs with (launch.accelerate_config: auto)"
     )
-    engine.add_argument("--launch", required=True, help="the launch settings as JSON (adpa.launch.engine_settings)")
+    engine.add_argument(
+        "--launch", required=True, help="the launch settings as JSON (adpa.workflow.launch.engine_settings)"
+    )
     engine.add_argument("stage_arguments", nargs=argparse.REMAINDER, help="the stage and its arguments")
     sub.add_parser("config-docs", help="print config/README.md, generated from config/schema.yaml")
     return parser
@@ -223,7 +227,7 @@ def _republished(run) -> bool:
 def run_stage(args: argparse.Namespace) -> None:
     """Training stages train and publish themselves. Other stages with output folders fill staging
     folders, published with their manifests once the stage returns; summary writes its files itself."""
-    from adpa.provenance import code_hash
+    from adpa.workflow.provenance import code_hash
 
     stage = STAGES[args.command]
     if stage.kind == "training":
@@ -232,14 +236,14 @@ def run_stage(args: argparse.Namespace) -> None:
     _set_threads(getattr(args, "threads", None))
     runner = _runner(stage)
     if stage.kind == "training":
-        from adpa.train import mark_imports_done
+        from adpa.training.train import mark_imports_done
 
         mark_imports_done()
     outputs = {name: getattr(args, name) for name in _outputs(stage)}
     inputs = {name: getattr(args, name) for name in stage.options if name not in outputs}
     parents = model_card.lineage(inputs)
     if stage.kind == "training":
-        from adpa.train import LaunchOptions, StageRun
+        from adpa.training.train import LaunchOptions, StageRun
 
         run = StageRun(
             stage=stage.name,
@@ -296,7 +300,7 @@ def _resolved_switches(args: argparse.Namespace) -> dict[str, Any]:
     """The speed switches for this machine: auto is on where a GPU trains (liger: where installed)."""
     import torch
 
-    from adpa import engine
+    from adpa.workflow import engine
 
     on_gpu = torch.cuda.is_available()
     attention = engine.attention(args.attention, on_gpu)
@@ -312,7 +316,7 @@ def _resolved_switches(args: argparse.Namespace) -> dict[str, Any]:
 def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) -> str:
     """The accelerate file of a job (`launch.accelerate_config: auto`), chosen from its stage, settings
     and model; the choice and its estimate go to stderr, the job's log."""
-    from adpa import engine
+    from adpa.workflow import engine
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("stage")
@@ -338,7 +342,7 @@ def _engine(settings_json: str, stage_arguments: list[str], workflow_dir: Path) 
 def _raise_if_disk_full(stage: str, output: Path, staged: list[Path], error: BaseException) -> None:
     """A stage that does not train and ran out of space: one line naming its output, and its staging
     folders go."""
-    from adpa.train import disk_full
+    from adpa.training.train import disk_full
 
     full = disk_full(stage, Path(output), None, error)
     if full is None:
@@ -350,7 +354,7 @@ def _raise_if_disk_full(stage: str, output: Path, staged: list[Path], error: Bas
 
 def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
     """How each training stage is distributed, and what every job asks of the scheduler."""
-    from adpa import launch
+    from adpa.workflow import launch
 
     machines, processes = config["launch"]["num_machines"], config["launch"]["num_processes"]
     for stage in configuration.TRAINING_STAGES:
@@ -360,7 +364,7 @@ def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
             f"{stage}: gradient_accumulation_steps = {steps}  (effective batch {training['effective_batch_size']} = "
             f"{training['per_device_batch_size']} per device x {processes} processes x {machines} machines x {steps})"
         )
-    from adpa import engine
+    from adpa.workflow import engine
 
     sizes = engine.estimated_parameters(config)
     memory = config["launch"]["gpu_memory_gb"] or engine.gpu_memory_gb()
@@ -377,8 +381,8 @@ def _print_launch(config: Mapping[str, Any], workflow_dir: Path) -> None:
 
 
 def _check(configfiles: list[Path], slurm: bool) -> None:
-    from adpa.checks import check_files
-    from adpa.preflight import run_preflight
+    from adpa.workflow.checks import check_files
+    from adpa.workflow.preflight import run_preflight
 
     loaded = configuration.load_config(configfiles)
     workflow_dir = Path(__file__).resolve().parent.parent
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "engine":
             print(_engine(args.launch, args.stage_arguments, Path(__file__).resolve().parent.parent))
         elif args.command == "config-docs":
-            from adpa.config_docs import render
+            from adpa.workflow.config_docs import render
 
             print(render(), end="")
         elif args.command == "check":

@@ -71,8 +71,8 @@ def main() -> None:
 
     from transformers import TrainingArguments
 
-    import adpa.distill as distill
-    from adpa.precision import cpu_flags
+    import adpa.training.distill as distill
+    from adpa.modeling.precision import cpu_flags
 
     torch.set_num_threads(2)
     weights = {
@@ -88,10 +88,10 @@ def main() -> None:
     training = TrainingArguments(output_dir="/tmp/distill-step", use_cpu=True, report_to="none")
     trainer = trainer_class(model=model, args=training, objective=args.objective, weights=weights, **extra)
     try:
-        from adpa.objectives import sequences_of
+        from adpa.dag.objectives import sequences_of
 
         inputs = batch(len(sequences_of(args.objective)))
-    except ImportError:  # a checkout from before adpa/objectives.py
+    except ImportError:  # a checkout from before adpa/dag/objectives.py
         inputs = batch(len(distill.SEQUENCES[args.objective]))
     seconds, loss = [], None
     for step in range(args.steps + 1):

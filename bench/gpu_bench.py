@@ -245,7 +245,7 @@ def teacher_overrides(
     """The `config/tiny.yaml` changes of one teacher job: the sizes' batches and lengths (accumulation 1
     in every training stage), every task family, few held-out rows, no checkpoint inside the measured
     train time, every speed switch on auto unless `launch` turns one."""
-    from adpa.stages import REGISTRY
+    from adpa.dag.stages import REGISTRY
 
     switches = {"padding_free": "auto", "liger_kernel": "auto", "precompute_ref_log_probs": "auto"}
     values: dict[str, Any] = {
@@ -283,9 +283,9 @@ def checked(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config as the workflow will see it (schema defaults filled) or a one-line error now, before a
     job starts; the generated rows' held-out capacity is checked here too (the workflow checks it only
     when generate_data runs)."""
-    from adpa.config import load_schema, validate_config
-    from adpa.datagen import check_generated_capacity
-    from adpa.errors import ConfigError
+    from adpa.core.errors import ConfigError
+    from adpa.inputs.datagen import check_generated_capacity
+    from adpa.workflow.config import load_schema, validate_config
 
     try:
         config = validate_config(copy.deepcopy(dict(config)), load_schema(REPO / "config" / "schema.yaml"))
@@ -300,7 +300,7 @@ def tokens_per_sft_row(config: Mapping[str, Any], tokenizer_dir: Path, sample: i
     rows the config generates: what sizes the data to the packed steps asked for."""
     from transformers import AutoTokenizer
 
-    from adpa.datagen import training_prompts
+    from adpa.inputs.datagen import training_prompts
 
     spec = {**config["datasets"]["generate"], "train_rows": sample}
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -502,8 +502,8 @@ def tokenizer_folder(requested: Path, cpu: bool, scratch: Path) -> Path:
         )
     from transformers import AutoConfig, AutoTokenizer
 
-    from adpa.errors import InputError
-    from adpa.models import gguf_location
+    from adpa.core.errors import InputError
+    from adpa.modeling.models import gguf_location
 
     tiny = yaml.safe_load((REPO / "config" / "tiny.yaml").read_text())
     try:

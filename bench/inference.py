@@ -32,9 +32,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from adpa.generation import inference_autocast, load_for_inference  # noqa: E402
-from adpa.precision import NATIVE_BF16_FLAGS, cpu_flags, resolve  # noqa: E402
-from adpa.sequences import Exchange, pad_exchanges, pad_token_id, tokenize_rows  # noqa: E402
+from adpa.infer.generation import inference_autocast, load_for_inference  # noqa: E402
+from adpa.modeling.precision import NATIVE_BF16_FLAGS, cpu_flags, resolve  # noqa: E402
+from adpa.modeling.sequences import Exchange, pad_exchanges, pad_token_id, tokenize_rows  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -77,9 +77,9 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(args.workdir)  # the manifests name the data relative to the run
     results = Path("results")
-    from adpa.data import load_preference
-    from adpa.evaluate import load_test_rows, score_and_answer
-    from adpa.inference import write_advantage, write_teacher_topk
+    from adpa.infer.evaluate import load_test_rows, score_and_answer
+    from adpa.infer.inference import write_advantage, write_teacher_topk
+    from adpa.inputs.data import load_preference
 
     params = json.loads((results / "teacher_topk" / "adpa_manifest.json").read_text())["params"]
     precision = params["precision"]

@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from adpa.precision import NATIVE_BF16_FLAGS, Precision, autocast, cpu_flags, resolve  # noqa: E402
+from adpa.modeling.precision import NATIVE_BF16_FLAGS, Precision, autocast, cpu_flags, resolve  # noqa: E402
 
 MODES = {
     "fp32": Precision("fp32", "no"),

@@ -10,12 +10,12 @@ machine's drift between the two moments all land in its ratio. Here both sides r
 a fresh process, alternating (trainer, plain, plain, trainer, ...), on the batches the stage's
 own data loader yields (padded, with their attention masks and completion labels):
 
-- trainer: TRL's SFTTrainer as the stage builds it (`adpa.sft.sft_trainer`: the projected head,
+- trainer: TRL's SFTTrainer as the stage builds it (`adpa.training.sft.sft_trainer`: the projected head,
   its metrics, logging, clipping, fused AdamW), each step timed by a callback;
 - plain: the model's own forward with those labels (every position's logits, cross-entropy),
   backward, fused AdamW; no clipping, no logging;
 - plain, projected head: the same loop with the stage's head (logits at the labelled positions
-  only, adpa/lm_head.py): what the trainer computes, without the trainer.
+  only, adpa/modeling/lm_head.py): what the trainer computes, without the trainer.
 
 Reports the median step of each process (the first step, a warm-up, left out), the per-round
 ratio trainer/plain in tokens/s and its range over the rounds. Prints the CPU.
@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 
 
 def batches_and_trainer(workdir: Path, steps: int):
-    """The stage's own trainer (adpa.sft.sft_trainer) on the run's data, and its first batches."""
-    from adpa import config as configuration
-    from adpa.sft import sft_trainer
-    from adpa.train import LaunchOptions, StageRun
+    """The stage's own trainer (adpa.training.sft.sft_trainer) on the run's data, and its first batches."""
+    from adpa.training.sft import sft_trainer
+    from adpa.training.train import LaunchOptions, StageRun
+    from adpa.workflow import config as configuration
 
     config = configuration.load_config(REPO / "config" / "config.yaml")
     params = configuration.stage_params(config, "ref_teacher")
@@ -75,9 +75,9 @@ def time_side(side: str, workdir: Path, steps: int, threads: int) -> dict:
         trainer.add_callback(StepClock())
         trainer.train()
     else:
-        from adpa.lm_head import dense_lm_head
-        from adpa.models import load_model
-        from adpa.precision import autocast, resolve
+        from adpa.modeling.lm_head import dense_lm_head
+        from adpa.modeling.models import load_model
+        from adpa.modeling.precision import autocast, resolve
 
         del trainer
         model = load_model(base, precision)

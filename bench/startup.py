@@ -37,7 +37,7 @@ CHILD = """
 import gc, importlib, json, sys, time
 variant, stage_name = sys.argv[1], sys.argv[2]
 started = time.perf_counter()
-from adpa.stages import STAGES
+from adpa.dag.stages import STAGES
 stage = STAGES[stage_name]
 if variant == "adpa":
     from adpa.cli import _runner
@@ -76,7 +76,7 @@ def measure(variant: str, stage: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", default="dckd", help="a stage of adpa/stages.py (default: dckd)")
+    parser.add_argument("--stage", default="dckd", help="a stage of adpa/dag/stages.py (default: dckd)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     from bench.precision import cpu_model

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adpa.losses import TopKBatch, adpa_loss, dckd_loss, nll_loss, topk_forward_kl, topk_kl_from_logprobs
-from adpa.topk_store import TopKStore, TopKStoreWriter
+from adpa.training.losses import TopKBatch, adpa_loss, dckd_loss, nll_loss, topk_forward_kl, topk_kl_from_logprobs
+from adpa.training.topk_store import TopKStore, TopKStoreWriter
 
 VOCAB, K, BATCH = 49152, 50, 4
 

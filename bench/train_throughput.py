@@ -7,7 +7,7 @@ For every trained model under results/ it reads the stage's own throughput from 
 inside train(): the Trainer saves a resume point at the last step) and times a plain loop
 on the published model: forward with the model's own loss, backward, AdamW step, at the batch
 shape the stage trained with (sequences per step x mean tokens per sequence) and under the same
-precision (adpa/precision.py), and once more in fp32 (what a CPU without AMX-BF16 runs). DPO's
+precision (adpa/modeling/precision.py), and once more in fp32 (what a CPU without AMX-BF16 runs). DPO's
 loop also runs the frozen reference forward; DCKD/ADPA's batch holds both sequences of each pair.
 The ratio says how much the trainer loses to data collation, logging, metrics and its loss
 beyond the model's own.
@@ -37,8 +37,8 @@ def trained_models(results: Path) -> list[Path]:
 def plain_loop_tokens_per_second(
     model_dir: Path, precision: str, sequences: int, length: int, steps: int, reference: bool
 ) -> float:
-    from adpa.models import load_model
-    from adpa.precision import autocast, resolve
+    from adpa.modeling.models import load_model
+    from adpa.modeling.precision import autocast, resolve
 
     model = load_model(str(model_dir), precision)
     model.config.use_cache = False

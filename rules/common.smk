@@ -5,13 +5,13 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
-from adpa import config as adpa_config
-from adpa import launch
-from adpa.checks import check_files
-from adpa.errors import InputError
-from adpa.provenance import code_hash
-from adpa.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
-from adpa.sweeps import producer
+from adpa.workflow import config as adpa_config
+from adpa.workflow import launch
+from adpa.workflow.checks import check_files
+from adpa.core.errors import InputError
+from adpa.workflow.provenance import code_hash
+from adpa.dag.stages import ADVANTAGE_REFERENCE, METHODS, STAGES
+from adpa.dag.sweeps import producer
 
 try:
     adpa_config.check_config_files(workflow.configfiles)
@@ -24,7 +24,7 @@ except InputError as error:
 def preflight(config):
     """Checks what the jobs about to run will read (a target that needs only the teachers never
     reads the student's model)."""
-    from adpa.preflight import Plan, run_preflight
+    from adpa.workflow.preflight import Plan, run_preflight
 
     jobs = [(job.rule.name, dict(job.wildcards_dict)) for job in workflow.dag.needrun_jobs()]
     try:
@@ -35,8 +35,8 @@ def preflight(config):
 
 def clean_work(config):
     """Work folders of published models (kept until Snakemake has recorded their jobs)."""
-    from adpa.artifacts import clean_work as remove_published
-    from adpa.paths import expand_path
+    from adpa.core.artifacts import clean_work as remove_published
+    from adpa.core.paths import expand_path
 
     remove_published(RESULTS, expand_path(config["work_dir"]))
 
@@ -88,7 +88,7 @@ def train_options(wildcards, threads):
     return " ".join(options)
 
 
-# Sweeps (config `sweeps`, adpa/sweeps.py): a point's outputs live under results/sweeps/<name>/<key>~<value>/,
+# Sweeps (config `sweeps`, adpa/dag/sweeps.py): a point's outputs live under results/sweeps/<name>/<key>~<value>/,
 # its config is the main one with the swept setting at the point's value.
 SWEEPS = adpa_config.plan_sweeps(config)
 SWEEP_POINT = "sweeps/{sweep}/{point}"

@@ -1,5 +1,5 @@
 # The student half: student_sft, the teacher signals (top-k store, greedy responses, advantage)
-# and the student methods (adpa/stages.py: ADPA, ADPA+, DCKD and the baselines). Every student
+# and the student methods (adpa/dag/stages.py: ADPA, ADPA+, DCKD and the baselines). Every student
 # stage runs once per seed of `seeds`, into results/seed<N>/; the teacher signals are shared.
 
 STUDENTS = f"{RESULTS}/seed{{seed}}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from adpa.losses import token_logprobs
+from adpa.training.losses import token_logprobs
 
 
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:

@@ -163,7 +163,7 @@ class Case:
     setup: Callable
     error: str  # regex the one error line must match (after "error: ")
     snakemake: bool = False  # also through a real `snakemake` start
-    key: str | None = None  # the key whose check (adpa/checks.py) it trips; default: the key its line names
+    key: str | None = None  # the key whose check (adpa/workflow/checks.py) it trips; default: the key its line names
 
     @property
     def checked_key(self) -> str | None:
@@ -580,8 +580,8 @@ CHECKED_ELSEWHERE = {
 
 
 def test_every_registered_check_has_a_bad_value_and_its_line():
-    """The registry (adpa/checks.py) and this table agree: each check is tripped here by some case."""
-    from adpa.checks import registered
+    """The registry (adpa/workflow/checks.py) and this table agree: each check is tripped here by some case."""
+    from adpa.workflow.checks import registered
 
     tripped = {case.checked_key for case in CASES}
     untested = [
@@ -593,8 +593,8 @@ def test_every_registered_check_has_a_bad_value_and_its_line():
 
 
 def test_every_registered_key_is_declared_in_the_schema():
-    from adpa.checks import registered
-    from adpa.config import load_schema
+    from adpa.workflow.checks import registered
+    from adpa.workflow.config import load_schema
 
     schema = load_schema()
 

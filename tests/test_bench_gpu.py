@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import REPO
 
-from adpa.config import gradient_accumulation_steps
-from adpa.train import throughput
+from adpa.training.train import throughput
+from adpa.workflow.config import gradient_accumulation_steps
 
 spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "bench" / "gpu_bench.py")
 bench = sys.modules["gpu_bench"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from adpa import artifacts
-from adpa.train import last_checkpoint
+from adpa.core import artifacts
+from adpa.training.train import last_checkpoint
 
 
 def make(work, step, state='{"global_step": 1}'):
@@ -69,8 +69,8 @@ def test_a_work_folder_removal_cut_off_midway_leaves_nothing_to_resume(tmp_path,
 def test_the_same_stage_on_other_inputs_gets_its_own_work_folder(tmp_path):
     """The points of a top-k sweep run dckd with the same settings and code on different stores: a
     work folder shared between them republished one point's model as the other's."""
-    from adpa.artifacts import clean_work, write_manifest
-    from adpa.train import LaunchOptions, StageRun
+    from adpa.core.artifacts import clean_work, write_manifest
+    from adpa.training.train import LaunchOptions, StageRun
 
     def run(store: str) -> StageRun:
         parents = {"topk": {"path": store, "stage": "teacher_topk", "config_hash": store[-1] * 16, "code_hash": "c"}}

@@ -68,7 +68,7 @@ def test_a_stage_module_imports_with_the_gc_paused_and_stays_frozen():
     probe = (
         "import gc\n"
         "from adpa.cli import _runner\n"
-        "from adpa.stages import STAGES\n"
+        "from adpa.dag.stages import STAGES\n"
         "before = sum(generation['collections'] for generation in gc.get_stats())\n"
         "_runner(STAGES['evaluate'])\n"
         "during = sum(generation['collections'] for generation in gc.get_stats()) - before\n"

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from adpa import config as adpa_config
-from adpa.errors import ConfigError
+from adpa.core.errors import ConfigError
+from adpa.workflow import config as adpa_config
 
 
 def load(name: str) -> dict:
@@ -135,7 +135,7 @@ def test_hub_ids_and_paths_are_told_apart(tmp_path):
 
 
 def test_config_readme_is_generated_from_the_schema():
-    from adpa.config_docs import render
+    from adpa.workflow.config_docs import render
 
     documented = (REPO / "config" / "README.md").read_text()
     assert documented == render(), "run: python -m adpa config-docs > config/README.md"

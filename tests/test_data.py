@@ -9,17 +9,17 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
-from adpa.config import load_config
-from adpa.data import (
+from adpa.core.errors import ConfigError
+from adpa.inputs.data import (
     DataError,
     load_preference,
     load_sft,
     normalize_preference_row,
     normalize_sft_row,
 )
-from adpa.datagen import check_generated_capacity, generate_datasets, heldout_capacity
-from adpa.errors import ConfigError
-from adpa.tasks import TaskExample, verify
+from adpa.inputs.datagen import check_generated_capacity, generate_datasets, heldout_capacity
+from adpa.inputs.tasks import TaskExample, verify
+from adpa.workflow.config import load_config
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 USER_1 = {"role": "user", "content": "What is 2 + 2?"}
@@ -433,7 +433,7 @@ def test_max_train_rows_cuts_the_training_split_only(tmp_path):
 
 
 def test_prompt_completion_form_keeps_the_last_assistant_turn_as_completion():
-    from adpa.data import to_prompt_completion
+    from adpa.inputs.data import to_prompt_completion
 
     row = {"messages": [{"role": "system", "content": "s"}, USER_1, ANSWER_1]}
     converted = to_prompt_completion(datasets.Dataset.from_list([row]))
@@ -444,8 +444,8 @@ def test_training_prompts_are_those_generate_data_writes(tmp_path):
     """The preflight counts the tokens of generated prompts before the data exist: the same prompts."""
     import yaml
 
-    from adpa import config as adpa_config
-    from adpa.datagen import generate_datasets, training_prompts
+    from adpa.inputs.datagen import generate_datasets, training_prompts
+    from adpa.workflow import config as adpa_config
 
     config = adpa_config.validate_config(yaml.safe_load((REPO / "config" / "tiny.yaml").read_text()))
     spec = {**config["datasets"]["generate"], "multi_turn_fraction": 0.5, "flipped_pair_rates": {"addition": 0.5}}

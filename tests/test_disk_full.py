@@ -46,8 +46,8 @@ def folder_bytes(folder) -> int:
 def test_enospc_is_one_line_and_the_rerun_resumes_from_the_last_complete_checkpoint(
     tmp_path, small_disk, ref_teacher_project
 ):
-    from adpa.artifacts import checkpoint_bytes
-    from adpa.preflight import other_files_bytes, parameter_count
+    from adpa.core.artifacts import checkpoint_bytes
+    from adpa.workflow.preflight import other_files_bytes, parameter_count
 
     inputs = tmp_path / "inputs"
     config = tiny_inputs(ref_teacher_project, inputs)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from adpa.distill import DistillationCollator, _distillation_trainer_class
-from adpa.inference import write_advantage
-from adpa.sequences import Exchange
-from adpa.topk_store import TopKStore
+from adpa.infer.inference import write_advantage
+from adpa.modeling.sequences import Exchange
+from adpa.training.distill import DistillationCollator, _distillation_trainer_class
+from adpa.training.topk_store import TopKStore
 
 V, PAD = 64, 0
 
@@ -102,8 +102,8 @@ def test_padding_does_not_change_the_store(tmp_path):
 def full_logit_losses(model, batch, objective: str, weights: dict) -> torch.Tensor:
     """The loss from the logits of every position, cut to each response (the layout before the head
     projected response positions only)."""
-    from adpa.losses import TopKBatch, adpa_loss, dckd_loss
-    from adpa.objectives import sequences_of
+    from adpa.dag.objectives import sequences_of
+    from adpa.training.losses import TopKBatch, adpa_loss, dckd_loss
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     parts = []
@@ -195,7 +195,7 @@ REJECTED = [Exchange([5, 6, 7, 20], 3), Exchange([11, 12, 21, 22, 23, 24], 2), E
 def test_teacher_topk_of_responses_sharing_their_prompts_matches_dense_log_probabilities(tmp_path, batch_size):
     """Each prompt runs once and both response sets continue from its cache: the stores equal the
     top-k of each whole row run alone."""
-    from adpa.inference import write_teacher_topk
+    from adpa.infer.inference import write_teacher_topk
 
     teacher, k = tiny_model(3), 5
     write_teacher_topk(teacher, {"chosen": EXCHANGES, "rejected": REJECTED}, PAD, k, tmp_path, batch_size, {})
@@ -213,8 +213,8 @@ def test_teacher_topk_of_responses_sharing_their_prompts_matches_dense_log_proba
 
 
 def test_response_sets_with_different_prompts_are_refused(tmp_path):
-    from adpa.errors import InputError
-    from adpa.inference import write_teacher_topk
+    from adpa.core.errors import InputError
+    from adpa.infer.inference import write_teacher_topk
 
     other = [EXCHANGES[0], Exchange([11, 99, 13, 14], 2), EXCHANGES[2]]
     with pytest.raises(InputError, match="chosen and rejected row 1: different prompts"):
@@ -225,10 +225,10 @@ def distillation_loss(model, batch, objective: str, weights: dict, inputs: dict 
     """The path DistillationTrainer.compute_loss runs, called directly: the model's forward at the
     batch's `logit_positions` (padded: attention_mask; padding-free: position_ids), the batch cut into
     its sequences, the objective's loss. `inputs` overrides the model inputs (the negative controls)."""
-    from adpa.distill import split_sequences
-    from adpa.lm_head import dense_lm_head, positions_logits
-    from adpa.losses import adpa_loss, dckd_loss, vanilla_kd_loss
-    from adpa.objectives import sequences_of
+    from adpa.dag.objectives import sequences_of
+    from adpa.modeling.lm_head import dense_lm_head, positions_logits
+    from adpa.training.distill import split_sequences
+    from adpa.training.losses import adpa_loss, dckd_loss, vanilla_kd_loss
 
     if inputs is None:
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
@@ -281,7 +281,7 @@ PADDING_FREE_WEIGHTS = {
 
 def padding_free_stores(tmp_path, objective: str) -> dict:
     """Real stores for EXCHANGES (chosen) and REJECTED (rejected, or the student's own responses)."""
-    from adpa.inference import write_teacher_topk
+    from adpa.infer.inference import write_teacher_topk
 
     if objective == "adpa":
         write_advantage(tiny_model(1), tiny_model(2), REJECTED, PAD, 4, tmp_path / "advantage", 3, {})
@@ -300,7 +300,7 @@ def test_padding_free_batch_loss_and_gradients_equal_the_padded_batch(tmp_path, 
     gradients. The negative controls show the test sees a leak: the same packed row with a plain causal
     mask (an all-ones attention_mask turns off the packing detection), or with position_ids that do not
     restart, lets each sequence attend to the ones before it, and the loss differs."""
-    from adpa.objectives import sequences_of
+    from adpa.dag.objectives import sequences_of
 
     stores = padding_free_stores(tmp_path, objective)
     exchanges = {name: {"chosen": EXCHANGES}.get(name, REJECTED) for name in sequences_of(objective)}
@@ -348,7 +348,7 @@ def test_trainer_loss_in_chunks_of_a_padding_free_batch_equals_the_padded_batch_
     gradients with all positions projected at once."""
     from transformers import TrainingArguments
 
-    from adpa.objectives import sequences_of
+    from adpa.dag.objectives import sequences_of
 
     stores = padding_free_stores(tmp_path, objective)
     features = [{"row": row} for row in range(len(EXCHANGES))]

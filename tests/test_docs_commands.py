@@ -54,7 +54,8 @@ MACHINE_LIMITS = (
 )
 PARSE_STAGE = """
 import sys
-from adpa import cli, config
+from adpa import cli
+from adpa.workflow import config
 args = cli.build_parser().parse_args(sys.argv[1:])
 if args.configfile is not None:
     config.stage_params(config.load_config(args.configfile), args.command, getattr(args, "seed", None))

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from adpa import evaluate
-from adpa.errors import InputError
-from adpa.evaluate import judge
-from adpa.judges import check_judge_inputs, read_records
-from adpa.summary import markdown, model_intervals, paired_differences, split_model, win_rate, write_summary
+from adpa.core.errors import InputError
+from adpa.infer import evaluate
+from adpa.infer.evaluate import judge
+from adpa.infer.judges import check_judge_inputs, read_records
+from adpa.report.summary import markdown, model_intervals, paired_differences, split_model, win_rate, write_summary
 
 
 def row(family, answer, prompt="What is 2 + 3? Answer with the number only."):

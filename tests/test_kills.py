@@ -148,7 +148,7 @@ def test_kill_after_publishing_costs_a_republish_not_the_training(project, tmp_p
 
 
 def test_kill_while_teacher_topk_writes_its_store(project, tmp_path):
-    from adpa.topk_store import TopKStore
+    from adpa.training.topk_store import TopKStore
 
     output = project / "results" / "teacher_topk"
     staging = project / "results" / ".teacher_topk.partial"
@@ -199,7 +199,7 @@ def test_kill_while_teacher_topk_writes_its_store(project, tmp_path):
     ids=["before-metrics", "after-publish"],
 )
 def test_kill_during_evaluate(project, tmp_path, pause, published):
-    from adpa.results import read_evaluation
+    from adpa.core.results import read_evaluation
 
     output = project / "results" / "eval" / "base_teacher"
     staging = project / "results" / "eval" / ".base_teacher.partial"

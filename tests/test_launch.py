@@ -1,4 +1,4 @@
-"""Launch commands and scheduler requests for any device count (adpa/launch.py)."""
+"""Launch commands and scheduler requests for any device count (adpa/workflow/launch.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import time
 import pytest
 from conftest import REPO
 
-from adpa import config as adpa_config
-from adpa import launch
 from adpa.cli import _print_launch
-from adpa.generation import claim_device
-from adpa.preflight import run_preflight
-from adpa.stages import STAGES, of_kind
+from adpa.dag.stages import STAGES, of_kind
+from adpa.infer.generation import claim_device
+from adpa.workflow import config as adpa_config
+from adpa.workflow import launch
+from adpa.workflow.preflight import run_preflight
 
 PAPER = REPO / "config" / "mistral-7b-deita.yaml"
 EIGHT_GPUS = REPO / "config" / "launch" / "8gpu.yaml"
@@ -198,7 +198,7 @@ def test_check_prints_the_derived_launch(capsys):
     )
 
 
-HOLD = "import sys, time; from adpa.generation import claim_device; print(claim_device(['gpu-a', 'gpu-b'], sys.argv[1]), flush=True); time.sleep(float(sys.argv[2]))"
+HOLD = "import sys, time; from adpa.infer.generation import claim_device; print(claim_device(['gpu-a', 'gpu-b'], sys.argv[1]), flush=True); time.sleep(float(sys.argv[2]))"
 
 
 def test_inference_jobs_on_one_machine_take_different_gpus(tmp_path):

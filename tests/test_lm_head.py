@@ -32,7 +32,7 @@ FIELDS = ("loss", "log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_
 def test_same_outputs_and_gradients_as_trl_fused_head(model, num_items_in_batch):
     from trl.trainer.utils import add_fused_lm_head
 
-    from adpa.lm_head import dense_lm_head
+    from adpa.modeling.lm_head import dense_lm_head
 
     trl_model, dense_model = copy.deepcopy(model), copy.deepcopy(model)
     add_fused_lm_head(trl_model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
@@ -51,7 +51,7 @@ def test_same_outputs_and_gradients_as_trl_fused_head(model, num_items_in_batch)
 
 
 def test_plain_forward_is_the_models_own(model):
-    from adpa.lm_head import dense_lm_head
+    from adpa.modeling.lm_head import dense_lm_head
 
     patched = copy.deepcopy(model)
     dense_lm_head(patched)
@@ -61,7 +61,7 @@ def test_plain_forward_is_the_models_own(model):
 
 
 def test_heads_that_transform_logits_keep_trl(model):
-    from adpa.lm_head import dense_lm_head
+    from adpa.modeling.lm_head import dense_lm_head
 
     capped = copy.deepcopy(model)
     capped.config.final_logit_softcapping = 30.0
@@ -71,7 +71,7 @@ def test_heads_that_transform_logits_keep_trl(model):
 
 def test_a_wrapped_model_is_patched_inside_its_wrapper(model):
     """DPOTrainer hands the reference over inside DeepSpeed's engine, whose `config` is a dict."""
-    from adpa.lm_head import dense_lm_head
+    from adpa.modeling.lm_head import dense_lm_head
 
     class Engine(torch.nn.Module):
         def __init__(self, module):
@@ -89,7 +89,7 @@ def test_batches_too_large_for_one_projection_go_to_trls_tiled_head(model, monke
     [positions, vocab] fp32 tensor at paper scale); below it, its own single projection."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from adpa import lm_head
+    from adpa.modeling import lm_head
 
     patched = copy.deepcopy(model)
     add_fused_lm_head(patched)
@@ -110,7 +110,7 @@ def test_batches_too_large_for_one_projection_go_to_trls_tiled_head(model, monke
 def test_a_rank_with_fewer_positions_makes_as_many_chunks_as_the_others(monkeypatch):
     """Under ZeRO-3 each head call gathers its weight with every rank: a rank with fewer positions adds
     empty chunks up to the largest count (all_reduce MAX), which change no sum and no gradient."""
-    from adpa import lm_head
+    from adpa.modeling import lm_head
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, bias=False)

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import REPO, copy_project, planned_jobs, run_snakemake
 
-from adpa.errors import ConfigError
+from adpa.core.errors import ConfigError
 
 TINY = ("--configfile", "config/tiny.yaml")
 LORA = ("--config", "ref_teacher={peft: {r: 4, alpha: 8}}", "dpo_teacher={peft: {r: 4, alpha: 8}}")
@@ -52,7 +52,7 @@ def test_lora_teachers_train_through_zero3_and_publish_merged_models(tmp_path, r
 
 
 def test_qlora_without_a_cuda_gpu_is_one_line():
-    from adpa.lora import check_quantization
+    from adpa.modeling.lora import check_quantization
 
     with pytest.raises(ConfigError, match=r"^config key 'ref_teacher.peft.load_in_4bit': QLoRA needs a CUDA GPU"):
         check_quantization("ref_teacher.peft", {"r": 8, "load_in_4bit": True}, cuda=False)
@@ -67,8 +67,8 @@ def peft_spec(target_modules) -> dict:
 @pytest.fixture(scope="module")
 def gguf_teacher():
     """config/tiny.yaml's base teacher: SmolLM2's GGUF (llama) at its random_init size."""
-    from adpa.config import read_config_file
-    from adpa.lora_targets import teacher_model_config
+    from adpa.workflow.config import read_config_file
+    from adpa.workflow.lora_targets import teacher_model_config
 
     return teacher_model_config(read_config_file(REPO / "config" / "tiny.yaml"))
 
@@ -98,7 +98,7 @@ def test_teacher_model_config_of_the_gguf_teacher_is_its_random_init_size(gguf_t
 
 
 def test_teacher_model_config_from_a_local_folder_or_none_offline(tmp_path):
-    from adpa.lora_targets import teacher_model_config
+    from adpa.workflow.lora_targets import teacher_model_config
 
     def teacher(**spec):
         return teacher_model_config({"models": {"base_teacher": {"trust_remote_code": False, **spec}}})
@@ -112,13 +112,13 @@ def test_teacher_model_config_from_a_local_folder_or_none_offline(tmp_path):
 
 @pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj"], r".*\.self_attn\.(q|v)_proj"])
 def test_lora_target_modules_that_peft_matches_are_accepted(teacher_config, target):
-    from adpa.lora_targets import check_target_modules
+    from adpa.workflow.lora_targets import check_target_modules
 
     check_target_modules("ref_teacher.peft", peft_spec(target), teacher_config)
 
 
 def test_lora_target_module_that_matches_nothing_is_one_line(teacher_config):
-    from adpa.lora_targets import check_target_modules
+    from adpa.workflow.lora_targets import check_target_modules
 
     with pytest.raises(ConfigError) as refused:
         check_target_modules("dpo_teacher.peft", peft_spec(["q_proj", "nonexistent_proj"]), teacher_config)
@@ -135,7 +135,7 @@ def test_lora_target_module_that_matches_nothing_is_one_line(teacher_config):
 
 
 def test_lora_target_module_strings_and_blocks_peft_refuses_are_one_line():
-    from adpa.lora_targets import check_target_modules
+    from adpa.workflow.lora_targets import check_target_modules
 
     teacher = tiny_llama()
     setting = "config key 'ref_teacher.peft.target_modules'"
@@ -162,7 +162,7 @@ def test_lora_target_module_strings_and_blocks_peft_refuses_are_one_line():
 def test_lora_target_module_check_builds_the_teacher_on_the_meta_device_in_a_second(size):
     from transformers import MistralConfig
 
-    from adpa.lora_targets import check_target_modules
+    from adpa.workflow.lora_targets import check_target_modules
 
     teacher = tiny_llama()
     if size == "7b":  # Mistral-7B's shape: 28 GB of fp32 weights, were they built

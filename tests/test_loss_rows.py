@@ -7,9 +7,9 @@ import math
 import datasets
 import pytest
 
-from adpa.errors import InputError
-from adpa.loss_rows import NoLossTokensError, require_loss_tokens, rows_with_loss_tokens
-from adpa.train import NothingLearnedError, check_learned
+from adpa.core.errors import InputError
+from adpa.training.loss_rows import NoLossTokensError, require_loss_tokens, rows_with_loss_tokens
+from adpa.training.train import NothingLearnedError, check_learned
 
 
 class FakeTrainer:
@@ -108,7 +108,7 @@ def test_packed_rows_are_counted_inside_their_packs(caplog):
 
 
 def test_errors_name_the_key_the_stage_reads_its_max_length_from():
-    from adpa.stages import max_length_key
+    from adpa.dag.stages import max_length_key
 
     assert (
         max_length_key("student_sft") == "student_sft.max_length" and max_length_key("adpa_plus") == "adpa.max_length"

@@ -1,4 +1,4 @@
-"""adpa.losses against slow dense float64 references (Python loops over b, t, dense teacher built here)."""
+"""adpa.training.losses against slow dense float64 references (Python loops over b, t, dense teacher built here)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from reference_losses import dpo_loss, sequence_logprobs
 
-from adpa import losses
-from adpa.losses import TopKBatch
+from adpa.training import losses
+from adpa.training.losses import TopKBatch
 
 B, T, V, K = 3, 7, 50, 5
 FULL_MASS = (0, 3)  # (b, t) where the teacher's top-k holds all its mass: rest_logmass = -inf
@@ -450,7 +450,7 @@ def loss_over_all_positions(objective: str, logits: torch.Tensor, responses: dic
 
 def chunked_loss(objective: str, hidden, head, responses: dict, weights: dict, chunk: int) -> torch.Tensor:
     """The objective's loss from the head projecting `chunk` positions of hidden [S*B, T, H] at a time."""
-    from adpa.lm_head import sum_over_position_chunks
+    from adpa.modeling.lm_head import sum_over_position_chunks
 
     def chunk_sums(logits: torch.Tensor, positions: slice) -> dict[str, torch.Tensor]:
         by_name = dict(zip(responses, logits.split(B)))
@@ -538,7 +538,7 @@ def test_chunked_loss_keeps_no_chunks_logits_for_the_backward(monkeypatch):
     """Each chunk runs under activation checkpointing: the forward keeps no logits for the backward (it
     recomputes them there, one chunk at a time), where projecting all positions keeps at least all of them.
     A single chunk runs without checkpointing: the same compute as projecting all positions at once."""
-    from adpa import lm_head
+    from adpa.modeling import lm_head
 
     responses, hidden, head = chunked_case("dckd")
     weights, rows, chunk = CHUNKED_WEIGHTS["dckd"], hidden.shape[0], 3

@@ -1,4 +1,4 @@
-"""adpa/methods.py: each student method is one entry, and every piece that derives from it is there."""
+"""adpa/dag/methods.py: each student method is one entry, and every piece that derives from it is there."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from adpa.config import load_config, load_schema, stage_params
-from adpa.errors import ConfigError
-from adpa.methods import BASELINE, CONTROL, METHOD_ENTRIES, Comparison, Method
-from adpa.objectives import sequences_of, store_kind, weights_of
+from adpa.core.errors import ConfigError
+from adpa.dag.methods import BASELINE, CONTROL, METHOD_ENTRIES, Comparison, Method
+from adpa.dag.objectives import sequences_of, store_kind, weights_of
+from adpa.workflow.config import load_config, load_schema, stage_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,8 +20,8 @@ def readme_row(method: Method) -> str:
 
 def missing_pieces(method: Method, readme: str, schema: dict) -> list[str]:
     """What a method lacks of the pieces derived from its entry (empty: none)."""
-    from adpa import model_card, summary
-    from adpa.stages import STAGES
+    from adpa.dag.stages import STAGES
+    from adpa.report import model_card, summary
 
     properties = schema["properties"]
     missing = []
@@ -45,7 +45,7 @@ def missing_pieces(method: Method, readme: str, schema: dict) -> list[str]:
     if not model_card.STAGE_TAGS.get(method.name):
         missing.append("its model card's tags")
     if method.name not in STAGES or not STAGES[method.name].method:
-        missing.append("its stage (adpa/stages.py)")
+        missing.append("its stage (adpa/dag/stages.py)")
     return missing
 
 
@@ -110,8 +110,8 @@ def test_the_loss_is_a_stage_parameter_so_a_changed_term_reruns_its_method_only(
 
 
 def test_no_distillation_stage_hashes_the_method_registry():
-    """Adding a method to adpa/methods.py must not rerun the others: their code hashes exclude it."""
-    from adpa.provenance import stage_sources
+    """Adding a method to adpa/dag/methods.py must not rerun the others: their code hashes exclude it."""
+    from adpa.workflow.provenance import stage_sources
 
     for method in METHOD_ENTRIES:
         names = {path.name for path in stage_sources(method.name)}
@@ -119,7 +119,7 @@ def test_no_distillation_stage_hashes_the_method_registry():
 
 
 def test_comparisons_keep_their_order_and_name_trained_models():
-    from adpa.summary import COMPARISONS, INGREDIENTS
+    from adpa.report.summary import COMPARISONS, INGREDIENTS
 
     names = {method.name for method in METHOD_ENTRIES}
     assert COMPARISONS[0] == ("student_dpo", BASELINE) and COMPARISONS[-1] == ("dpo_teacher", "ref_teacher")
@@ -131,14 +131,14 @@ def test_comparisons_keep_their_order_and_name_trained_models():
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "ablations.yaml", "mistral-7b-deita.yaml", "llama3.1-8b-3.2-1b.yaml"])
 def test_the_tiny_dag_the_ablations_and_the_paper_recipes_name_every_method(name):
-    from adpa.config import read_config_file
+    from adpa.workflow.config import read_config_file
 
     listed = read_config_file(ROOT / "config" / name)["methods"]
     assert listed == [method.name for method in METHOD_ENTRIES], f"config/{name}: methods in registry order"
 
 
 def test_gkd_rows_are_conversations_ending_in_the_answer():
-    from adpa.gkd import conversations
+    from adpa.training.gkd import conversations
 
     prompt = [{"role": "user", "content": "2+2?"}]
     answer = [{"role": "assistant", "content": "4"}]

@@ -1,4 +1,4 @@
-"""Model cards (adpa/model_card.py) on folders laid out as the workflow publishes them; the tiny
+"""Model cards (adpa/report/model_card.py) on folders laid out as the workflow publishes them; the tiny
 DAG's own cards are checked in tests/test_workflow.py."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from adpa import model_card
-from adpa.artifacts import MANIFEST
+from adpa.core.artifacts import MANIFEST
+from adpa.report import model_card
 
 
 def published(folder: Path, stage: str, params: dict, parents: dict | None = None, trained: bool = True) -> Path:

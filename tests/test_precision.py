@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adpa import precision
-from adpa.precision import Precision, autocast, cpu_flags, cpu_has_native_bf16, resolve
+from adpa.modeling import precision
+from adpa.modeling.precision import Precision, autocast, cpu_flags, cpu_has_native_bf16, resolve
 
 FLAGS = "fpu vme de pse tsc msr pae mce cx8 apic sep avx2 avx512f"
 AVX512_BF16_FLAGS = FLAGS + " avx512_bf16"  # AMD Zen 4, Intel Cooper Lake
@@ -70,8 +70,8 @@ def test_fixed_precisions_do_not_depend_on_the_machine(tmp_path):
 
 @pytest.mark.parametrize(("flags", "bf16"), [(AMX_FLAGS, True), (FLAGS, False)])
 def test_trainer_arguments_and_weights_follow_auto(tmp_path, monkeypatch, flags, bf16):
-    from adpa.models import DTYPES
-    from adpa.train import LaunchOptions, StageRun, trainer_arguments
+    from adpa.modeling.models import DTYPES
+    from adpa.training.train import LaunchOptions, StageRun, trainer_arguments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(precision, "CPUINFO", cpuinfo(tmp_path, flags))
@@ -104,6 +104,6 @@ def test_trainer_arguments_and_weights_follow_auto(tmp_path, monkeypatch, flags,
 
 
 def test_accelerate_launch_leaves_auto_to_the_stage():
-    from adpa.launch import PRECISION_TO_ACCELERATE
+    from adpa.workflow.launch import PRECISION_TO_ACCELERATE
 
     assert PRECISION_TO_ACCELERATE["auto"] == "no" and PRECISION_TO_ACCELERATE["bf16"] == "bf16"

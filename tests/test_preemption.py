@@ -1,4 +1,4 @@
-"""A signal stops training at the same step on every rank (adpa/preemption.py); the real stop and
+"""A signal stops training at the same step on every rank (adpa/training/preemption.py); the real stop and
 resume through Slurm is in tests/test_slurm.py."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import socket
 
 from conftest import REPO
 
-from adpa import config as adpa_config
-from adpa import launch, preemption
+from adpa.training import preemption
+from adpa.workflow import config as adpa_config
+from adpa.workflow import launch
 
 
 def _free_port() -> int:

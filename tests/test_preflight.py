@@ -11,10 +11,10 @@ import yaml
 from conftest import REPO, copy_project, copy_workflow, run_snakemake
 from test_bad_inputs import MODEL_CONFIG, WEIGHTS, _tokenizer_files
 
-from adpa import config as adpa_config
-from adpa.artifacts import CHECKPOINT_STATE_BYTES
-from adpa.errors import ConfigError, InputError
-from adpa.preflight import check_devices, check_disk, check_models, check_vocabularies, required_disk_bytes
+from adpa.core.artifacts import CHECKPOINT_STATE_BYTES
+from adpa.core.errors import ConfigError, InputError
+from adpa.workflow import config as adpa_config
+from adpa.workflow.preflight import check_devices, check_disk, check_models, check_vocabularies, required_disk_bytes
 
 GOOD_ROW = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 PAIR = {
@@ -98,7 +98,7 @@ def test_disk_estimate_counts_checkpoints_and_final_models(tmp_path, monkeypatch
     assert required_disk_bytes(config, {"base_teacher": 1000, "base_student": 100}) == needed + 4 * 100 * 2 * 2 * 2
     config["sweeps"] = {}
     assert required_disk_bytes(config, {}) == 0
-    monkeypatch.setattr("adpa.preflight.parameter_count", lambda reference: 10**12)
+    monkeypatch.setattr("adpa.workflow.preflight.parameter_count", lambda reference: 10**12)
     config["models"]["base_teacher"] = {"path": str(tmp_path), "trust_remote_code": False}
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**9))
@@ -112,7 +112,7 @@ def test_disk_estimate_counts_the_checkpoints_each_stage_writes(tmp_path, monkey
     import shutil
     from collections import namedtuple
 
-    from adpa.preflight import TRAINING_RULES, training_steps
+    from adpa.workflow.preflight import TRAINING_RULES, training_steps
 
     config = tiny()
     config["launch"].update(save_total_limit=2, save_steps=1000)
@@ -129,7 +129,7 @@ def test_disk_estimate_counts_the_checkpoints_each_stage_writes(tmp_path, monkey
     # The issue's case, scaled: the refusal where the estimate is real, none where the steps write fewer.
     config["launch"]["save_steps"] = 1000
     config["models"]["base_teacher"] = {"path": str(tmp_path), "trust_remote_code": False}
-    monkeypatch.setattr("adpa.preflight.parameter_count", lambda reference: 10**9)
+    monkeypatch.setattr("adpa.workflow.preflight.parameter_count", lambda reference: 10**9)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 30 * 10**9))
     check_disk(
@@ -199,7 +199,7 @@ def test_workflow_stops_on_a_bad_row_before_any_job(tmp_path):
 def test_tilde_and_spaces_in_dataset_and_work_paths(tmp_path, ref_teacher_project):
     import shutil
 
-    from adpa.datagen import generate_datasets
+    from adpa.inputs.datagen import generate_datasets
 
     home = tmp_path / "home dir"
     spec = {"seed": 0, "train_rows": 16, "test_rows": 4, "multi_turn_fraction": 0.1, "families": None}
@@ -240,7 +240,7 @@ def model_folder(path) -> str:
 def test_preflight_checks_only_what_the_planned_jobs_read(tmp_path, monkeypatch):
     """The seed guide's `results/dpo_teacher` with a local teacher reads neither the student nor
     the held-out split; the whole DAG does, and an unreachable hub id is one line."""
-    from adpa.preflight import Plan, run_preflight
+    from adpa.workflow.preflight import Plan, run_preflight
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -272,7 +272,7 @@ def test_preflight_checks_only_what_the_planned_jobs_read(tmp_path, monkeypatch)
 
 def test_cached_hub_model_passes_offline_and_online(tmp_path, monkeypatch):
     """A hub id whose config is in the local cache needs no network (a cluster node without internet)."""
-    from adpa.preflight import check_models
+    from adpa.workflow.preflight import check_models
 
     snapshot = tmp_path / "cache" / "models--someorg--cached-model" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
@@ -298,7 +298,7 @@ def test_cached_hub_model_passes_offline_and_online(tmp_path, monkeypatch):
 
 def test_a_model_folder_that_loads_passes(tmp_path):
     """The loadability check accepts what the jobs accept: a chat template of its own or the config's."""
-    from adpa.preflight import check_models
+    from adpa.workflow.preflight import check_models
 
     for chat_template, own in ((None, "{{ messages }}"), ("{{ messages }}", None)):
         model = tmp_path / f"teacher {own is None}"
@@ -344,9 +344,9 @@ def test_workflow_preflight_follows_the_targets(tmp_path):
 def test_prompt_lengths_are_checked_against_each_planned_stage(tmp_path):
     """With a local teacher the preflight counts what each stage will: all rows cut is an error for any stage,
     one row cut is an error where rows align with stores (distillation) and a warning where TRL drops it."""
-    from adpa import data
-    from adpa.models import load_tokenizer
-    from adpa.preflight import Plan, check_prompt_lengths
+    from adpa.inputs import data
+    from adpa.modeling.models import load_tokenizer
+    from adpa.workflow.preflight import Plan, check_prompt_lengths
 
     teacher = model_folder(tmp_path / "teacher")
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731

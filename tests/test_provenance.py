@@ -5,11 +5,22 @@ import shutil
 import pytest
 from conftest import REPO
 
-from adpa import provenance
+from adpa.workflow import provenance
 
 
 def names(stage: str) -> set[str]:
-    return {path.name for path in provenance.stage_sources(stage)}
+    """The files a stage's hash covers, as paths inside adpa/ (training/sft.py)."""
+    return {path.relative_to(provenance.PACKAGE_DIR).as_posix() for path in provenance.stage_sources(stage)}
+
+
+def located(modules: set[str]) -> set[str]:
+    """Module file names as paths inside adpa/, with the __init__.py of each package on the way."""
+    paths = {"__init__.py"}
+    for name in modules - {"__init__.py"}:
+        (found,) = provenance.PACKAGE_DIR.rglob(name)
+        where = found.relative_to(provenance.PACKAGE_DIR)
+        paths |= {where.as_posix(), (where.parent / "__init__.py").as_posix()}
+    return paths
 
 
 # Every trained stage runs these: loading (data, models, precision), the trainer's shared code, errors.
@@ -72,14 +83,14 @@ MODULES = {
 
 
 def test_no_stage_hashes_the_model_cards():
-    """A card is documentation: editing it or adpa/model_card.py reruns nothing (adpa/cli.py writes it)."""
-    assert all("model_card.py" not in names(stage) for stage in provenance.STAGE_MODULES)
+    """A card is documentation: editing it or adpa/report/model_card.py reruns nothing (adpa/cli.py writes it)."""
+    assert all("report/model_card.py" not in names(stage) for stage in provenance.STAGE_MODULES)
 
 
 def test_each_stage_hashes_exactly_the_modules_it_runs():
     assert set(MODULES) == set(provenance.STAGE_MODULES), "every registered stage has a row here"
     for stage, modules in MODULES.items():
-        assert names(stage) == modules, stage
+        assert names(stage) == located(modules), stage
 
 
 def test_edits_outside_a_stages_code_rerun_nothing_of_it(tmp_path):
@@ -89,9 +100,9 @@ def test_edits_outside_a_stages_code_rerun_nothing_of_it(tmp_path):
     shutil.copytree(REPO / "adpa", package, ignore=shutil.ignore_patterns("__pycache__"))
     before = {stage: provenance.code_hash(stage, package) for stage in provenance.STAGE_MODULES}
     for name, old, new in (
-        ("config.py", "must be a finite number", "must be a finite number (no .nan or .inf)"),
-        ("tasks.py", "from __future__ import annotations", "from __future__ import annotations\nEDITED = True"),
-        ("stages.py", "SFT of the base teacher (TRL SFTTrainer)", "SFT of the base teacher"),
+        ("workflow/config.py", "must be a finite number", "must be a finite number (no .nan or .inf)"),
+        ("inputs/tasks.py", "from __future__ import annotations", "from __future__ import annotations\nEDITED = True"),
+        ("dag/stages.py", "SFT of the base teacher (TRL SFTTrainer)", "SFT of the base teacher"),
         ("cli.py", "print a free TCP port", "print one free TCP port"),
     ):
         path = package / name
@@ -106,7 +117,7 @@ def test_comments_do_not_change_the_hash_but_code_does(tmp_path):
     package = tmp_path / "adpa"
     shutil.copytree(REPO / "adpa", package, ignore=shutil.ignore_patterns("__pycache__"))
     before = {stage: provenance.code_hash(stage, package) for stage in provenance.STAGE_MODULES}
-    dpo = package / "dpo.py"
+    dpo = package / "training" / "dpo.py"
     dpo.write_text(dpo.read_text() + "\n# a comment, and blank lines\n\n")
     assert provenance.code_hash("dpo_teacher", package) == before["dpo_teacher"]
     dpo.write_text(dpo.read_text() + "\nUNUSED = 1\n")
@@ -117,19 +128,19 @@ def test_comments_do_not_change_the_hash_but_code_does(tmp_path):
 
 
 def test_a_word_list_edit_reruns_exactly_the_stages_that_run_tasks_py(tmp_path):
-    """adpa/tasks.py reads its word lists from adpa/task_data/ (its `_DATA_FOLDER`): their bytes are part of
+    """adpa/inputs/tasks.py reads its word lists from adpa/inputs/task_data/ (its `_DATA_FOLDER`): their bytes are part of
     the hash of every stage that runs tasks.py, and of no other."""
     package = tmp_path / "adpa"
     shutil.copytree(REPO / "adpa", package, ignore=shutil.ignore_patterns("__pycache__"))
-    runs_tasks = {stage for stage in provenance.STAGE_MODULES if "tasks.py" in names(stage)}
+    runs_tasks = {stage for stage in provenance.STAGE_MODULES if "inputs/tasks.py" in names(stage)}
     assert "generate_data" in runs_tasks
     before = {stage: provenance.code_hash(stage, package) for stage in provenance.STAGE_MODULES}
-    words = package / "task_data" / "many_words.txt"
+    words = package / "inputs" / "task_data" / "many_words.txt"
     words.write_text(words.read_text().replace("\nable\n", "\nabel\n", 1))
     after = {stage: provenance.code_hash(stage, package) for stage in provenance.STAGE_MODULES}
     assert {stage for stage in before if after[stage] != before[stage]} == runs_tasks
     # A new file in the folder counts too: the folder is hashed whole.
-    (package / "task_data" / "new_family.txt").write_text("word\n")
+    (package / "inputs" / "task_data" / "new_family.txt").write_text("word\n")
     assert provenance.code_hash("generate_data", package) != after["generate_data"]
 
 
@@ -137,18 +148,27 @@ def test_data_files_are_those_of_the_declared_folders():
     data = {
         path.relative_to(provenance.PACKAGE_DIR).as_posix() for path in provenance.stage_data_files("generate_data")
     }
-    assert data == {f"task_data/{path.name}" for path in (REPO / "adpa" / "task_data").iterdir()}
+    assert data == {f"inputs/task_data/{path.name}" for path in (REPO / "adpa" / "inputs" / "task_data").iterdir()}
     assert provenance.stage_data_files("summary") == []
-    # Every folder in adpa/ is some module's declared data folder: none escapes the hash.
-    declared = {provenance._parsed(path)[2] for path in (REPO / "adpa").glob("*.py")} - {None}
-    folders = {path.name for path in (REPO / "adpa").iterdir() if path.is_dir() and path.name != "__pycache__"}
+    # Every folder in adpa/ that is not a package is some module's declared data folder: none escapes the hash.
+    package = REPO / "adpa"
+    declared = {
+        (path.parent / folder).relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if (folder := provenance._parsed(path)[2]) is not None
+    }
+    folders = {
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*")
+        if path.is_dir() and path.name != "__pycache__" and not (path / "__init__.py").is_file()
+    }
     assert folders == declared
 
 
 def test_a_data_folder_must_be_named_by_a_string_literal(tmp_path):
     package = tmp_path / "adpa"
     shutil.copytree(REPO / "adpa", package, ignore=shutil.ignore_patterns("__pycache__"))
-    tasks = package / "tasks.py"
+    tasks = package / "inputs" / "tasks.py"
     tasks.write_text(tasks.read_text().replace('_DATA_FOLDER = "task_data"', '_DATA_FOLDER = "task_" + "data"', 1))
     with pytest.raises(ValueError, match="_DATA_FOLDER must be a string literal"):
         provenance.code_hash("generate_data", package)

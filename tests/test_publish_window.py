@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from adpa import artifacts
+from adpa.core import artifacts
 
 
 def staged_model(output, stage: str = "dpo_teacher", config_hash: str = "c0ffee", code: str = "abc") -> None:

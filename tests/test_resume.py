@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import copy_project, planned_jobs, run_snakemake
 
-from adpa.artifacts import checkpoint_bytes
-from adpa.preflight import other_files_bytes, parameter_count
+from adpa.core.artifacts import checkpoint_bytes
+from adpa.workflow.preflight import other_files_bytes, parameter_count
 
 pytestmark = pytest.mark.workflow
 TINY = ("--configfile", "config/tiny.yaml")

@@ -8,7 +8,7 @@ import shlex
 import pytest
 from conftest import REPO, copy_workflow, run_snakemake
 
-from adpa import artifacts
+from adpa.core import artifacts
 
 REPO_CONFIG = REPO / "config" / "tiny.yaml"
 
@@ -16,7 +16,7 @@ REPO_CONFIG = REPO / "config" / "tiny.yaml"
 def test_models_load_without_remote_code_and_as_safetensors_only(tmp_path, monkeypatch):
     import transformers
 
-    from adpa.models import load_model, load_tokenizer
+    from adpa.modeling.models import load_model, load_tokenizer
 
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "model.safetensors").write_bytes(b"")  # never opened: from_pretrained is replaced
@@ -71,9 +71,11 @@ def test_a_pinned_revision_reaches_every_load_of_a_hub_model(tmp_path, monkeypat
     tokenizer (the teacher's), the vocabulary check and the base teacher's evaluation."""
     from types import SimpleNamespace
 
-    from adpa import evaluate, generation, models, sft
-    from adpa.config import load_config, stage_params
-    from adpa.datagen import generate_datasets
+    from adpa.infer import evaluate, generation
+    from adpa.inputs.datagen import generate_datasets
+    from adpa.modeling import models
+    from adpa.training import sft
+    from adpa.workflow.config import load_config, stage_params
 
     generate_datasets(
         {"seed": 0, "train_rows": 4, "test_rows": 2, "multi_turn_fraction": 0.0, "families": None},

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_project, copy_workflow, paper_home, run_snakemake
 
-from adpa.stages import of_kind
+from adpa.dag.stages import of_kind
 
 pytestmark = pytest.mark.workflow
 TRAINING_RULES, INFERENCE_RULES = of_kind("training"), of_kind("inference")

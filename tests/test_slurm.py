@@ -19,8 +19,8 @@ import pytest
 import slurm_cluster
 from conftest import REPO, copy_project, run_snakemake
 
-from adpa import config as adpa_config
-from adpa import launch
+from adpa.workflow import config as adpa_config
+from adpa.workflow import launch
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 # Without slurmdbd there is no sacct: squeue reports job states (MinJobAge keeps finished jobs).

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from adpa import config as adpa_config
-from adpa import engine, launch
-from adpa.precision import Precision, for_training
+from adpa.modeling.precision import Precision, for_training
+from adpa.workflow import config as adpa_config
+from adpa.workflow import engine, launch
 
 GB = 1e9
 
@@ -194,7 +194,7 @@ def _one_adamw_step(model, bf16: bool, tmp_path) -> dict[str, torch.Tensor]:
 def test_an_adamw_step_at_lr_5e7_moves_fp32_master_weights_as_fp32_does_and_bf16_drops_it(tmp_path):
     """What `precision: bf16` trains without DeepSpeed: the stage's loader gives fp32 weights under
     bf16 autocast, whose step equals the fp32 reference's; bf16 parameters would keep almost none."""
-    from adpa.models import load_model
+    from adpa.modeling.models import load_model
 
     _tiny_model(tmp_path / "model", hidden=64)
     master = load_model(str(tmp_path / "model"), "bf16", trained=True)
@@ -215,11 +215,11 @@ def test_an_adamw_step_at_lr_5e7_moves_fp32_master_weights_as_fp32_does_and_bf16
 
 
 def test_padding_free_sft_batch_has_the_padded_loss_and_gradients():
-    """TRL's collator with padding_free (what adpa.sft switches on) against the same rows padded: the
+    """TRL's collator with padding_free (what adpa.training.sft switches on) against the same rows padded: the
     same loss and gradients through the dense head, so sdpa keeps the concatenated sequences apart."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from adpa.lm_head import dense_lm_head
+    from adpa.modeling.lm_head import dense_lm_head
 
     model = _tiny_model(attn_implementation="sdpa")
     dense_lm_head(model)

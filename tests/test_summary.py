@@ -1,4 +1,4 @@
-"""Bootstrap intervals (adpa.stats) and the results tables with intervals and paired differences."""
+"""Bootstrap intervals (adpa.report.stats) and the results tables with intervals and paired differences."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adpa.stats import (
+from adpa.report.stats import (
     Interval,
     bootstrap_mean,
     paired_difference,
@@ -20,7 +20,14 @@ from adpa.stats import (
     seed_mean,
     win_scores,
 )
-from adpa.summary import interval_cell, markdown, model_intervals, paired_differences, rows_by_stage, write_summary
+from adpa.report.summary import (
+    interval_cell,
+    markdown,
+    model_intervals,
+    paired_differences,
+    rows_by_stage,
+    write_summary,
+)
 
 ROWS = 300
 
@@ -257,7 +264,7 @@ def test_write_summary_end_to_end(fake_results, tmp_path):
 
 def test_intervals_and_paired_differences_from_rows(fake_results):
     results, models = fake_results
-    from adpa.summary import collect, read_evaluations
+    from adpa.report.summary import collect, read_evaluations
 
     evaluations = read_evaluations(results, models)
     table = collect(results, evaluations, "demo", 42)
@@ -282,7 +289,7 @@ def test_intervals_and_paired_differences_from_rows(fake_results):
 
 def test_a_table_of_the_validation_split_says_so_in_its_first_words():
     """A tuning table must not read as a held-out result (evaluation.split: validation)."""
-    from adpa.summary import split_description
+    from adpa.report.summary import split_description
 
     assert split_description(None).startswith("Held-out test split")
     assert split_description("test").startswith("Held-out test split")
@@ -306,7 +313,7 @@ def _answer(family: str, correct: bool, prefers_chosen: bool) -> dict:
 
 
 def test_per_family_table_averages_each_seed_then_the_seeds():
-    from adpa.summary import family_lines, family_table
+    from adpa.report.summary import family_lines, family_table
 
     # Family a: seed 1 right on 1 of 2 rows, seed 2 on 2 of 2 -> 0.75; family b: always wrong, always prefers chosen.
     def answers(right_on_a: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The sweep table (adpa.sweep_summary): each value's means and paired differences against the config's value."""
+"""The sweep table (adpa.report.sweep_summary): each value's means and paired differences against the config's value."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from adpa.errors import InputError
-from adpa.summary import METRICS
-from adpa.sweep_summary import CSV_COLUMNS, run_sweep_summary
+from adpa.core.errors import InputError
+from adpa.report.summary import METRICS
+from adpa.report.sweep_summary import CSV_COLUMNS, run_sweep_summary
 
 ROWS = 8
 SEEDS = (1, 2)
@@ -170,7 +170,7 @@ def test_the_baseline_is_the_point_without_a_folder(sweep):
 
 @pytest.mark.parametrize("values", [[1e-5, 1e-3, 1e-1], [0.0, 1e-4, 0.1], ["cosine", "linear", "constant"]])
 def test_plots_of_log_spaced_and_non_numeric_values(sweep, values, tmp_path):
-    from adpa.sweep_summary import plot_sweep, sweep_table
+    from adpa.report.sweep_summary import plot_sweep, sweep_table
 
     table = sweep_table(PARAMS, sweep[0])
     points = [{**point, "value": value} for point, value in zip(POINTS, values)]

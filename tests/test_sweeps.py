@@ -1,4 +1,4 @@
-"""Sweeps (adpa/sweeps.py): which stages a swept setting retrains, where its points live, and its errors."""
+"""Sweeps (adpa/dag/sweeps.py): which stages a swept setting retrains, where its points live, and its errors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from adpa import config as adpa_config
-from adpa.errors import ConfigError
-from adpa.stages import METHODS
+from adpa.core.errors import ConfigError
+from adpa.dag.stages import METHODS
+from adpa.workflow import config as adpa_config
 
 EVERY_METHOD = list(METHODS)
 

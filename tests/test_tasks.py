@@ -1,4 +1,4 @@
-"""Tests for adpa.tasks: generation is seeded and balanced, answers are right, verify is strict."""
+"""Tests for adpa.inputs.tasks: generation is seeded and balanced, answers are right, verify is strict."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import tomllib
 from conftest import REPO
 
-from adpa import tasks
-from adpa.tasks import FAMILY_NAMES, TaskExample, generate_examples, iter_examples, prompt_count, verify
+from adpa.inputs import tasks
+from adpa.inputs.tasks import FAMILY_NAMES, TaskExample, generate_examples, iter_examples, prompt_count, verify
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
@@ -343,8 +343,8 @@ WORD_FAMILIES = (
 )
 
 
-# sha256 of the examples' JSON, computed with the word lists still inline in adpa/tasks.py (before they moved
-# to adpa/task_data/). Every generated dataset is built from these examples: a generator change or a word list
+# sha256 of the examples' JSON, computed with the word lists still inline in adpa/inputs/tasks.py (before they moved
+# to adpa/inputs/task_data/). Every generated dataset is built from these examples: a generator change or a word list
 # edit that changes the generated data fails here. If the change is meant, update the pins.
 @pytest.mark.parametrize(
     ("n", "seed", "families", "sha256"),
@@ -365,7 +365,7 @@ def test_generated_examples_are_pinned(n: int, seed: int, families: tuple[str, .
     assert sha256_json(rows) == sha256, "the generated data changed; if that is meant, update the pin"
 
 
-# What tasks.py reads from each file in adpa/task_data/.
+# What tasks.py reads from each file in adpa/inputs/task_data/.
 DATA_FILES = {
     "words.txt": "_WORDS",
     "count_words.txt": "_COUNT_WORDS",
@@ -380,13 +380,13 @@ def test_word_lists_are_pinned() -> None:
     tables = {name: getattr(tasks, table) for name, table in DATA_FILES.items()}
     tables = {name: sorted(words) if isinstance(words, frozenset) else list(words) for name, words in tables.items()}
     assert sha256_json(tables) == "d36b488ca343a031c6f383d60016b93eda0a0ae357664cb34532ce71cde625a9", (
-        "a word list in adpa/task_data/ changed, and the generated data with it; if that is meant, update the pin"
+        "a word list in adpa/inputs/task_data/ changed, and the generated data with it; if that is meant, update the pin"
     )
 
 
 def test_each_data_file_is_unique_lowercase_words_and_read_as_written() -> None:
-    folder = resources.files("adpa") / "task_data"
-    assert {path.name for path in folder.iterdir()} == set(DATA_FILES), "every file in adpa/task_data/ is read"
+    folder = resources.files("adpa.inputs") / "task_data"
+    assert {path.name for path in folder.iterdir()} == set(DATA_FILES), "every file in adpa/inputs/task_data/ is read"
     for name, table in DATA_FILES.items():
         lines = (folder / name).read_text(encoding="utf-8").splitlines()
         entries = [line for line in lines if not line.startswith("#")]
@@ -412,6 +412,6 @@ def test_word_list_reader_skips_comments_and_rejects_bad_lines() -> None:
 
 def test_data_files_ship_with_the_package() -> None:
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    patterns = setuptools.get("package-data", {}).get("adpa", [])
+    patterns = setuptools.get("package-data", {}).get("adpa.inputs", [])
     for name in DATA_FILES:
         assert any(fnmatch.fnmatch(f"task_data/{name}", pattern) for pattern in patterns), name

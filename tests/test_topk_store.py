@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adpa.topk_store import TopKStore, TopKStoreWriter
+from adpa.training.topk_store import TopKStore, TopKStoreWriter
 
 # Readers only the tests need; the trainer reads whole batches with TopKStore.padded_batch.
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, copy_tiny_inputs
 
-from adpa.errors import ConfigError
+from adpa.core.errors import ConfigError
 
 
 def wandb_records(path: Path):
@@ -97,7 +97,7 @@ def assert_same_history(logged: list, history: list) -> None:
 def test_a_tracker_that_is_not_installed_is_one_line_before_any_job(monkeypatch):
     import importlib.util
 
-    from adpa import preflight
+    from adpa.workflow import preflight
 
     config = {"launch": {"report_to": ["tensorboard", "trackio"]}}
     real = importlib.util.find_spec
@@ -108,7 +108,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_job(monkeypatch)
 
 
 def test_no_tracker_is_none_and_runs_are_named_after_the_output(tmp_path, monkeypatch):
-    from adpa.train import LaunchOptions, StageRun, tracker_arguments
+    from adpa.training.train import LaunchOptions, StageRun, tracker_arguments
 
     environment = {key: value for key, value in os.environ.items() if key != "WANDB_PROJECT"}
     monkeypatch.setattr(os, "environ", environment)  # the stage sets the trackers' defaults in its own

@@ -127,8 +127,8 @@ def test_teachers_are_loadable_models_with_manifests(tiny):
 
 
 def test_preflight_disk_estimate_covers_what_the_run_leaves(tiny):
-    from adpa import config as adpa_config
-    from adpa.preflight import other_files_bytes, parameter_count, required_disk_bytes
+    from adpa.workflow import config as adpa_config
+    from adpa.workflow.preflight import other_files_bytes, parameter_count, required_disk_bytes
 
     config = adpa_config.load_config(tiny / "config" / "tiny.yaml")
     bases = {name: str(tiny / "results" / name) for name in ("base_teacher", "base_student")}
@@ -271,7 +271,7 @@ EVERYTHING_AFTER_SFT = (
     ],
 )
 def test_code_edit_reruns_the_stage_that_runs_it(tiny, module, expected):
-    path = tiny / "adpa" / module
+    (path,) = (tiny / "adpa").rglob(module)  # its place in the layout (adpa/training/sft.py)
     original = edit(path, "\n# only a comment: no rerun\n")
     try:
         assert dry_run(tiny) == {}
@@ -359,9 +359,9 @@ def test_prompt_cached_evaluation_matches_plain_forwards_and_generation(tiny):
     from reference_losses import sequence_logprobs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adpa.evaluate import evaluate_model, load_test_rows, score_and_answer
-    from adpa.generation import greedy_responses
-    from adpa.sequences import pad_exchanges, tokenize_rows
+    from adpa.infer.evaluate import evaluate_model, load_test_rows, score_and_answer
+    from adpa.infer.generation import greedy_responses
+    from adpa.modeling.sequences import pad_exchanges, tokenize_rows
 
     folder = stage_dir(tiny, "student_sft")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -456,7 +456,7 @@ def test_every_model_folder_carries_a_hub_card_with_its_lineage_and_held_out_met
         assert data.eval_results[0].dataset_split == "test" and data.model_name == f"results/{name}"
     adpa = ModelCard.load(stage_dir(tiny, "adpa") / "README.md")
     assert "Teachers: `results/dpo_teacher`, `results/ref_teacher`." in adpa.text  # through the advantage store
-    assert {"distillation", "adpa", "trl"} <= set(adpa.data.tags) and "| adpa_weight | 1.6 |" in adpa.text
+    assert {"distillation", "adpa", "trl"} <= set(adpa.inputs.data.tags) and "| adpa_weight | 1.6 |" in adpa.text
     assert json.loads((stage_dir(tiny, "adpa") / "adpa_manifest.json").read_text())["parents"]["model"]["stage"] == (
         "student_sft"
     )
@@ -517,7 +517,7 @@ def test_evaluate_stage_writes_judge_inputs_when_configured(tiny, tmp_path):
 def test_alpaca_eval_and_mt_bench_answers_in_their_judges_formats(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adpa.evaluate import alpaca_eval_outputs, mt_bench_answers
+    from adpa.infer.evaluate import alpaca_eval_outputs, mt_bench_answers
 
     folder = tiny / "results" / "dpo_teacher"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -551,12 +551,12 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adpa.data import load_preference
-    from adpa.distill import DistillationCollator, check_store
-    from adpa.inference import write_teacher_topk
-    from adpa.losses import TopKBatch, topk_forward_kl
-    from adpa.sequences import template_fingerprint, tokenize_rows
-    from adpa.topk_store import TopKStore
+    from adpa.infer.inference import write_teacher_topk
+    from adpa.inputs.data import load_preference
+    from adpa.modeling.sequences import template_fingerprint, tokenize_rows
+    from adpa.training.distill import DistillationCollator, check_store
+    from adpa.training.losses import TopKBatch, topk_forward_kl
+    from adpa.training.topk_store import TopKStore
 
     folder = stage_dir(tiny, "student_sft")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -598,7 +598,7 @@ def test_stored_topk_lines_up_with_the_tokens_the_student_trains_on(tiny, tmp_pa
 def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
     import datasets as hf_datasets
 
-    from adpa.topk_store import TopKStore
+    from adpa.training.topk_store import TopKStore
 
     store = TopKStore(stage_dir(tiny, "advantage"))
     generations = hf_datasets.load_from_disk(str(stage_dir(tiny, "student_generations")))
@@ -616,7 +616,7 @@ def test_advantage_is_signed_and_covers_the_students_own_responses(tiny):
 def test_vocabulary_mismatch_is_refused(tiny, tmp_path):
     from transformers import AutoTokenizer
 
-    from adpa.models import ModelSourceError, check_same_vocabulary
+    from adpa.modeling.models import ModelSourceError, check_same_vocabulary
 
     teacher = AutoTokenizer.from_pretrained(tiny / "results" / "base_teacher")
     other = AutoTokenizer.from_pretrained(tiny / "results" / "base_student")
@@ -632,7 +632,7 @@ def test_student_cut_keeps_the_listed_teacher_layers(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from adpa.models import ModelSourceError, cut_student_from_teacher
+    from adpa.modeling.models import ModelSourceError, cut_student_from_teacher
 
     teacher_dir = tiny / "results" / "base_teacher"
     cut_student_from_teacher(str(teacher_dir), [1], tmp_path / "student")
@@ -728,7 +728,7 @@ def test_sweep_points_are_trained_evaluated_and_tabulated(tiny):
     point = tiny / "results" / "sweeps" / "lam" / "adpa_weight~0.0" / "seed0" / "adpa"
     trained = json.loads((point / "adpa_manifest.json").read_text())
     assert trained["params"]["training"]["adpa_weight"] == 0.0 and trained["metrics"]["global_step"] > 0
-    from adpa.topk_store import TopKStore
+    from adpa.training.topk_store import TopKStore
 
     assert TopKStore(tiny / "results" / "sweeps" / "k" / "k~4" / "teacher_topk" / "chosen").k == 4
     # Each top-k point trained from its own store (a shared work folder republished one as the other).

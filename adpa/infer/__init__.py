@@ -1,0 +1,3 @@
+"""The inference stages: greedy responses (generation), the top-k and advantage stores (inference),
+and evaluation with its judges.
+"""
