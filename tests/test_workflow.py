@@ -456,7 +456,7 @@ def test_every_model_folder_carries_a_hub_card_with_its_lineage_and_held_out_met
         assert data.eval_results[0].dataset_split == "test" and data.model_name == f"results/{name}"
     adpa = ModelCard.load(stage_dir(tiny, "adpa") / "README.md")
     assert "Teachers: `results/dpo_teacher`, `results/ref_teacher`." in adpa.text  # through the advantage store
-    assert {"distillation", "adpa", "trl"} <= set(adpa.inputs.data.tags) and "| adpa_weight | 1.6 |" in adpa.text
+    assert {"distillation", "adpa", "trl"} <= set(adpa.data.tags) and "| adpa_weight | 1.6 |" in adpa.text
     assert json.loads((stage_dir(tiny, "adpa") / "adpa_manifest.json").read_text())["parents"]["model"]["stage"] == (
         "student_sft"
     )
